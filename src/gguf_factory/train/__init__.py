@@ -1,0 +1,72 @@
+"""The ``train`` verb: a chat model from scratch (Llama architecture, own tokenizer) or by fine-tuning.
+
+>>> result = train("data/", "models/nano")                     # doctest: +SKIP
+>>> result = train("data/", "models/ft", base="models/smollm")  # doctest: +SKIP
+
+The output is an ordinary Hugging Face model folder (safetensors, tokenizer with a chat template,
+generation config) plus ``training.json``; it is written beside ``out_dir`` and renamed into place at the
+end, so an interrupted run never leaves a half model at ``out_dir``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the implementations import torch: loaded on first use, not with the package
+    from .loop import TrainResult
+    from .scratch import ModelPreset
+
+__all__ = ["FINETUNE_DEFAULTS", "PRESETS", "ModelPreset", "TrainResult", "train"]
+
+_LAZY = {
+    "FINETUNE_DEFAULTS": "finetune",
+    "PRESETS": "scratch",
+    "ModelPreset": "scratch",
+    "TrainResult": "loop",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+
+
+def train(
+    data_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    preset: str | ModelPreset = "nano",
+    base: str | os.PathLike[str] | None = None,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    max_seq_len: int | None = None,
+    patience: int = 3,
+    seed: int = 1234,
+    threads: int | None = None,
+    progress: bool = True,
+    max_steps: int | None = None,
+) -> TrainResult:
+    """Train on the prepared dataset in ``data_dir`` and write a HF model folder at ``out_dir``.
+
+    ``base=None`` trains ``preset`` (a name in :data:`PRESETS` or a :class:`ModelPreset`) from scratch,
+    with a byte-level BPE tokenizer learnt from the training split. ``base`` = a local HF causal-LM folder
+    fine-tunes all of its weights; ``preset`` is then ignored and unset settings take
+    :data:`FINETUNE_DEFAULTS`. The loss is on assistant turns only; the weights kept are those of the
+    epoch with the lowest validation loss; training stops after ``patience`` epochs without improvement
+    or after ``max_steps`` optimizer steps.
+    """
+    from .finetune import finetune
+    from .scratch import train_scratch
+
+    common = dict(
+        epochs=epochs, batch_size=batch_size, lr=lr, max_seq_len=max_seq_len, patience=patience, seed=seed,
+        threads=threads, progress=progress, max_steps=max_steps,
+    )
+    if base is None:
+        return train_scratch(data_dir, out_dir, preset=preset, **common)
+    return finetune(data_dir, out_dir, base=base, **common)
