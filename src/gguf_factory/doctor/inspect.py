@@ -1,0 +1,323 @@
+"""``inspect``: what is in a GGUF — metadata, hyperparameters, tensors, bits per weight, size by tensor
+group, tokenizer, chat template — and the RAM a context length needs (weights + KV cache)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+
+from ..errors import InputError
+from ..files import human_size
+from .reader import VT, GGUFFile, KVEntry, read_gguf
+
+K = gguf.Keys
+KV_CACHE_BYTES = {"f32": 4, "f16": 2, "bf16": 2, "q8_0": 34 / 32, "q4_0": 18 / 32}
+ARRAY_PREVIEW = 8
+
+
+@dataclass
+class TensorRow:
+    name: str
+    shape: list[int]  # numpy order
+    type: str
+    n_elements: int
+    n_bytes: int | None
+
+
+@dataclass
+class MemoryEstimate:
+    n_ctx: int
+    weights_bytes: int
+    kv_cache_bytes: int
+    kv_type: str
+    n_layer: int
+    n_embd_k_gqa: int
+    n_embd_v_gqa: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.kv_cache_bytes
+
+
+@dataclass
+class InspectReport:
+    path: Path
+    file_size: int
+    version: int
+    alignment: int
+    architecture: str | None
+    name: str | None
+    metadata: dict[str, Any]  # arrays summarised
+    hparams: dict[str, Any]  # "{arch}." keys, prefix stripped
+    tensors: list[TensorRow]
+    n_params: int
+    tensor_bytes: int
+    bits_per_weight: float
+    groups: dict[str, dict[str, int]]  # group -> n_tensors, n_params, n_bytes
+    type_counts: dict[str, int]
+    tokenizer: dict[str, Any]
+    chat_template: str | None
+    memory: list[MemoryEstimate] = field(default_factory=list)
+    issues: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["path"] = str(self.path)
+        for m, mem in zip(d["memory"], self.memory, strict=True):
+            m["total_bytes"] = mem.total_bytes
+        return d
+
+
+def _jsonable(kv: KVEntry) -> Any:
+    v = kv.value
+    if kv.type == VT.ARRAY:
+        items = v.tolist() if isinstance(v, np.ndarray) else list(v)
+        if len(items) > ARRAY_PREVIEW:
+            return {"type": kv.type_name, "count": kv.count, "first": items[:ARRAY_PREVIEW]}
+        return items
+    if isinstance(v, float) and not np.isfinite(v):
+        return str(v)
+    return v
+
+
+def tensor_group(name: str) -> str:
+    """token_embd | output | attention | ffn | norm | other, by the gguf tensor name."""
+    base = re.sub(r"^blk\.\d+\.", "", name).rsplit(".", 1)[0]
+    if base == "token_embd":
+        return "embedding"
+    if base == "output":
+        return "output"
+    if "norm" in base:
+        return "norm"
+    if base.startswith("attn"):
+        return "attention"
+    if base.startswith("ffn"):
+        return "ffn"
+    return "other"
+
+
+def _hp_int(g: GGUFFile, arch: str, tmpl: str) -> list[int] | int | None:
+    v = g.get(tmpl.format(arch=arch))
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, int):
+        return v
+    if isinstance(v, np.ndarray) and v.dtype.kind in "iu":
+        return [int(x) for x in v]
+    return None
+
+
+def estimate_memory(
+    g: GGUFFile, n_ctx: int, tensor_bytes: int, kv_type: str = "f16"
+) -> MemoryEstimate | None:
+    """Weights + KV cache: n_layer * n_ctx * (n_embd_k_gqa + n_embd_v_gqa) * bytes per element."""
+    arch = g.architecture
+    if arch is None:
+        return None
+    n_layer = _hp_int(g, arch, K.LLM.BLOCK_COUNT)
+    n_embd = _hp_int(g, arch, K.LLM.EMBEDDING_LENGTH)
+    n_head = _hp_int(g, arch, K.Attention.HEAD_COUNT)
+    n_head_kv = _hp_int(g, arch, K.Attention.HEAD_COUNT_KV)
+    if not isinstance(n_layer, int) or not isinstance(n_embd, int) or n_head is None or n_layer <= 0:
+        return None
+    heads = n_head if isinstance(n_head, list) else [n_head] * n_layer
+    heads_kv = n_head_kv if isinstance(n_head_kv, list) else [n_head_kv or 0] * n_layer
+    heads_kv = [hk if hk else h for hk, h in zip(heads_kv, heads, strict=False)]
+    k_len = _hp_int(g, arch, K.Attention.KEY_LENGTH)
+    v_len = _hp_int(g, arch, K.Attention.VALUE_LENGTH)
+    h0 = max(heads) if heads else 0
+    if h0 <= 0:
+        return None
+    k_len = k_len if isinstance(k_len, int) else n_embd // h0
+    v_len = v_len if isinstance(v_len, int) else k_len
+    k_total = sum(hk * k_len for hk in heads_kv[:n_layer])
+    v_total = sum(hk * v_len for hk in heads_kv[:n_layer])
+    per_elem = KV_CACHE_BYTES[kv_type]
+    kv = int(n_ctx * (k_total + v_total) * per_elem)
+    return MemoryEstimate(n_ctx, tensor_bytes, kv, kv_type, n_layer, k_total // n_layer, v_total // n_layer)
+
+
+def _tokenizer_summary(g: GGUFFile) -> dict[str, Any]:
+    md = g.metadata
+    out: dict[str, Any] = {}
+    model = g.get(K.Tokenizer.MODEL)
+    if model is None:
+        return out
+    out["model"] = model
+    out["pre"] = g.get(K.Tokenizer.PRE)
+    tokens = g.get(K.Tokenizer.LIST)
+    out["n_tokens"] = len(tokens) if isinstance(tokens, list) else None
+    merges = md.get(K.Tokenizer.MERGES)
+    out["n_merges"] = merges.count if merges is not None else None
+    special: dict[str, Any] = {}
+    for kv in g.kvs:
+        m = re.match(r"^tokenizer\.ggml\.([a-z_]+)_token_id$", kv.key)
+        if m and isinstance(kv.value, int):
+            text = tokens[kv.value] if isinstance(tokens, list) and 0 <= kv.value < len(tokens) else None
+            special[m.group(1)] = {"id": kv.value, "text": text}
+    out["special"] = special
+    for key in (K.Tokenizer.ADD_BOS, K.Tokenizer.ADD_EOS):
+        if key in md:
+            out[key.rsplit(".", 1)[-1]] = g.get(key)
+    ttype = g.get(K.Tokenizer.TOKEN_TYPE)
+    if isinstance(ttype, np.ndarray) and ttype.size:
+        counts: dict[str, int] = {}
+        for v, n in zip(*np.unique(ttype, return_counts=True), strict=True):
+            try:
+                label = gguf.TokenType(int(v)).name.lower()
+            except ValueError:
+                label = str(int(v))
+            counts[label] = int(n)
+        out["token_types"] = counts
+    return out
+
+
+def inspect_gguf(path: str | Path, ctx: int | None = None, kv_type: str = "f16") -> InspectReport:
+    """Read ``path`` with the safe reader and summarise it. ``ctx``: context length for the RAM estimate
+    (default: a few usual sizes up to the model's training context)."""
+    if ctx is not None and ctx <= 0:
+        raise InputError(f"--ctx must be a positive number of tokens, got {ctx}")
+    if kv_type not in KV_CACHE_BYTES:
+        raise InputError(f"unknown KV cache type {kv_type!r}; expected one of {', '.join(KV_CACHE_BYTES)}")
+    g = read_gguf(path)
+    arch = g.architecture
+    prefix = f"{arch}." if arch else None
+    metadata: dict[str, Any] = {}
+    hparams: dict[str, Any] = {}
+    for kv in g.kvs:
+        if kv.key in metadata:
+            continue
+        metadata[kv.key] = _jsonable(kv)
+        if prefix and kv.key.startswith(prefix):
+            hparams[kv.key[len(prefix) :]] = metadata[kv.key]
+    rows: list[TensorRow] = []
+    groups: dict[str, dict[str, int]] = {}
+    type_counts: dict[str, int] = {}
+    n_params = 0
+    n_bytes_total = 0
+    for t in g.tensors:
+        nb = t.n_bytes
+        rows.append(TensorRow(t.name, list(t.shape), t.type_name, t.n_elements, nb))
+        n_params += t.n_elements
+        n_bytes_total += nb or 0
+        grp = groups.setdefault(tensor_group(t.name), {"n_tensors": 0, "n_params": 0, "n_bytes": 0})
+        grp["n_tensors"] += 1
+        grp["n_params"] += t.n_elements
+        grp["n_bytes"] += nb or 0
+        type_counts[t.type_name] = type_counts.get(t.type_name, 0) + 1
+    bpw = 8 * n_bytes_total / n_params if n_params else 0.0
+    template = g.get(K.Tokenizer.CHAT_TEMPLATE)
+    memory: list[MemoryEstimate] = []
+    if ctx is not None:
+        sizes = [ctx]
+    else:
+        train_ctx = _hp_int(g, arch, K.LLM.CONTEXT_LENGTH) if arch else None
+        sizes = [c for c in (512, 2048, 4096, 8192) if not isinstance(train_ctx, int) or c < train_ctx]
+        if isinstance(train_ctx, int) and train_ctx > 0:
+            sizes.append(train_ctx)
+    for c in sizes:
+        est = estimate_memory(g, c, n_bytes_total, kv_type)
+        if est is not None:
+            memory.append(est)
+    return InspectReport(
+        path=Path(path),
+        file_size=g.file_size,
+        version=g.version,
+        alignment=g.alignment,
+        architecture=arch,
+        name=g.get(K.General.NAME) if isinstance(g.get(K.General.NAME), str) else None,
+        metadata=metadata,
+        hparams=hparams,
+        tensors=rows,
+        n_params=n_params,
+        tensor_bytes=n_bytes_total,
+        bits_per_weight=bpw,
+        groups=groups,
+        type_counts=type_counts,
+        tokenizer=_tokenizer_summary(g),
+        chat_template=template if isinstance(template, str) else None,
+        memory=memory,
+        issues=[f"{i.code}: {i.message}" for i in g.issues],
+    )
+
+
+def render_inspect(r: InspectReport, console: Any, max_tensors: int = 40) -> None:
+    """Print the report as rich tables."""
+    from rich.table import Table
+
+    head = Table(title=f"{r.path.name}", show_header=False)
+    head.add_row("architecture", str(r.architecture))
+    head.add_row("name", str(r.name))
+    head.add_row("GGUF version / alignment", f"{r.version} / {r.alignment}")
+    head.add_row("file size", human_size(r.file_size))
+    head.add_row("parameters", f"{r.n_params:,}")
+    head.add_row("bits per weight", f"{r.bits_per_weight:.2f}")
+    head.add_row("tensor types", ", ".join(f"{k}×{v}" for k, v in sorted(r.type_counts.items())))
+    console.print(head)
+
+    hp = Table(title="hyperparameters")
+    hp.add_column("key")
+    hp.add_column("value")
+    for k, v in r.hparams.items():
+        hp.add_row(k, str(v))
+    console.print(hp)
+
+    groups = Table(title="size by tensor group")
+    for col in ("group", "tensors", "parameters", "size", "share"):
+        groups.add_column(col, justify="left" if col == "group" else "right")
+    for name, g in sorted(r.groups.items(), key=lambda x: -x[1]["n_bytes"]):
+        share = g["n_bytes"] / r.tensor_bytes if r.tensor_bytes else 0
+        groups.add_row(
+            name, str(g["n_tensors"]), f"{g['n_params']:,}", human_size(g["n_bytes"]), f"{share:.1%}"
+        )
+    console.print(groups)
+
+    if r.memory:
+        mem = Table(title="RAM for a context length (weights + KV cache)")
+        for col in ("n_ctx", "weights", f"KV cache ({r.memory[0].kv_type})", "total"):
+            mem.add_column(col, justify="right")
+        for m in r.memory:
+            mem.add_row(
+                str(m.n_ctx),
+                human_size(m.weights_bytes),
+                human_size(m.kv_cache_bytes),
+                human_size(m.total_bytes),
+            )
+        console.print(mem)
+
+    tok = Table(title="tokenizer", show_header=False)
+    for k, v in r.tokenizer.items():
+        if k == "special":
+            v = ", ".join(f"{n}={d['id']} {d['text']!r}" for n, d in v.items())
+        tok.add_row(k, str(v))
+    console.print(tok)
+
+    ts = Table(title=f"tensors ({len(r.tensors)})")
+    for col in ("name", "shape", "type", "size"):
+        ts.add_column(col)
+    for row in r.tensors[:max_tensors]:
+        ts.add_row(
+            row.name, str(row.shape), row.type, "?" if row.n_bytes is None else human_size(row.n_bytes)
+        )
+    if len(r.tensors) > max_tensors:
+        ts.add_row(f"... {len(r.tensors) - max_tensors} more (use --json for all)", "", "", "")
+    console.print(ts)
+
+    other = Table(title="metadata", show_header=False)
+    for k, v in r.metadata.items():
+        if k.startswith("tokenizer.ggml.") or k == K.Tokenizer.CHAT_TEMPLATE or k in r.hparams:
+            continue
+        if r.architecture and k.startswith(f"{r.architecture}."):
+            continue
+        other.add_row(k, str(v))
+    console.print(other)
+    if r.chat_template:
+        console.print("[bold]chat template[/]")
+        console.print(r.chat_template, markup=False, highlight=False)
+    for issue in r.issues:
+        console.print(f"[yellow]warning:[/] {issue}", highlight=False)

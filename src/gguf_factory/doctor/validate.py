@@ -1,0 +1,908 @@
+"""``validate``: every check on a GGUF, each finding with a stable code and a severity.
+
+Checks run in order: structure (from the safe reader, then tensor types, dimensions and layout),
+metadata (architecture, hyperparameters and their types, tensor shapes, tokenizer, file_type), data
+(NaN/Inf, all-zero and extreme tensors, read in bounded chunks), chat template (Jinja sandbox, child
+process) and, when nothing is at error level, a llama.cpp smoke test in a child process.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+
+from .reader import (
+    GGML_MAX_DIMS,
+    GGML_MAX_NAME,
+    QT,
+    VT,
+    GGUFFile,
+    GGUFFormatError,
+    TensorInfo,
+    read_gguf,
+    tensor_data,
+)
+from .smoke import SmokeResult, smoke_test
+from .template import check_template
+
+log = logging.getLogger(__name__)
+K = gguf.Keys
+INT64_MAX = 2**63 - 1
+CHUNK_BYTES = 8 << 20
+EXTREME_ABS = 1e4
+
+
+class Severity(StrEnum):
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
+# code -> (severity, category, what it means). Codes are stable: tests and users match on them.
+CATALOG: dict[str, tuple[Severity, str, str]] = {
+    # structure: the reader stops at these (the file is unusable)
+    "unreadable": (Severity.ERROR, "structure", "the file cannot be opened"),
+    "bad-magic": (Severity.ERROR, "structure", "the file does not start with GGUF"),
+    "unsupported-version": (Severity.ERROR, "structure", "GGUF version other than 2 or 3"),
+    "header-truncated": (Severity.ERROR, "structure", "the file ends inside the header"),
+    "kv-count-too-large": (Severity.ERROR, "structure", "more key/values than the file can hold"),
+    "tensor-count-too-large": (Severity.ERROR, "structure", "more tensors than the file can hold"),
+    "string-length-too-large": (Severity.ERROR, "structure", "a string longer than the file"),
+    "array-length-too-large": (Severity.ERROR, "structure", "an array longer than the file"),
+    "kv-bad-type": (Severity.ERROR, "structure", "unknown key/value type"),
+    "malformed": (Severity.ERROR, "structure", "malformed header"),
+    # structure: reported, reading goes on
+    "big-endian": (Severity.WARNING, "structure", "big-endian file"),
+    "string-not-utf8": (Severity.WARNING, "structure", "a string is not valid UTF-8"),
+    "kv-nested-array": (Severity.ERROR, "structure", "array of arrays (llama.cpp rejects it)"),
+    "kv-duplicate-key": (Severity.ERROR, "structure", "a key appears twice"),
+    "bad-alignment": (Severity.ERROR, "structure", "general.alignment is not a UINT32 power of two"),
+    "tensor-duplicate-name": (Severity.ERROR, "structure", "two tensors with the same name"),
+    "tensor-name-too-long": (Severity.ERROR, "structure", "tensor name of 64 bytes or more"),
+    "tensor-unknown-type": (Severity.ERROR, "structure", "unknown or removed ggml tensor type"),
+    "tensor-too-many-dims": (Severity.ERROR, "structure", "more than 4 dimensions"),
+    "tensor-zero-dim": (Severity.ERROR, "structure", "a dimension of 0"),
+    "tensor-bad-dims": (Severity.ERROR, "structure", "dimensions overflow int64"),
+    "tensor-row-not-block-multiple": (Severity.ERROR, "structure", "row length not a multiple of the block"),
+    "tensor-offset-misaligned": (
+        Severity.ERROR,
+        "structure",
+        "tensor offset not a multiple of the alignment",
+    ),
+    "tensor-offset-out-of-bounds": (Severity.ERROR, "structure", "tensor data past the end of the file"),
+    "tensor-overlap": (Severity.ERROR, "structure", "tensors share bytes"),
+    "tensor-offset-gap": (
+        Severity.ERROR,
+        "structure",
+        "tensor offsets not packed in order (llama.cpp rejects)",
+    ),
+    "data-truncated": (Severity.ERROR, "structure", "the file ends inside the tensor data"),
+    "trailing-bytes": (Severity.INFO, "structure", "bytes after the last tensor"),
+    # metadata
+    "arch-missing": (Severity.ERROR, "metadata", "general.architecture missing or not a string"),
+    "arch-unknown": (Severity.ERROR, "metadata", "architecture unknown to llama.cpp"),
+    "hparam-missing": (Severity.ERROR, "metadata", "a required hyperparameter is missing"),
+    "hparam-wrong-type": (Severity.ERROR, "metadata", "a hyperparameter has the wrong value type"),
+    "hparam-bad-value": (Severity.ERROR, "metadata", "a hyperparameter has an impossible value"),
+    "kv-wrong-type": (Severity.ERROR, "metadata", "a general./tokenizer. key has the wrong value type"),
+    "tensor-missing": (Severity.ERROR, "metadata", "a tensor the architecture needs is missing"),
+    "tensor-unexpected": (Severity.WARNING, "metadata", "a tensor the architecture does not use"),
+    "tensor-shape-mismatch": (Severity.ERROR, "metadata", "tensor shape disagrees with the hyperparameters"),
+    "vocab-size-mismatch": (Severity.ERROR, "metadata", "embedding rows differ from the token count"),
+    "tokenizer-missing": (Severity.ERROR, "metadata", "no tokenizer.ggml.model / tokens"),
+    "tokenizer-model-unknown": (Severity.ERROR, "metadata", "tokenizer model unknown to llama.cpp"),
+    "tokenizer-length-mismatch": (Severity.ERROR, "metadata", "tokenizer arrays of different lengths"),
+    "special-token-out-of-range": (Severity.ERROR, "metadata", "special token id not in the vocabulary"),
+    "file-type-unknown": (Severity.WARNING, "metadata", "general.file_type is not a known value"),
+    "file-type-mismatch": (Severity.WARNING, "metadata", "general.file_type disagrees with the tensor types"),
+    # data
+    "tensor-nan": (Severity.ERROR, "data", "NaN values"),
+    "tensor-inf": (Severity.ERROR, "data", "infinite values"),
+    "tensor-all-zero": (Severity.ERROR, "data", "a weight tensor that is all zeros"),
+    "tensor-extreme-values": (Severity.WARNING, "data", f"values with magnitude above {EXTREME_ABS:g}"),
+    "data-not-checked": (Severity.INFO, "data", "tensor type the numpy dequantizer cannot read"),
+    # chat template
+    "template-empty": (Severity.WARNING, "template", "empty chat template"),
+    "template-syntax-error": (Severity.ERROR, "template", "the chat template does not parse"),
+    "template-render-error": (Severity.ERROR, "template", "the chat template fails to render"),
+    "template-unsafe": (Severity.ERROR, "template", "the chat template reaches for Python internals"),
+    "template-timeout": (Severity.ERROR, "template", "the chat template does not finish rendering"),
+    "template-ignores-messages": (Severity.WARNING, "template", "rendered prompt lacks the user's message"),
+    "template-missing": (Severity.INFO, "template", "no chat template"),
+    # smoke test
+    "smoke-load-failed": (Severity.ERROR, "smoke", "llama.cpp refuses to load the file"),
+    "smoke-crashed": (Severity.ERROR, "smoke", "llama.cpp crashed"),
+    "smoke-timeout": (Severity.ERROR, "smoke", "llama.cpp did not finish"),
+    "smoke-tokenize-failed": (Severity.ERROR, "smoke", "llama.cpp produced no tokens"),
+    "smoke-bad-logits": (Severity.ERROR, "smoke", "llama.cpp produced non-finite logits"),
+    "smoke-skipped": (Severity.INFO, "smoke", "smoke test skipped (error-level findings)"),
+}
+RANK = {Severity.INFO: 0, Severity.WARNING: 1, Severity.ERROR: 2}
+
+
+@dataclass(frozen=True)
+class Finding:
+    code: str
+    severity: Severity
+    category: str
+    message: str
+    subject: str | None = None  # key or tensor name
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["severity"] = self.severity.value
+        return d
+
+
+def finding(code: str, message: str, subject: str | None = None) -> Finding:
+    sev, cat, _ = CATALOG[code]
+    return Finding(code, sev, cat, message, subject)
+
+
+@dataclass
+class ValidationReport:
+    path: Path
+    findings: list[Finding]
+    unusable: bool = False  # the reader could not parse the file
+    smoke: SmokeResult | None = None
+    seconds: float = 0.0
+    checked_tensors: int = 0
+
+    @property
+    def codes(self) -> list[str]:
+        return [f.code for f in self.findings]
+
+    def at_least(self, severity: Severity) -> list[Finding]:
+        return [f for f in self.findings if RANK[f.severity] >= RANK[severity]]
+
+    @property
+    def exit_code(self) -> int:
+        if self.unusable:
+            return 2
+        return 1 if self.at_least(Severity.WARNING) else 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path),
+            "exit_code": self.exit_code,
+            "unusable": self.unusable,
+            "findings": [f.to_dict() for f in self.findings],
+            "smoke": None if self.smoke is None else asdict(self.smoke),
+            "checked_tensors": self.checked_tensors,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+# ---------------------------------------------------------------------------------------------------
+# structure
+# ---------------------------------------------------------------------------------------------------
+
+
+def check_structure(g: GGUFFile) -> tuple[list[Finding], set[int]]:
+    """Findings and the indices of tensors whose data location cannot be trusted."""
+    out = [finding(i.code, i.message, i.subject) for i in g.issues]
+    bad: set[int] = set()
+    names: dict[str, int] = {}
+    for t in g.tensors:
+        if t.name in names:
+            out.append(finding("tensor-duplicate-name", f"tensor {t.name!r} appears twice", t.name))
+            bad.add(t.index)
+        names.setdefault(t.name, t.index)
+        if len(t.name.encode("utf-8")) >= GGML_MAX_NAME:
+            out.append(
+                finding(
+                    "tensor-name-too-long", f"tensor name {t.name[:40]!r}... is {len(t.name)} bytes", t.name
+                )
+            )
+        if len(t.dims) > GGML_MAX_DIMS:
+            out.append(
+                finding(
+                    "tensor-too-many-dims",
+                    f"tensor {t.name!r} has {len(t.dims)} dimensions (ggml allows {GGML_MAX_DIMS})",
+                    t.name,
+                )
+            )
+            bad.add(t.index)
+        if t.type is None:
+            out.append(
+                finding("tensor-unknown-type", f"tensor {t.name!r} has unknown type {t.raw_type}", t.name)
+            )
+            bad.add(t.index)
+        if any(d == 0 for d in t.dims):
+            out.append(finding("tensor-zero-dim", f"tensor {t.name!r} has a zero dimension {t.dims}", t.name))
+            bad.add(t.index)
+        elif any(d > INT64_MAX for d in t.dims) or t.n_elements > INT64_MAX:
+            out.append(
+                finding("tensor-bad-dims", f"tensor {t.name!r} dimensions {t.dims} overflow int64", t.name)
+            )
+            bad.add(t.index)
+        elif t.type is not None and t.dims and t.dims[0] % gguf.GGML_QUANT_SIZES[t.type][0]:
+            block = gguf.GGML_QUANT_SIZES[t.type][0]
+            out.append(
+                finding(
+                    "tensor-row-not-block-multiple",
+                    f"tensor {t.name!r}: row length {t.dims[0]} is not a multiple of "
+                    f"{t.type.name}'s block {block}",
+                    t.name,
+                )
+            )
+            bad.add(t.index)
+    out += _check_layout(g, bad)
+    return out, bad
+
+
+def _check_layout(g: GGUFFile, bad: set[int]) -> list[Finding]:
+    out: list[Finding] = []
+    align = g.alignment
+    expected: int | None = 0  # llama.cpp's rule: tensors packed in file order, each padded to alignment
+    truncated: list[str] = []
+    clean: list[TensorInfo] = []
+    for t in g.tensors:
+        here = expected
+        nbytes = t.n_bytes
+        expected = None if expected is None or nbytes is None else expected + nbytes + (-nbytes % align)
+        if t.index in bad or nbytes is None:
+            continue
+        start = g.data_offset + t.offset
+        if t.offset % align:
+            out.append(
+                finding(
+                    "tensor-offset-misaligned",
+                    f"tensor {t.name!r} at data offset {t.offset}, not a multiple of the alignment {align}",
+                    t.name,
+                )
+            )
+            bad.add(t.index)
+        elif start + nbytes > g.file_size:
+            if t.offset == here:
+                truncated.append(t.name)
+            else:
+                out.append(
+                    finding(
+                        "tensor-offset-out-of-bounds",
+                        f"tensor {t.name!r} spans bytes {start}..{start + nbytes} "
+                        f"of a {g.file_size}-byte file",
+                        t.name,
+                    )
+                )
+            bad.add(t.index)
+        else:
+            clean.append(t)
+    if truncated:
+        need = max(
+            g.data_offset + t.offset + (t.n_bytes or 0)
+            for t in g.tensors
+            if t.name in truncated and t.n_bytes
+        )
+        out.append(
+            finding(
+                "data-truncated",
+                f"the file is {g.file_size} bytes but the tensor data needs {need}: "
+                f"{len(truncated)} tensor(s) cut off, first {truncated[0]!r}",
+                truncated[0],
+            )
+        )
+    clean.sort(key=lambda t: (t.offset, t.index))
+    prev: TensorInfo | None = None
+    overlaps = 0
+    for t in clean:
+        if prev is not None and t.offset < prev.offset + (prev.n_bytes or 0):
+            out.append(finding("tensor-overlap", f"tensor {t.name!r} overlaps tensor {prev.name!r}", t.name))
+            overlaps += 1
+            bad.add(t.index)
+            continue
+        prev = t
+    if not out and not bad:  # gaps only matter (and only mean something) when nothing else is wrong
+        pos = 0
+        for t in clean:
+            if t.offset != pos:
+                out.append(
+                    finding(
+                        "tensor-offset-gap",
+                        f"tensor {t.name!r} at data offset {t.offset}, expected {pos} "
+                        "(llama.cpp wants tensors packed in order)",
+                        t.name,
+                    )
+                )
+                break
+            nb = t.n_bytes or 0
+            pos = t.offset + nb + (-nb % align)
+        else:
+            trailing = g.file_size - (g.data_offset + pos)
+            if trailing > 0 and g.tensors:
+                out.append(finding("trailing-bytes", f"{trailing} bytes after the last tensor"))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# metadata
+# ---------------------------------------------------------------------------------------------------
+
+INT_TYPES = (VT.UINT8, VT.INT8, VT.UINT16, VT.INT16, VT.UINT32, VT.INT32, VT.UINT64, VT.INT64)
+LLAMA_LIKE = {"llama", "qwen2", "qwen3", "mistral3", "granite", "olmo2", "smollm3", "exaone", "internlm2"}
+# llama.cpp reads these with exact types (GGUFMeta: a UINT32 key stored as INT32 is an error).
+ARCH_KEY_TYPES: dict[str, tuple[gguf.GGUFValueType, bool]] = {  # template -> (type, may be a per-layer array)
+    K.LLM.CONTEXT_LENGTH: (VT.UINT32, False),
+    K.LLM.EMBEDDING_LENGTH: (VT.UINT32, False),
+    K.LLM.BLOCK_COUNT: (VT.UINT32, False),
+    K.LLM.FEED_FORWARD_LENGTH: (VT.UINT32, True),
+    K.LLM.VOCAB_SIZE: (VT.UINT32, False),
+    K.Attention.HEAD_COUNT: (VT.UINT32, True),
+    K.Attention.HEAD_COUNT_KV: (VT.UINT32, True),
+    K.Attention.KEY_LENGTH: (VT.UINT32, False),
+    K.Attention.VALUE_LENGTH: (VT.UINT32, False),
+    K.Attention.LAYERNORM_EPS: (VT.FLOAT32, False),
+    K.Attention.LAYERNORM_RMS_EPS: (VT.FLOAT32, False),
+    K.Rope.DIMENSION_COUNT: (VT.UINT32, False),
+    K.Rope.FREQ_BASE: (VT.FLOAT32, False),
+    K.Rope.SCALING_FACTOR: (VT.FLOAT32, False),
+}
+REQUIRED_COMMON = (K.LLM.CONTEXT_LENGTH, K.LLM.EMBEDDING_LENGTH, K.LLM.BLOCK_COUNT)
+REQUIRED_BY_ARCH: dict[str, tuple[str, ...]] = {
+    **{
+        a: (K.LLM.FEED_FORWARD_LENGTH, K.Attention.HEAD_COUNT, K.Attention.LAYERNORM_RMS_EPS)
+        for a in LLAMA_LIKE
+    },
+    "gemma": (K.LLM.FEED_FORWARD_LENGTH, K.Attention.HEAD_COUNT, K.Attention.LAYERNORM_RMS_EPS),
+    "gemma2": (K.LLM.FEED_FORWARD_LENGTH, K.Attention.HEAD_COUNT, K.Attention.LAYERNORM_RMS_EPS),
+    "phi3": (K.LLM.FEED_FORWARD_LENGTH, K.Attention.HEAD_COUNT, K.Attention.LAYERNORM_RMS_EPS),
+    "gpt2": (K.LLM.FEED_FORWARD_LENGTH, K.Attention.HEAD_COUNT, K.Attention.LAYERNORM_EPS),
+}
+OTHER_KEY_TYPES: dict[str, tuple[gguf.GGUFValueType, gguf.GGUFValueType | None]] = {
+    K.General.ARCHITECTURE: (VT.STRING, None),
+    K.General.NAME: (VT.STRING, None),
+    K.General.FILE_TYPE: (VT.UINT32, None),
+    K.General.QUANTIZATION_VERSION: (VT.UINT32, None),
+    K.Tokenizer.MODEL: (VT.STRING, None),
+    K.Tokenizer.PRE: (VT.STRING, None),
+    K.Tokenizer.LIST: (VT.ARRAY, VT.STRING),
+    K.Tokenizer.SCORES: (VT.ARRAY, VT.FLOAT32),
+    K.Tokenizer.TOKEN_TYPE: (VT.ARRAY, VT.INT32),
+    K.Tokenizer.MERGES: (VT.ARRAY, VT.STRING),
+    K.Tokenizer.CHAT_TEMPLATE: (VT.STRING, None),
+    K.Tokenizer.ADD_BOS: (VT.BOOL, None),
+    K.Tokenizer.ADD_EOS: (VT.BOOL, None),
+}
+NO_VOCAB = ("none", "no_vocab")
+TOKENIZER_MODELS = {"llama", "gpt2", "bert", "t5", "rwkv", "ugm", "plamo2", "no_vocab", "none"}
+SPECIAL_ID_RE = re.compile(r"^tokenizer\.ggml\.[a-z_]+_token_id$")
+NO_TOKEN = {-1, 0xFFFFFFFF}
+FLOAT_QTYPES = {QT.F32, QT.F16, QT.BF16, QT.F64}
+
+
+def _known_archs() -> set[str]:
+    return set(gguf.MODEL_ARCH_NAMES.values())
+
+
+def _arch_enum(arch: str) -> gguf.MODEL_ARCH | None:
+    for k, v in gguf.MODEL_ARCH_NAMES.items():
+        if v == arch:
+            return k
+    return None
+
+
+def _int_value(g: GGUFFile, key: str) -> int | None:
+    kv = g.metadata.get(key)
+    if kv is None:
+        return None
+    if kv.type in INT_TYPES and isinstance(kv.value, int):
+        return kv.value
+    return None
+
+
+def _per_layer(g: GGUFFile, key: str) -> list[int] | int | None:
+    kv = g.metadata.get(key)
+    if kv is None:
+        return None
+    if kv.type in INT_TYPES and isinstance(kv.value, int):
+        return kv.value
+    if kv.type == VT.ARRAY and kv.subtype in INT_TYPES and isinstance(kv.value, np.ndarray):
+        return [int(x) for x in kv.value]
+    return None
+
+
+def _first(v: list[int] | int | None) -> int | None:
+    if isinstance(v, list):
+        return max(v) if v else None
+    return v
+
+
+def check_metadata(g: GGUFFile) -> list[Finding]:
+    out: list[Finding] = []
+    md = g.metadata
+    # key types (general.* / tokenizer.*)
+    for key, (vt, sub) in OTHER_KEY_TYPES.items():
+        kv = md.get(key)
+        if kv is None or (kv.type == vt and (sub is None or kv.subtype == sub)):
+            continue
+        if key == K.General.ARCHITECTURE:
+            continue  # reported as arch-missing below
+        want = f"ARRAY[{sub.name}]" if sub is not None else vt.name
+        out.append(finding("kv-wrong-type", f"{key} is {kv.type_name}, expected {want}", key))
+    arch = g.architecture
+    if arch is None:
+        out.append(finding("arch-missing", "general.architecture is missing or not a string"))
+        return out + _check_tokenizer(g) + _check_file_type(g)
+    if arch not in _known_archs():
+        out.append(
+            finding("arch-unknown", f"architecture {arch!r} is unknown to llama.cpp", K.General.ARCHITECTURE)
+        )
+    is_adapter = _is_adapter(g)
+    # hyperparameter types and presence
+    for tmpl, (vt, arr_ok) in ARCH_KEY_TYPES.items():
+        key = tmpl.format(arch=arch)
+        kv = md.get(key)
+        if kv is None:
+            continue
+        if kv.type == vt or (arr_ok and kv.type == VT.ARRAY and kv.subtype in (VT.UINT32, VT.INT32)):
+            continue
+        out.append(finding("hparam-wrong-type", f"{key} is {kv.type_name}, expected {vt.name}", key))
+    if not is_adapter and arch in _known_archs():
+        for tmpl in REQUIRED_COMMON + REQUIRED_BY_ARCH.get(arch, ()):
+            key = tmpl.format(arch=arch)
+            if key not in md:
+                out.append(
+                    finding("hparam-missing", f"{key} is missing (llama.cpp requires it for {arch})", key)
+                )
+    wrong = {f.subject for f in out if f.code == "hparam-wrong-type"}
+
+    def hp(tmpl: str) -> int | None:
+        key = tmpl.format(arch=arch)
+        return None if key in wrong else _int_value(g, key)
+
+    n_embd = hp(K.LLM.EMBEDDING_LENGTH)
+    n_layer = hp(K.LLM.BLOCK_COUNT)
+    n_ff = (
+        None
+        if K.LLM.FEED_FORWARD_LENGTH.format(arch=arch) in wrong
+        else _first(_per_layer(g, K.LLM.FEED_FORWARD_LENGTH.format(arch=arch)))
+    )
+    n_head = (
+        None
+        if K.Attention.HEAD_COUNT.format(arch=arch) in wrong
+        else _first(_per_layer(g, K.Attention.HEAD_COUNT.format(arch=arch)))
+    )
+    n_head_kv = (
+        None
+        if K.Attention.HEAD_COUNT_KV.format(arch=arch) in wrong
+        else _first(_per_layer(g, K.Attention.HEAD_COUNT_KV.format(arch=arch)))
+    )
+    n_head_kv = n_head if n_head_kv is None else n_head_kv
+    for tmpl, val in (
+        (K.LLM.EMBEDDING_LENGTH, n_embd),
+        (K.LLM.BLOCK_COUNT, n_layer),
+        (K.Attention.HEAD_COUNT, n_head),
+    ):
+        if val is not None and (val <= 0 or val > 1 << 24):
+            key = tmpl.format(arch=arch)
+            out.append(finding("hparam-bad-value", f"{key} = {val} is impossible", key))
+    k_len = hp(K.Attention.KEY_LENGTH)
+    v_len = hp(K.Attention.VALUE_LENGTH)
+    if n_embd and n_head and n_head > 0 and k_len is None and n_embd % n_head:
+        out.append(
+            finding(
+                "hparam-bad-value",
+                f"{arch}.embedding_length {n_embd} is not divisible by head_count {n_head}",
+                K.Attention.HEAD_COUNT.format(arch=arch),
+            )
+        )
+    if n_head and n_head_kv and n_head_kv > 0 and n_head % n_head_kv:
+        out.append(
+            finding(
+                "hparam-bad-value",
+                f"{arch}.attention.head_count {n_head} is not a multiple of head_count_kv {n_head_kv}",
+                K.Attention.HEAD_COUNT_KV.format(arch=arch),
+            )
+        )
+    head_dim = k_len if k_len else (n_embd // n_head if n_embd and n_head and n_head > 0 else None)
+    head_dim_v = v_len if v_len else head_dim
+    n_vocab = _vocab_size(g)
+
+    by_name = {t.name: t for t in g.tensors}
+    if not is_adapter:
+        out += _check_tensor_names(g, arch, n_layer)
+    expect: dict[str, tuple[int | None, ...]] = {
+        "token_embd.weight": (n_embd, None),  # vocab checked separately
+        "output_norm.weight": (n_embd,),
+    }
+    if arch in LLAMA_LIKE:
+        q_out = n_head * head_dim if n_head and head_dim else None
+        k_out = n_head_kv * head_dim if n_head_kv and head_dim else None
+        v_out = n_head_kv * head_dim_v if n_head_kv and head_dim_v else None
+        o_in = n_head * head_dim_v if n_head and head_dim_v else None
+        per_block: dict[str, tuple[int | None, ...]] = {
+            "attn_norm.weight": (n_embd,),
+            "attn_q.weight": (n_embd, q_out),
+            "attn_k.weight": (n_embd, k_out),
+            "attn_v.weight": (n_embd, v_out),
+            "attn_output.weight": (o_in, n_embd),
+            "ffn_norm.weight": (n_embd,),
+            "ffn_gate.weight": (n_embd, n_ff),
+            "ffn_up.weight": (n_embd, n_ff),
+            "ffn_down.weight": (n_ff, n_embd),
+        }
+        if not is_adapter and n_layer and 0 < n_layer <= 4096:
+            missing = [
+                f"blk.{i}.{s}" for i in range(n_layer) for s in per_block if f"blk.{i}.{s}" not in by_name
+            ]
+            missing += [n for n in ("token_embd.weight", "output_norm.weight") if n not in by_name]
+            if missing:
+                out.append(
+                    finding(
+                        "tensor-missing",
+                        f"{len(missing)} tensor(s) {arch} needs are missing: {', '.join(missing[:5])}"
+                        + (" ..." if len(missing) > 5 else ""),
+                        missing[0],
+                    )
+                )
+        for t in g.tensors:
+            m = re.match(r"^blk\.(\d+)\.(.+)$", t.name)
+            if m and m.group(2) in per_block:
+                expect[t.name] = per_block[m.group(2)]
+        expect["output.weight"] = (n_embd, None)
+    for name, want in expect.items():
+        t = by_name.get(name)
+        if t is None or t.type is None or len(t.dims) > GGML_MAX_DIMS or 0 in t.dims:
+            continue  # structurally broken: already reported
+        dims = t.dims
+        if len(dims) != len(want) or any(w is not None and d != w for d, w in zip(dims, want, strict=False)):
+            shown = tuple("?" if w is None else w for w in want)
+            out.append(
+                finding(
+                    "tensor-shape-mismatch",
+                    f"tensor {name!r} has ggml shape {list(dims)}, the hyperparameters say {list(shown)}",
+                    name,
+                )
+            )
+    if n_vocab is not None:
+        for name in ("token_embd.weight", "output.weight"):
+            t = by_name.get(name)
+            if t is not None and len(t.dims) == 2 and t.dims[1] != n_vocab:
+                out.append(
+                    finding(
+                        "vocab-size-mismatch",
+                        f"tensor {name!r} has {t.dims[1]} rows but the tokenizer has {n_vocab} tokens",
+                        name,
+                    )
+                )
+    return out + _check_tokenizer(g, is_adapter) + _check_file_type(g)
+
+
+def _check_tensor_names(g: GGUFFile, arch: str, n_layer: int | None) -> list[Finding]:
+    a = _arch_enum(arch)
+    if a is None or a not in gguf.MODEL_TENSORS:
+        return []
+    patterns = []
+    for mt in gguf.MODEL_TENSORS[a]:
+        base = re.escape(gguf.TENSOR_NAMES[mt]).replace(r"\{bid\}", r"(\d+)").replace(r"\{xid\}", r"\d+")
+        patterns.append(re.compile(rf"^{base}(\.weight|\.bias|\.scale)?$"))
+    out: list[Finding] = []
+    for t in g.tensors:
+        m = next((p.match(t.name) for p in patterns if p.match(t.name)), None)
+        if m is None:
+            out.append(finding("tensor-unexpected", f"tensor {t.name!r} is not a {arch} tensor name", t.name))
+        elif (
+            m.groups()
+            and m.group(1)
+            and m.group(1).isdigit()
+            and n_layer is not None
+            and int(m.group(1)) >= n_layer
+        ):
+            out.append(
+                finding(
+                    "tensor-unexpected",
+                    f"tensor {t.name!r} belongs to block {m.group(1)} but block_count is {n_layer}",
+                    t.name,
+                )
+            )
+    return out
+
+
+def _is_adapter(g: GGUFFile) -> bool:
+    v = g.get(K.General.TYPE)
+    return isinstance(v, str) and v == "adapter"
+
+
+def _vocab_size(g: GGUFFile) -> int | None:
+    kv = g.metadata.get(K.Tokenizer.LIST)
+    if kv is None or kv.type != VT.ARRAY:
+        return None
+    return kv.count
+
+
+def _check_tokenizer(g: GGUFFile, is_adapter: bool = False) -> list[Finding]:
+    out: list[Finding] = []
+    md = g.metadata
+    model = md.get(K.Tokenizer.MODEL)
+    if model is None or K.Tokenizer.LIST not in md:
+        if not is_adapter and (
+            model is None or not isinstance(model.value, str) or model.value not in NO_VOCAB
+        ):
+            out.append(finding("tokenizer-missing", "no tokenizer.ggml.model or tokenizer.ggml.tokens"))
+    elif isinstance(model.value, str) and model.value not in TOKENIZER_MODELS:
+        out.append(
+            finding(
+                "tokenizer-model-unknown",
+                f"tokenizer model {model.value!r} is unknown to llama.cpp",
+                model.key,
+            )
+        )
+    n_vocab = _vocab_size(g)
+    if n_vocab is None:
+        return out
+    for key in (K.Tokenizer.SCORES, K.Tokenizer.TOKEN_TYPE):
+        kv = md.get(key)
+        if kv is not None and kv.type == VT.ARRAY and kv.count != n_vocab:
+            out.append(
+                finding(
+                    "tokenizer-length-mismatch",
+                    f"{key} has {kv.count} entries but tokenizer.ggml.tokens has {n_vocab}",
+                    key,
+                )
+            )
+    for kv in g.kvs:
+        if SPECIAL_ID_RE.match(kv.key) and kv.type in INT_TYPES and isinstance(kv.value, int):
+            if kv.value in NO_TOKEN:
+                continue
+            if not 0 <= kv.value < n_vocab:
+                out.append(
+                    finding(
+                        "special-token-out-of-range",
+                        f"{kv.key} = {kv.value} but the vocabulary has {n_vocab} tokens",
+                        kv.key,
+                    )
+                )
+    return out
+
+
+def _main_weight_types(g: GGUFFile) -> dict[gguf.GGMLQuantizationType, int]:
+    counts: dict[gguf.GGMLQuantizationType, int] = {}
+    for t in g.tensors:
+        if len(t.dims) >= 2 and t.name.endswith(".weight") and t.type is not None:
+            if t.name in ("token_embd.weight", "output.weight"):
+                continue
+            counts[t.type] = counts.get(t.type, 0) + 1
+    return counts
+
+
+def _check_file_type(g: GGUFFile) -> list[Finding]:
+    kv = g.metadata.get(K.General.FILE_TYPE)
+    if kv is None or not isinstance(kv.value, int) or kv.type not in INT_TYPES:
+        return []
+    try:
+        ftype = gguf.LlamaFileType(kv.value)
+    except ValueError:
+        return [finding("file-type-unknown", f"general.file_type = {kv.value} is not a known value", kv.key)]
+    counts = _main_weight_types(g)
+    total = sum(counts.values())
+    if not total:
+        return []
+    float_expect = {
+        gguf.LlamaFileType.ALL_F32: QT.F32,
+        gguf.LlamaFileType.MOSTLY_F16: QT.F16,
+        gguf.LlamaFileType.MOSTLY_BF16: QT.BF16,
+    }
+    n_quant = sum(n for t, n in counts.items() if t not in FLOAT_QTYPES)
+    main = max(counts, key=lambda t: counts[t])
+    if ftype in float_expect:
+        want = float_expect[ftype]
+        ok = (counts.get(want, 0) == total) if ftype == gguf.LlamaFileType.ALL_F32 else main == want
+    elif ftype == gguf.LlamaFileType.GUESSED:
+        ok = True
+    else:
+        ok = n_quant * 2 >= total
+    if ok:
+        return []
+    summary = ", ".join(f"{t.name}×{n}" for t, n in sorted(counts.items(), key=lambda x: -x[1]))
+    return [
+        finding(
+            "file-type-mismatch",
+            f"general.file_type says {ftype.name} but the weight matrices are {summary}",
+            kv.key,
+        )
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TensorStats:
+    name: str
+    n_nan: int = 0
+    n_inf: int = 0
+    absmax: float = 0.0
+    all_zero: bool = True
+    checked: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+PLAIN_DTYPES = {
+    QT.F32: "f4",
+    QT.F16: "f2",
+    QT.F64: "f8",
+    QT.I8: "i1",
+    QT.I16: "i2",
+    QT.I32: "i4",
+    QT.I64: "i8",
+}
+
+
+def _decode(raw: np.ndarray, qt: gguf.GGMLQuantizationType, row_bytes: int, bo: str = "<") -> np.ndarray:
+    if qt in PLAIN_DTYPES:
+        return raw.view(np.dtype(bo + PLAIN_DTYPES[qt]))
+    if qt == QT.BF16:
+        return (raw.view(np.dtype(bo + "u2")).astype(np.uint32) << 16).view(np.float32)
+    if bo != "<":
+        raise NotImplementedError(f"big-endian {qt.name} data")
+    from gguf.quants import dequantize
+
+    return dequantize(raw.reshape(-1, row_bytes), qt)
+
+
+def tensor_stats(g: GGUFFile, t: TensorInfo, chunk_bytes: int = CHUNK_BYTES) -> TensorStats:
+    """NaN/Inf counts, max |x| and all-zero flag, reading the data in bounded chunks."""
+    st = TensorStats(t.name)
+    data = tensor_data(g, t)
+    qt = t.type
+    if data is None or qt is None:
+        st.checked = False
+        return st
+    block, type_size = gguf.GGML_QUANT_SIZES[qt]
+    row_bytes = t.dims[0] // block * type_size if t.dims else type_size
+    step = max(row_bytes, chunk_bytes // row_bytes * row_bytes)
+    if qt in FLOAT_QTYPES:
+        step = max(step - step % 8, 8)
+    try:
+        for pos in range(0, data.shape[0], step):
+            raw = np.asarray(data[pos : pos + step])
+            x = _decode(raw, qt, row_bytes, g.byte_order)
+            if x.dtype.kind == "f":
+                nan = np.isnan(x)
+                inf = np.isinf(x)
+                st.n_nan += int(nan.sum())
+                st.n_inf += int(inf.sum())
+                finite = x[~(nan | inf)]
+                if finite.size:
+                    st.absmax = max(st.absmax, float(np.abs(finite.astype(np.float32)).max()))
+                    if st.all_zero and np.any(finite != 0):
+                        st.all_zero = False
+            else:
+                if x.size:
+                    st.absmax = max(st.absmax, float(np.abs(x.astype(np.float64)).max()))
+                if st.all_zero and np.any(x != 0):
+                    st.all_zero = False
+    except (NotImplementedError, ValueError, KeyError) as e:
+        st.checked = False
+        st.extra["error"] = str(e)
+    finally:
+        del data
+    return st
+
+
+def check_data(g: GGUFFile, skip: set[int]) -> tuple[list[Finding], int]:
+    out: list[Finding] = []
+    checked = 0
+    with np.errstate(all="ignore"):
+        for t in g.tensors:
+            if t.index in skip:
+                continue
+            st = tensor_stats(g, t)
+            if not st.checked:
+                out.append(
+                    finding("data-not-checked", f"tensor {t.name!r} ({t.type_name}) was not read", t.name)
+                )
+                continue
+            checked += 1
+            if st.n_nan:
+                out.append(finding("tensor-nan", f"tensor {t.name!r} has {st.n_nan} NaN value(s)", t.name))
+            if st.n_inf:
+                out.append(
+                    finding("tensor-inf", f"tensor {t.name!r} has {st.n_inf} infinite value(s)", t.name)
+                )
+            if (
+                st.all_zero
+                and not st.n_nan
+                and not st.n_inf
+                and t.name.endswith(".weight")
+                and t.n_elements > 1
+            ):
+                out.append(finding("tensor-all-zero", f"weight tensor {t.name!r} is all zeros", t.name))
+            elif st.absmax > EXTREME_ABS:
+                out.append(
+                    finding(
+                        "tensor-extreme-values", f"tensor {t.name!r} has |x| up to {st.absmax:.3g}", t.name
+                    )
+                )
+    return out, checked
+
+
+# ---------------------------------------------------------------------------------------------------
+# template + the whole run
+# ---------------------------------------------------------------------------------------------------
+
+
+def _token_text(g: GGUFFile, key: str, default: str) -> str:
+    tokens = g.get(K.Tokenizer.LIST)
+    tid = g.get(key)
+    if isinstance(tokens, list) and isinstance(tid, int) and 0 <= tid < len(tokens):
+        return tokens[tid]
+    return default
+
+
+def check_chat_template(g: GGUFFile, timeout: float = 3.0) -> list[Finding]:
+    kv = g.metadata.get(K.Tokenizer.CHAT_TEMPLATE)
+    if kv is None or not isinstance(kv.value, str):
+        return [finding("template-missing", "no tokenizer.chat_template (llama.cpp falls back to a default)")]
+    bos = _token_text(g, K.Tokenizer.BOS_ID, "<s>")
+    eos = _token_text(g, K.Tokenizer.EOS_ID, "</s>")
+    return [finding(p.code, p.message, kv.key) for p in check_template(kv.value, bos, eos, timeout=timeout)]
+
+
+def validate(
+    path: str | Path,
+    *,
+    smoke: bool = True,
+    data: bool = True,
+    template_timeout: float = 3.0,
+    smoke_timeout: float = 120.0,
+) -> ValidationReport:
+    """Run every check on ``path``; never raises for a file's content (a fatal defect is a finding)."""
+    t0 = time.perf_counter()
+    p = Path(path)
+    try:
+        g = read_gguf(p)
+    except GGUFFormatError as e:
+        code = e.code if e.code in CATALOG else "malformed"
+        return ValidationReport(p, [finding(code, str(e))], unusable=True, seconds=time.perf_counter() - t0)
+    findings, bad = check_structure(g)
+    findings += check_metadata(g)
+    checked = 0
+    if data:
+        more, checked = check_data(g, bad)
+        findings += more
+    findings += check_chat_template(g, timeout=template_timeout)
+    report = ValidationReport(p, findings, checked_tensors=checked)
+    if smoke:
+        if report.at_least(Severity.ERROR):
+            report.findings.append(finding("smoke-skipped", "not run: the file has error-level findings"))
+        else:
+            report.smoke = smoke_test(p, timeout=smoke_timeout)
+            if not report.smoke.ok:
+                report.findings.append(
+                    finding(report.smoke.code or "smoke-load-failed", report.smoke.message)
+                )
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def render_validation(r: ValidationReport, console: Any) -> None:
+    """Print the findings as a rich table and a one-line verdict."""
+    from rich.table import Table
+
+    colour = {Severity.ERROR: "red", Severity.WARNING: "yellow", Severity.INFO: "dim"}
+    if r.findings:
+        table = Table(title=f"{r.path.name}: {len(r.findings)} finding(s)")
+        for col in ("severity", "code", "category", "message"):
+            table.add_column(col, overflow="fold")
+        for f in sorted(r.findings, key=lambda f: -RANK[f.severity]):
+            c = colour[f.severity]
+            table.add_row(f"[{c}]{f.severity.value}[/]", f.code, f.category, f.message)
+        console.print(table)
+    if r.smoke is not None and r.smoke.ok:
+        console.print(
+            f"llama.cpp smoke test: loaded and generated {r.smoke.n_tokens} token(s) "
+            f"for {len(r.smoke.replies)} prompts"
+        )
+    verdict = {0: "[green]clean[/]", 1: "[yellow]findings[/]", 2: "[red]unusable file[/]"}[r.exit_code]
+    console.print(f"{r.path}: {verdict} ({r.checked_tensors} tensors read, {r.seconds:.2f} s)")
