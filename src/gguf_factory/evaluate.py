@@ -1,0 +1,569 @@
+"""Quality of a (quantized) GGUF, from llama.cpp logits: perplexity on assistant turns, KL divergence and
+top-1 agreement against a reference GGUF (usually the F16 the quant was made from).
+
+Each test conversation is rendered with the model's own chat template (``tokenizer.chat_template`` in the
+GGUF) and tokenized by llama.cpp. The loss is taken on the assistant turns only, exactly the spans training
+learns: a turn starts where the conversation before it, rendered with the generation prompt, ends, and it
+ends where the conversation through it ends, less trailing whitespace (ChatML's ``<|im_end|>`` is scored,
+the newline after it is not). Every scored token is predicted from the logits one position earlier:
+
+* perplexity = exp(mean negative log-likelihood of the scored tokens);
+* KL divergence KL(P_ref || P_model) of the full next-token distributions, per scored position: mean,
+  99th percentile and maximum;
+* top-1 agreement: how often both models rank the same token first.
+
+All models are loaded side by side and fed the same token ids; the reference is evaluated once per
+conversation whatever the number of models (what :func:`gguf_factory.ladder.ladder` relies on).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import DataError, InputError, ModelError
+from .files import atomic_write_json, atomic_write_text, human_size, require_file
+
+log = logging.getLogger(__name__)
+
+REPLY_TOKENS = 48
+"""Length limit of the greedy replies compared by ``replies=``."""
+MAX_EVAL_CTX = 4096
+"""Default cap on the evaluation context: logits for every position cost n_ctx x n_vocab floats per model."""
+
+
+# --------------------------------------------------------------------------------------------- results
+
+
+@dataclass
+class ModelScores:
+    path: str
+    name: str
+    size_bytes: int
+    n_tokens: int
+    """Scored (assistant) tokens."""
+    nll: float
+    """Mean negative log-likelihood per scored token (nats)."""
+    perplexity: float
+    kld_mean: float | None = None
+    kld_p99: float | None = None
+    kld_max: float | None = None
+    top1: float | None = None
+    """Fraction of scored positions where this model's top token is the reference's."""
+    delta_ppl: float | None = None
+    """(PPL - PPL_ref) / PPL_ref, a fraction."""
+    reply_similarity: float | None = None
+    """Mean character similarity of greedy replies to the reference model's replies (0..1)."""
+    same_reply: float | None = None
+    """Fraction of held-out prompts answered exactly as the reference model answers them."""
+    answer_similarity: float | None = None
+    """Mean character similarity of greedy replies to the data's own answers (0..1)."""
+    samples: list[dict[str, str]] = field(default_factory=list)
+    """A few greedy replies with the data's answers, for reading."""
+
+
+@dataclass
+class EvalResult:
+    data_path: str
+    n_conversations: int
+    n_tokens: int
+    n_ctx: int
+    models: list[ModelScores]
+    reference: ModelScores | None = None
+    skipped: int = 0
+    """Conversations without a scorable assistant turn (or whose template failed)."""
+    truncated: int = 0
+    seconds: float = 0.0
+    n_replies: int = 0
+    """Held-out prompts answered greedily by every model (reply similarity)."""
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_markdown(self, title: str = "Quality evaluation") -> str:
+        lines = [f"# {title}", ""]
+        lines.append(
+            f"Data: `{self.data_path}`: {self.n_conversations} conversations, {self.n_tokens} scored "
+            f"assistant tokens (context {self.n_ctx}; {self.skipped} skipped, {self.truncated} truncated)."
+        )
+        if self.reference is not None:
+            lines.append(f"Reference: `{self.reference.name}` (PPL {self.reference.perplexity:.4f}).")
+        replies = self.n_replies > 0
+        head = "| model | size | PPL | ΔPPL % | mean KLD | p99 KLD | top-1 % |"
+        rule = "|---|---:|---:|---:|---:|---:|---:|"
+        if replies:
+            head += " reply sim % | same reply % | answer sim % |"
+            rule += "---:|---:|---:|"
+        lines += ["", head, rule]
+        for m in ([self.reference] if self.reference else []) + self.models:
+            row = (
+                f"| {m.name} | {human_size(m.size_bytes)} | {m.perplexity:.4f} | "
+                f"{_fmt(m.delta_ppl, 100, '+.2f')} | "
+                f"{_fmt(m.kld_mean, 1, '.4g')} | {_fmt(m.kld_p99, 1, '.4g')} | {_fmt(m.top1, 100, '.2f')} |"
+            )
+            if replies:
+                row += (
+                    f" {_fmt(m.reply_similarity, 100, '.1f')} | {_fmt(m.same_reply, 100, '.1f')} | "
+                    f"{_fmt(m.answer_similarity, 100, '.1f')} |"
+                )
+            lines.append(row)
+        if replies:
+            lines.append(
+                f"\nReplies: greedy answers to {self.n_replies} held-out prompts; similarity is difflib's "
+                "character ratio to the reference model's reply (reply sim) and to the data's answer "
+                "(answer sim)."
+            )
+        if self.notes:
+            lines += ["", *[f"- {n}" for n in self.notes]]
+        lines.append(f"\n{self.seconds:.1f} s, llama.cpp logits through llama-cpp-python.")
+        return "\n".join(lines) + "\n"
+
+
+def _fmt(v: float | None, scale: float, spec: str) -> str:
+    return "–" if v is None else format(v * scale, spec)
+
+
+def write_report(
+    result: EvalResult, path: str | os.PathLike[str], title: str = "Quality evaluation"
+) -> tuple[Path, Path]:
+    """Write ``<path>.md`` and ``<path>.json`` (a ``.md`` / ``.json`` suffix on ``path`` is dropped)."""
+    p = Path(path)
+    if p.suffix.lower() in (".md", ".json"):
+        p = p.with_suffix("")
+    md, js = p.with_name(p.name + ".md"), p.with_name(p.name + ".json")
+    atomic_write_json(js, result.to_json())
+    atomic_write_text(md, result.to_markdown(title))
+    return md, js
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+def read_eval_conversations(
+    data: str | os.PathLike[str], limit: int | None = None
+) -> tuple[Path, list[list[dict[str, str]]]]:
+    """The conversations of a chat file (or of ``test.jsonl`` in a dataset folder written by ``prepare``)."""
+    from .data import read_chat_file
+
+    p = Path(data)
+    if p.is_dir():
+        p = p / "test.jsonl"
+        if not p.is_file():
+            raise InputError(
+                f"no test.jsonl in dataset folder {data} (write one with `gguf-factory prepare`)"
+            )
+    result = read_chat_file(p)
+    convs = [[{"role": m.role, "content": m.content} for m in c.messages] for c in result.conversations]
+    convs = [c for c in convs if any(m["role"] == "assistant" for m in c)]
+    if not convs:
+        raise DataError(f"{p}: no conversation has an assistant turn to score")
+    if limit is not None:
+        if limit <= 0:
+            raise InputError(f"limit must be positive, got {limit}")
+        convs = convs[:limit]
+    return p, convs
+
+
+class ChatTemplate:
+    """The GGUF's Jinja chat template, rendered the way transformers' ``apply_chat_template`` does."""
+
+    def __init__(self, source: str, bos_token: str = "", eos_token: str = ""):
+        from jinja2 import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message: str) -> None:
+            raise TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        try:
+            self._template = env.from_string(source)
+        except TemplateError as e:
+            raise ModelError(f"the model's chat template does not parse: {e}") from None
+        self.bos_token, self.eos_token = bos_token, eos_token
+
+    def render(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool) -> str:
+        return self._template.render(
+            messages=list(messages),
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token,
+            eos_token=self.eos_token,
+        )
+
+
+def assistant_segments(template: ChatTemplate, messages: Sequence[dict[str, str]]) -> list[tuple[str, bool]]:
+    """The rendered conversation cut into (text, scored) pieces; scored pieces are the assistant turns.
+
+    A turn whose prefix does not render as a prefix of the whole conversation (templates that rewrite
+    history) is located by its content instead, followed by the end-of-sequence text when present.
+    """
+    full = template.render(messages, False)
+    spans: list[tuple[int, int]] = []
+    cursor = 0
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start = end = -1
+        try:
+            before = template.render(messages[:i], True)
+            upto = template.render(messages[: i + 1], False)
+        except Exception:  # a template that refuses a prefix (e.g. must start with a user turn)
+            before = upto = None
+        if before is not None and upto is not None and full.startswith(upto) and upto.startswith(before):
+            start, end = len(before), len(upto.rstrip())
+        else:
+            idx = full.find(m["content"], cursor) if m["content"] else -1
+            if idx >= 0:
+                start, end = idx, idx + len(m["content"])
+                if template.eos_token and full.startswith(template.eos_token, end):
+                    end += len(template.eos_token)
+        if cursor <= start < end:
+            spans.append((start, end))
+            cursor = end
+    pieces: list[tuple[str, bool]] = []
+    pos = 0
+    for a, b in spans:
+        if a > pos:
+            pieces.append((full[pos:a], False))
+        pieces.append((full[a:b], True))
+        pos = b
+    if pos < len(full):
+        pieces.append((full[pos:], False))
+    return pieces
+
+
+@dataclass
+class EncodedConversation:
+    ids: list[int]
+    targets: np.ndarray
+    """Positions (>= 1) whose token is scored; predicted by the logits at position - 1."""
+
+
+def encode(
+    llm: Any, template: ChatTemplate, messages: Sequence[dict[str, str]]
+) -> EncodedConversation | None:
+    """Tokenize with llama.cpp, piece by piece (BOS added as the model's vocabulary asks)."""
+    ids: list[int] = []
+    targets: list[int] = []
+    for k, (text, scored) in enumerate(assistant_segments(template, messages)):
+        seg = list(llm.tokenize(text.encode("utf-8"), add_bos=(k == 0), special=True))
+        if scored:
+            targets += range(len(ids), len(ids) + len(seg))
+        ids += seg
+    t = np.array([i for i in targets if i >= 1], dtype=np.int64)
+    return EncodedConversation(ids, t) if t.size else None
+
+
+# --------------------------------------------------------------------------------------------- models
+
+
+def _load_llama(path: Path, n_ctx: int, threads: int, *, vocab_only: bool = False) -> Any:
+    import llama_cpp
+
+    from .runtime import _quiet_stderr
+
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ModelError(f"not a GGUF file: {path}")
+    try:
+        with _quiet_stderr():
+            return llama_cpp.Llama(
+                model_path=str(path),
+                n_ctx=n_ctx,
+                n_batch=n_ctx,
+                n_ubatch=min(n_ctx, 512),
+                n_threads=threads,
+                n_threads_batch=threads,
+                n_gpu_layers=0,
+                logits_all=not vocab_only,
+                vocab_only=vocab_only,
+                verbose=False,
+            )
+    except ValueError as e:
+        raise ModelError(f"llama.cpp could not load {path}: {e}") from e
+
+
+def _template_of(llm: Any, path: Path) -> ChatTemplate:
+    meta = dict(getattr(llm, "metadata", {}) or {})
+    source = meta.get("tokenizer.chat_template")
+    if not source:
+        raise ModelError(
+            f"{path} has no chat template (tokenizer.chat_template): cannot find assistant turns"
+        )
+
+    def text_of(tok: int) -> str:
+        return llm.detokenize([tok], special=True).decode("utf-8", errors="replace") if tok >= 0 else ""
+
+    return ChatTemplate(source, bos_token=text_of(llm.token_bos()), eos_token=text_of(llm.token_eos()))
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    x -= x.max(axis=1, keepdims=True)
+    x -= np.log(np.exp(x).sum(axis=1, keepdims=True))
+    return x
+
+
+def _label(path: Path) -> str:
+    return path.stem
+
+
+def evaluate(
+    model: str | os.PathLike[str],
+    data: str | os.PathLike[str],
+    *,
+    ref: str | os.PathLike[str] | None = None,
+    limit: int | None = None,
+    n_ctx: int | None = None,
+    threads: int | None = None,
+    replies: int = 0,
+) -> EvalResult:
+    """Perplexity of ``model`` on the assistant turns of ``data``; with ``ref``, also KLD and top-1."""
+    return evaluate_many([model], data, ref=ref, limit=limit, n_ctx=n_ctx, threads=threads, replies=replies)
+
+
+def evaluate_many(
+    models: Sequence[str | os.PathLike[str]],
+    data: str | os.PathLike[str],
+    *,
+    ref: str | os.PathLike[str] | None = None,
+    limit: int | None = None,
+    n_ctx: int | None = None,
+    threads: int | None = None,
+    labels: Sequence[str] | None = None,
+    replies: int = 0,
+    reply_tokens: int = REPLY_TOKENS,
+) -> EvalResult:
+    """Evaluate several GGUFs of one model family (same vocabulary) on the same tokens.
+
+    ``replies``: also answer the first ``replies`` held-out prompts greedily with every model and compare
+    the replies (character similarity) with the reference model's and with the data's own answers.
+    """
+    if not models:
+        raise InputError("no model to evaluate")
+    if replies < 0 or reply_tokens <= 0:
+        raise InputError("replies must be >= 0 and reply_tokens > 0")
+    paths = [require_file(m, "model file") for m in models]
+    ref_path = require_file(ref, "reference model") if ref is not None else None
+    data_path, convs = read_eval_conversations(data, limit)
+    threads = threads or os.cpu_count() or 1
+    t0 = time.perf_counter()
+
+    # tokenize once, with the vocabulary of the reference (or of the first model)
+    base = ref_path or paths[0]
+    vocab = _load_llama(base, 512, threads, vocab_only=True)
+    try:
+        template = _template_of(vocab, base)
+        encoded: list[EncodedConversation] = []
+        prompts: list[tuple[list[int], str]] = []
+        probe = b""
+        skipped = 0
+        for msgs in convs:
+            try:
+                enc = encode(vocab, template, msgs)
+                if enc is not None and len(prompts) < replies:
+                    prompts.append(_prompt(vocab, template, msgs))
+                if enc is not None and not probe:
+                    probe = template.render(msgs, False).encode("utf-8")
+            except Exception as e:  # one conversation the template cannot render should not stop the run
+                log.debug("skipping a conversation: %s", e)
+                enc = None
+            if enc is None:
+                skipped += 1
+            else:
+                encoded.append(enc)
+        if not encoded:
+            raise DataError(
+                f"{data_path}: no conversation left to score after rendering with the chat template"
+            )
+        probe_ids = list(vocab.tokenize(probe, add_bos=False, special=True))
+        vocab_size = vocab.n_vocab()
+    finally:
+        vocab.close()
+
+    from .runtime import read_context_lengths
+
+    trained = read_context_lengths(base)[1]
+    cap = n_ctx or min(trained or MAX_EVAL_CTX, MAX_EVAL_CTX)
+    longest = max([len(e.ids) for e in encoded] + [len(ids) + reply_tokens for ids, _ in prompts])
+    ctx = max(8, min(cap, longest))
+    truncated = 0
+    for e in encoded:
+        if len(e.ids) > ctx:
+            truncated += 1
+            e.ids = e.ids[:ctx]
+            e.targets = e.targets[e.targets < ctx]
+    encoded = [e for e in encoded if e.targets.size]
+    prompts = [(ids, answer) for ids, answer in prompts if len(ids) < ctx]
+    if truncated:
+        log.warning("%d conversations longer than the %d-token context were truncated", truncated, ctx)
+
+    with contextlib.ExitStack() as stack:
+        ref_llm = None
+        if ref_path is not None:
+            ref_llm = _load_llama(ref_path, ctx, threads)
+            stack.callback(ref_llm.close)
+        llms = []
+        for p in paths:
+            llm = _load_llama(p, ctx, threads)
+            stack.callback(llm.close)
+            if llm.n_vocab() != vocab_size:
+                raise ModelError(f"{p} has a vocabulary of {llm.n_vocab()} tokens, {base} {vocab_size}")
+            if list(llm.tokenize(probe, add_bos=False, special=True)) != probe_ids:
+                raise ModelError(f"{p} tokenizes differently from {base}: not the same model family")
+            llms.append(llm)
+        reference, out, n_tok = _score(paths, ref_path, llms, ref_llm, encoded, labels)
+        if prompts:
+            _compare_replies(prompts, llms, ref_llm, out, reference, reply_tokens)
+
+    return EvalResult(
+        data_path=str(data_path),
+        n_conversations=len(encoded),
+        n_tokens=n_tok,
+        n_ctx=ctx,
+        models=out,
+        reference=reference,
+        skipped=skipped,
+        truncated=truncated,
+        seconds=time.perf_counter() - t0,
+        n_replies=len(prompts),
+    )
+
+
+def _score(
+    paths: Sequence[Path],
+    ref_path: Path | None,
+    llms: Sequence[Any],
+    ref_llm: Any,
+    encoded: Sequence[EncodedConversation],
+    labels: Sequence[str] | None,
+) -> tuple[ModelScores | None, list[ModelScores], int]:
+    n_models = len(llms)
+    nll = [0.0] * n_models
+    ref_nll = 0.0
+    klds: list[list[np.ndarray]] = [[] for _ in range(n_models)]
+    agree = [0] * n_models
+    n_tok = 0
+    for enc in encoded:
+        rows = enc.targets - 1
+        tgt = np.array(enc.ids, dtype=np.int64)[enc.targets]
+        ref_lp = ref_p = ref_top = None
+        if ref_llm is not None:
+            ref_llm.reset()
+            ref_llm.eval(enc.ids)
+            ref_lp = _log_softmax(ref_llm.scores[rows])
+            ref_nll -= float(ref_lp[np.arange(len(rows)), tgt].sum())
+            ref_p = np.exp(ref_lp)
+            ref_top = ref_lp.argmax(axis=1)
+        for j, llm in enumerate(llms):
+            llm.reset()
+            llm.eval(enc.ids)
+            lp = _log_softmax(llm.scores[rows])
+            nll[j] -= float(lp[np.arange(len(rows)), tgt].sum())
+            if ref_lp is not None:
+                k = np.maximum((ref_p * (ref_lp - lp)).sum(axis=1), 0.0)
+                klds[j].append(k)
+                agree[j] += int((lp.argmax(axis=1) == ref_top).sum())
+        n_tok += len(rows)
+
+    def scores(path: Path, total_nll: float, label: str) -> ModelScores:
+        mean = total_nll / n_tok
+        return ModelScores(
+            path=str(path),
+            name=label,
+            size_bytes=path.stat().st_size,
+            n_tokens=n_tok,
+            nll=mean,
+            perplexity=math.exp(mean),
+        )
+
+    reference = scores(ref_path, ref_nll, _label(ref_path)) if ref_path else None
+    out: list[ModelScores] = []
+    for j, p in enumerate(paths):
+        s = scores(p, nll[j], labels[j] if labels else _label(p))
+        if reference is not None:
+            k = np.concatenate(klds[j])
+            s.kld_mean = float(k.mean())
+            s.kld_p99 = float(np.percentile(k, 99))
+            s.kld_max = float(k.max())
+            s.top1 = agree[j] / n_tok
+            s.delta_ppl = (s.perplexity - reference.perplexity) / reference.perplexity
+        out.append(s)
+    return reference, out, n_tok
+
+
+# --------------------------------------------------------------------------------------------- replies
+
+
+def _prompt(llm: Any, template: ChatTemplate, messages: Sequence[dict[str, str]]) -> tuple[list[int], str]:
+    """The conversation up to its first assistant turn, as a generation prompt, and that turn's text."""
+    k = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    text = template.render(messages[:k], True)
+    return list(llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)), messages[k]["content"]
+
+
+def _greedy(llm: Any, prompt: list[int], max_tokens: int) -> str:
+    """Greedy continuation from the model's own logits, up to an end-of-generation token."""
+    import llama_cpp
+
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    llm.reset()
+    llm.eval(prompt)
+    out: list[int] = []
+    for _ in range(max_tokens):
+        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        if llama_cpp.llama_vocab_is_eog(vocab, tok):
+            break
+        out.append(tok)
+        if llm.n_tokens >= llm.n_ctx():
+            break
+        llm.eval([tok])
+    return llm.detokenize(out).decode("utf-8", errors="replace").strip()
+
+
+def similarity(a: str, b: str) -> float:
+    """Character-level similarity in [0, 1] (difflib's ratio; 1.0 = identical)."""
+    from difflib import SequenceMatcher
+
+    if not a and not b:
+        return 1.0
+    return SequenceMatcher(None, a, b, autojunk=False).ratio()
+
+
+def _compare_replies(
+    prompts: Sequence[tuple[list[int], str]],
+    llms: Sequence[Any],
+    ref_llm: Any,
+    out: Sequence[ModelScores],
+    reference: ModelScores | None,
+    reply_tokens: int,
+) -> None:
+    ref_replies = [_greedy(ref_llm, ids, reply_tokens) for ids, _ in prompts] if ref_llm is not None else None
+    if reference is not None and ref_replies is not None:
+        reference.answer_similarity = float(
+            np.mean([similarity(r, a) for r, (_, a) in zip(ref_replies, prompts, strict=True)])
+        )
+        reference.samples = [
+            {"reply": r, "answer": a} for r, (_, a) in zip(ref_replies, prompts, strict=True)
+        ][:3]
+    for llm, s in zip(llms, out, strict=True):
+        replies = [_greedy(llm, ids, reply_tokens) for ids, _ in prompts]
+        s.answer_similarity = float(
+            np.mean([similarity(r, a) for r, (_, a) in zip(replies, prompts, strict=True)])
+        )
+        if ref_replies is not None:
+            s.reply_similarity = float(
+                np.mean([similarity(r, q) for r, q in zip(replies, ref_replies, strict=True)])
+            )
+            s.same_reply = float(np.mean([r == q for r, q in zip(replies, ref_replies, strict=True)]))
+        s.samples = [{"reply": r, "answer": a} for r, (_, a) in zip(replies, prompts, strict=True)][:3]

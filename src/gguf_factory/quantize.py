@@ -1,0 +1,804 @@
+"""Quantize a GGUF with llama.cpp's own quantizer (``llama_model_quantize`` through llama-cpp-python).
+
+Everything llama.cpp's ``llama-quantize`` tool can do is reached through ``llama_model_quantize_params``:
+
+* every file type (:data:`QUANT_TYPES`); the IQ types only with an importance matrix (``imatrix=``);
+* ``output_type`` / ``embedding_type`` (the ``output.weight`` and ``token_embd.weight`` tensors),
+  ``leave_output`` (keep ``output.weight`` as it is) and ``pure`` (no per-tensor mixture);
+* hybrid recipes: ``REGEX=TYPE`` rules passed as llama.cpp tensor-type overrides (``tt_overrides``;
+  the first rule whose regex is found in a tensor name wins), named recipes (:data:`NAMED_RECIPES`) and
+  YAML recipe files (:func:`load_recipe`);
+* use-case profiles (:data:`PROFILES`): a type plus a recommended context length. The profile and the
+  context are written into the output GGUF as ``gguf_factory.profile`` / ``gguf_factory.context_length``
+  through the quantizer's own ``kv_overrides`` (no second pass over the file);
+  :func:`gguf_factory.runtime.load` uses that context as its default ``n_ctx``.
+
+A YAML recipe file::
+
+    name: attn-ffn-split          # optional (default: the file name)
+    description: attention high, FFN low
+    type: Q4_K_M                  # optional base type (the ``--type`` given on the command line wins)
+    output_type: Q6_K             # optional
+    embedding_type: Q4_K          # optional
+    include: [edges-hi]           # optional named recipes, applied after this file's own rules
+    rules:                        # first match wins; "REGEX=TYPE" strings or {pattern, type} mappings
+      - 'attn_v=Q6_K'
+      - pattern: 'ffn_(up|gate)'
+        type: Q4_K
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import math
+import mmap
+import os
+import re
+import struct
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import InputError, QuantizeError
+from .files import atomic_path, check_output_path, require_file
+
+if TYPE_CHECKING:  # numpy is imported where used: `import gguf_factory` stays light
+    import numpy as np
+
+log = logging.getLogger(__name__)
+
+# Quantization type name -> llama.cpp ``llama_ftype`` constant name (llama_cpp.LLAMA_FTYPE_*).
+QUANT_TYPES: dict[str, str] = {
+    "F32": "LLAMA_FTYPE_ALL_F32",
+    "F16": "LLAMA_FTYPE_MOSTLY_F16",
+    "BF16": "LLAMA_FTYPE_MOSTLY_BF16",
+    "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
+    "Q6_K": "LLAMA_FTYPE_MOSTLY_Q6_K",
+    "Q5_K_M": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+    "Q5_K_S": "LLAMA_FTYPE_MOSTLY_Q5_K_S",
+    "Q5_1": "LLAMA_FTYPE_MOSTLY_Q5_1",
+    "Q5_0": "LLAMA_FTYPE_MOSTLY_Q5_0",
+    "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+    "Q4_K_S": "LLAMA_FTYPE_MOSTLY_Q4_K_S",
+    "Q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1",
+    "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
+    "Q3_K_L": "LLAMA_FTYPE_MOSTLY_Q3_K_L",
+    "Q3_K_M": "LLAMA_FTYPE_MOSTLY_Q3_K_M",
+    "Q3_K_S": "LLAMA_FTYPE_MOSTLY_Q3_K_S",
+    "Q2_K": "LLAMA_FTYPE_MOSTLY_Q2_K",
+    "Q2_K_S": "LLAMA_FTYPE_MOSTLY_Q2_K_S",
+    "IQ4_XS": "LLAMA_FTYPE_MOSTLY_IQ4_XS",
+    "IQ4_NL": "LLAMA_FTYPE_MOSTLY_IQ4_NL",
+    "IQ3_M": "LLAMA_FTYPE_MOSTLY_IQ3_M",
+    "IQ3_S": "LLAMA_FTYPE_MOSTLY_IQ3_S",
+    "IQ3_XS": "LLAMA_FTYPE_MOSTLY_IQ3_XS",
+    "IQ3_XXS": "LLAMA_FTYPE_MOSTLY_IQ3_XXS",
+    "IQ2_M": "LLAMA_FTYPE_MOSTLY_IQ2_M",
+    "IQ2_S": "LLAMA_FTYPE_MOSTLY_IQ2_S",
+    "IQ2_XS": "LLAMA_FTYPE_MOSTLY_IQ2_XS",
+    "IQ2_XXS": "LLAMA_FTYPE_MOSTLY_IQ2_XXS",
+    "IQ1_M": "LLAMA_FTYPE_MOSTLY_IQ1_M",
+    "IQ1_S": "LLAMA_FTYPE_MOSTLY_IQ1_S",
+}
+TYPE_ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
+
+IMATRIX_TYPES = frozenset(t for t in QUANT_TYPES if t.startswith("IQ")) | {"Q2_K_S"}
+"""File types this project quantizes only with an importance matrix (the IQ family, and Q2_K_S, which
+llama.cpp itself refuses without one)."""
+
+FLOAT_TYPES = frozenset({"F32", "F16", "BF16"})
+
+# ggml tensor types a rule, --output-type or --embedding-type may name (gguf.GGMLQuantizationType names).
+TENSOR_TYPES = (
+    "F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0", "Q3_K", "Q2_K",
+    "IQ4_XS", "IQ4_NL", "IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S",
+)  # fmt: skip
+IMATRIX_TENSOR_TYPES = frozenset({"IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S"})
+"""Tensor types llama.cpp refuses to produce without importance data."""
+
+# The tensor type that carries most of a file type's weights, and the next type up, for recipes that
+# raise some tensors "one level".
+MAIN_TENSOR_TYPE = {
+    "F32": "F32", "F16": "F16", "BF16": "BF16", "Q8_0": "Q8_0", "Q6_K": "Q6_K",
+    "Q5_K_M": "Q5_K", "Q5_K_S": "Q5_K", "Q5_1": "Q5_1", "Q5_0": "Q5_0",
+    "Q4_K_M": "Q4_K", "Q4_K_S": "Q4_K", "Q4_1": "Q4_1", "Q4_0": "Q4_0",
+    "Q3_K_L": "Q3_K", "Q3_K_M": "Q3_K", "Q3_K_S": "Q3_K", "Q2_K": "Q2_K", "Q2_K_S": "Q2_K",
+    "IQ4_XS": "IQ4_XS", "IQ4_NL": "IQ4_NL", "IQ3_M": "IQ3_S", "IQ3_S": "IQ3_S", "IQ3_XS": "IQ3_S",
+    "IQ3_XXS": "IQ3_XXS", "IQ2_M": "IQ2_S", "IQ2_S": "IQ2_S", "IQ2_XS": "IQ2_XS", "IQ2_XXS": "IQ2_XXS",
+    "IQ1_M": "IQ1_M", "IQ1_S": "IQ1_S",
+}  # fmt: skip
+ONE_LEVEL_UP = {
+    "Q2_K": "Q3_K", "Q3_K": "Q4_K", "Q4_K": "Q5_K", "Q5_K": "Q6_K", "Q6_K": "Q8_0", "Q8_0": "F16",
+    "Q4_0": "Q5_0", "Q4_1": "Q5_1", "Q5_0": "Q8_0", "Q5_1": "Q8_0",
+    "IQ1_S": "IQ2_XXS", "IQ1_M": "IQ2_XXS", "IQ2_XXS": "IQ2_XS", "IQ2_XS": "IQ2_S", "IQ2_S": "IQ3_XXS",
+    "IQ3_XXS": "IQ3_S", "IQ3_S": "IQ4_XS", "IQ4_XS": "Q5_K", "IQ4_NL": "Q5_0",
+    "F16": "F16", "BF16": "BF16", "F32": "F32",
+}  # fmt: skip
+
+PROFILE_KEY = "gguf_factory.profile"
+CONTEXT_KEY = "gguf_factory.context_length"
+RECIPE_KEY = "gguf_factory.recipe"
+_KV_STR_MAX = 127  # llama_model_kv_override.val_str is char[128]
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    qtype: str
+    context_length: int
+    description: str
+
+
+PROFILES: dict[str, Profile] = {
+    p.name: p
+    for p in (
+        Profile("production", "Q4_K_M", 2048, "balanced size and quality for serving"),
+        Profile("mobile", "Q2_K", 1024, "smallest file for phones and edge devices"),
+        Profile("quality", "Q5_K_M", 4096, "quality first (e.g. healthcare)"),
+        Profile("development", "Q8_0", 8192, "near-lossless, long context for development"),
+    )
+}
+
+
+# --------------------------------------------------------------------------------------------- results
+
+
+@dataclass
+class QuantizeResult:
+    path: Path
+    qtype: str
+    input_path: Path
+    input_bytes: int
+    size_bytes: int
+    seconds: float
+    profile: str | None = None
+    context_length: int | None = None
+    """The recommended context stored in the file (``gguf_factory.context_length``), if any."""
+    recipe: str | None = None
+    rules: list[TensorRule] = field(default_factory=list)
+    imatrix_entries: int = 0
+
+    @property
+    def reduction(self) -> float:
+        """Fraction of the input size saved (0.75 = a quarter of the input)."""
+        return 1.0 - self.size_bytes / self.input_bytes if self.input_bytes else 0.0
+
+
+# --------------------------------------------------------------------------------------------- names
+
+
+def normalize_qtype(qtype: str) -> str:
+    name = qtype.strip().upper()
+    name = TYPE_ALIASES.get(name, name)
+    if name not in QUANT_TYPES:
+        raise InputError(f"unknown quantization type {qtype!r}; choose one of: {', '.join(QUANT_TYPES)}")
+    return name
+
+
+def normalize_tensor_type(ttype: str, what: str = "tensor type") -> str:
+    name = ttype.strip().upper()
+    if name not in TENSOR_TYPES:
+        hint = ""
+        if name in QUANT_TYPES and name not in TENSOR_TYPES:
+            hint = f" ({name} is a file type: a single tensor takes {MAIN_TENSOR_TYPE[name]})"
+        raise InputError(f"unknown {what} {ttype!r}{hint}; choose one of: {', '.join(TENSOR_TYPES)}")
+    return name
+
+
+def ggml_type_id(name: str) -> int:
+    import gguf
+
+    return int(gguf.GGMLQuantizationType[name])
+
+
+def resolve_profile(profile: str) -> Profile:
+    key = profile.strip().lower()
+    if key not in PROFILES:
+        raise InputError(f"unknown profile {profile!r}; choose one of: {', '.join(PROFILES)}")
+    return PROFILES[key]
+
+
+def check_gguf_magic(path: Path) -> None:
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise InputError(f"not a GGUF file (bad magic {magic!r}): {path}")
+
+
+# --------------------------------------------------------------------------------------------- recipes
+
+
+@dataclass(frozen=True)
+class TensorRule:
+    """Tensors whose name contains a match of ``pattern`` (a regex, searched) get ``type``."""
+
+    pattern: str
+    type: str
+
+    def __str__(self) -> str:
+        return f"{self.pattern}={self.type}"
+
+    def matches(self, tensor_name: str) -> bool:
+        return re.search(self.pattern, tensor_name) is not None
+
+
+def make_rule(pattern: str, ttype: str, where: str = "") -> TensorRule:
+    at = f"{where}: " if where else ""
+    if not pattern:
+        raise InputError(f"{at}tensor rule has an empty pattern")
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise InputError(f"{at}bad regex {pattern!r} in tensor rule: {e}") from None
+    return TensorRule(pattern, normalize_tensor_type(ttype, f"{at}tensor type in rule {pattern!r}"))
+
+
+def parse_rule(text: str, where: str = "") -> TensorRule:
+    """Parse ``REGEX=TYPE`` (split at the last ``=``: a type never contains one)."""
+    pattern, sep, ttype = text.strip().rpartition("=")
+    if not sep or not ttype.strip():
+        at = f"{where}: " if where else ""
+        raise InputError(f"{at}tensor rule {text!r} must look like REGEX=TYPE, e.g. 'attn_.*=Q6_K'")
+    return make_rule(pattern.strip(), ttype, where)
+
+
+@dataclass
+class Recipe:
+    name: str
+    rules: list[TensorRule] = field(default_factory=list)
+    qtype: str | None = None
+    output_type: str | None = None
+    embedding_type: str | None = None
+    description: str = ""
+    include: list[str] = field(default_factory=list)
+    """Named recipes whose rules follow this recipe's own."""
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What recipes need to know about the model being quantized."""
+
+    n_layers: int
+    base_qtype: str
+
+
+def _attn_hi(shape: ModelShape) -> list[TensorRule]:
+    return [TensorRule(r"attn_", "Q6_K"), TensorRule(r"ffn_", "Q4_K")]
+
+
+def _edges_hi(shape: ModelShape) -> list[TensorRule]:
+    main = MAIN_TENSOR_TYPE[shape.base_qtype]
+    up = ONE_LEVEL_UP.get(main, main)
+    last = shape.n_layers - 1
+    blocks = "0" if last <= 0 else f"(0|{last})"
+    return [TensorRule(rf"^blk\.{blocks}\.", up)]
+
+
+def _ffn_down_hi(shape: ModelShape) -> list[TensorRule]:
+    main = MAIN_TENSOR_TYPE[shape.base_qtype]
+    return [TensorRule(r"ffn_down", ONE_LEVEL_UP.get(main, main))]
+
+
+NAMED_RECIPES: dict[str, tuple[str, Callable[[ModelShape], list[TensorRule]]]] = {
+    "attn-hi": ("attention tensors Q6_K, FFN tensors Q4_K", _attn_hi),
+    "edges-hi": ("first and last blocks one level above the base type", _edges_hi),
+    "ffn-down-hi": ("ffn_down one level above the base type", _ffn_down_hi),
+}
+
+
+def load_recipe(path: str | os.PathLike[str]) -> Recipe:
+    """Read a YAML recipe file (format in the module docstring); errors name the file and the field."""
+    import yaml
+
+    p = require_file(path, "recipe file")
+    try:
+        doc = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise InputError(f"{p}: not valid YAML: {e}") from None
+    if not isinstance(doc, dict):
+        raise InputError(f"{p}: a recipe must be a YAML mapping with a 'rules' list")
+    known = {"name", "description", "type", "output_type", "embedding_type", "include", "rules"}
+    unknown = sorted(set(map(str, doc)) - known)
+    if unknown:
+        raise InputError(
+            f"{p}: unknown recipe field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
+    recipe = Recipe(name=str(doc.get("name") or p.stem), description=str(doc.get("description") or ""))
+    if doc.get("type") is not None:
+        recipe.qtype = normalize_qtype(str(doc["type"]))
+    for key in ("output_type", "embedding_type"):
+        if doc.get(key) is not None:
+            setattr(recipe, key, normalize_tensor_type(str(doc[key]), f"{p}: {key}"))
+    rules = doc.get("rules") or []
+    if not isinstance(rules, list):
+        raise InputError(f"{p}: 'rules' must be a list")
+    for i, item in enumerate(rules):
+        where = f"{p}: rules[{i}]"
+        if isinstance(item, str):
+            recipe.rules.append(parse_rule(item, where))
+        elif isinstance(item, dict) and set(item) == {"pattern", "type"}:
+            recipe.rules.append(make_rule(str(item["pattern"]), str(item["type"]), where))
+        elif isinstance(item, dict) and len(item) == 1:
+            ((pat, ttype),) = item.items()
+            recipe.rules.append(make_rule(str(pat), str(ttype), where))
+        else:
+            raise InputError(f"{where}: expected 'REGEX=TYPE' or a mapping with 'pattern' and 'type'")
+    include = doc.get("include") or []
+    if isinstance(include, str):
+        include = [include]
+    if not isinstance(include, list):
+        raise InputError(f"{p}: 'include' must be a list of named recipes")
+    for name in include:
+        if str(name) not in NAMED_RECIPES:
+            raise InputError(
+                f"{p}: include: unknown recipe {name!r}; named recipes: {', '.join(NAMED_RECIPES)}"
+            )
+    recipe.description = recipe.description or f"recipe file {p.name}"
+    recipe.include = [str(n) for n in include]
+    return recipe
+
+
+def get_recipe(spec: str | os.PathLike[str] | Recipe) -> Recipe:
+    """A :class:`Recipe` from a named recipe (rules filled in by :func:`resolve_recipe`) or a YAML file."""
+    if isinstance(spec, Recipe):
+        return spec
+    if str(spec) in NAMED_RECIPES:
+        return Recipe(name=str(spec), description=NAMED_RECIPES[str(spec)][0], include=[str(spec)])
+    if Path(spec).exists() or Path(spec).suffix.lower() in (".yml", ".yaml"):
+        return load_recipe(spec)
+    raise InputError(
+        f"unknown recipe {str(spec)!r}: not a named recipe ({', '.join(NAMED_RECIPES)}) nor a file"
+    )
+
+
+def resolve_recipe(spec: str | os.PathLike[str] | Recipe, shape: ModelShape) -> Recipe:
+    """The recipe with its rules made concrete for ``shape`` (named recipes depend on layers, base type)."""
+    recipe = get_recipe(spec)
+    rules = list(recipe.rules)
+    for name in recipe.include:
+        rules += NAMED_RECIPES[name][1](shape)
+    return Recipe(
+        recipe.name, rules, recipe.qtype, recipe.output_type, recipe.embedding_type, recipe.description
+    )
+
+
+# --------------------------------------------------------------------------------------------- GGUF facts
+
+
+@dataclass
+class GGUFInfo:
+    arch: str | None
+    n_layers: int
+    context_length: int | None
+    tensor_types: dict[str, str]
+    """Tensor name -> ggml type name."""
+    n_elements: int
+    tensor_bytes: int
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.tensor_bytes / self.n_elements if self.n_elements else 0.0
+
+    def type_counts(self) -> dict[str, int]:
+        return dict(Counter(self.tensor_types.values()).most_common())
+
+
+def read_gguf_info(path: str | os.PathLike[str]) -> GGUFInfo:
+    """Architecture, block count, trained context and per-tensor types of a GGUF, from its header only."""
+    import gguf
+
+    meta, tensors = scan_gguf_header(path)
+    arch = meta.get("general.architecture")
+    arch = arch if isinstance(arch, str) else None
+    n_layers = int(meta.get(f"{arch}.block_count") or 0) if arch else 0
+    ctx = meta.get(f"{arch}.context_length") if arch else None
+    types: dict[str, str] = {}
+    n_elements = n_bytes = 0
+    for name, type_id, dims in tensors:
+        try:
+            ttype = gguf.GGMLQuantizationType(type_id)
+        except ValueError:
+            raise InputError(f"{path}: tensor {name!r} has unknown ggml type {type_id}") from None
+        block, type_size = gguf.GGML_QUANT_SIZES[ttype]
+        count = math.prod(dims)
+        types[name] = ttype.name
+        n_elements += count
+        n_bytes += count // block * type_size
+    return GGUFInfo(
+        arch=arch,
+        n_layers=n_layers,
+        context_length=int(ctx) if isinstance(ctx, int) else None,
+        tensor_types=types,
+        n_elements=n_elements,
+        tensor_bytes=n_bytes,
+    )
+
+
+# GGUF value type id -> struct format of a scalar (8 = string, 9 = array are handled apart).
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+def scan_gguf_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any], list[tuple[str, int, list[int]]]]:
+    """Scalar metadata (arrays skipped) and (name, ggml type id, dims) of every tensor of a GGUF.
+
+    Reads only the header, skipping array contents without decoding them: a 262 k-token vocabulary costs
+    a few hundred milliseconds here, where gguf-py's full reader builds every string.
+    """
+    p = Path(path)
+    try:
+        with open(p, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            return _scan(mm)
+    except (struct.error, ValueError, UnicodeDecodeError, IndexError, OSError) as e:
+        raise InputError(f"cannot read the GGUF header of {p}: {e}") from None
+
+
+def _scan(mm: Any) -> tuple[dict[str, Any], list[tuple[str, int, list[int]]]]:
+    if mm[:4] != b"GGUF":
+        raise ValueError(f"bad magic {bytes(mm[:4])!r}")
+    version, n_tensors, n_kv = struct.unpack_from("<IQQ", mm, 4)
+    if version not in (2, 3):
+        raise ValueError(f"unsupported GGUF version {version}")
+    size = len(mm)
+    if n_tensors > size or n_kv > size:
+        raise ValueError("implausible tensor or metadata count")
+    pos = 24
+
+    def string() -> str:
+        nonlocal pos
+        (n,) = struct.unpack_from("<Q", mm, pos)
+        if pos + 8 + n > size:
+            raise ValueError("string runs past the end of the file")
+        text = mm[pos + 8 : pos + 8 + n].decode("utf-8")
+        pos += 8 + n
+        return text
+
+    def skip_array() -> None:
+        nonlocal pos
+        item_type, count = struct.unpack_from("<IQ", mm, pos)
+        pos += 12
+        if item_type == 8:
+            for _ in range(count):
+                (n,) = struct.unpack_from("<Q", mm, pos)
+                pos += 8 + n
+        elif item_type == 9:
+            for _ in range(count):
+                skip_array()
+        elif item_type in _GGUF_SCALARS:
+            pos += count * struct.calcsize("<" + _GGUF_SCALARS[item_type])
+        else:
+            raise ValueError(f"unknown array item type {item_type}")
+        if pos > size:
+            raise ValueError("array runs past the end of the file")
+
+    meta: dict[str, Any] = {}
+    for _ in range(n_kv):
+        key = string()
+        (vtype,) = struct.unpack_from("<I", mm, pos)
+        pos += 4
+        if vtype == 8:
+            meta[key] = string()
+        elif vtype == 9:
+            skip_array()
+        elif vtype in _GGUF_SCALARS:
+            fmt = "<" + _GGUF_SCALARS[vtype]
+            (meta[key],) = struct.unpack_from(fmt, mm, pos)
+            pos += struct.calcsize(fmt)
+        else:
+            raise ValueError(f"metadata {key!r} has unknown value type {vtype}")
+    tensors = []
+    for _ in range(n_tensors):
+        name = string()
+        (n_dims,) = struct.unpack_from("<I", mm, pos)
+        if n_dims > 8:
+            raise ValueError(f"tensor {name!r} claims {n_dims} dimensions")
+        dims = list(struct.unpack_from(f"<{n_dims}Q", mm, pos + 4))
+        type_id, _offset = struct.unpack_from("<IQ", mm, pos + 4 + 8 * n_dims)
+        pos += 4 + 8 * n_dims + 12
+        tensors.append((name, int(type_id), [int(d) for d in dims]))
+    return meta, tensors
+
+
+# --------------------------------------------------------------------------------------------- imatrix
+
+
+def load_imatrix(source: str | os.PathLike[str] | Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Importance data per tensor name, as llama.cpp's quantizer takes it (mean squared activations).
+
+    ``source`` is a mapping (tensor name -> values) or a file in either format llama.cpp's tools read: the
+    GGUF imatrix (``<tensor>.in_sum2`` sums and ``<tensor>.counts`` per expert) or the legacy ``.dat``.
+    """
+    import numpy as np
+
+    if isinstance(source, Mapping):
+        data = {
+            str(k): np.ascontiguousarray(np.asarray(v, dtype=np.float32).reshape(-1))
+            for k, v in source.items()
+        }
+    else:
+        p = require_file(source, "importance matrix")
+        with open(p, "rb") as f:
+            magic = f.read(4)
+        data = _read_gguf_imatrix(p) if magic == b"GGUF" else _read_legacy_imatrix(p)
+    if not data:
+        raise InputError(f"importance matrix {source} holds no entries")
+    for name, v in data.items():
+        if not np.all(np.isfinite(v)):
+            raise InputError(f"importance matrix entry {name!r} has non-finite values")
+    return data
+
+
+def _read_gguf_imatrix(p: Path) -> dict[str, np.ndarray]:
+    import numpy as np
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(p)
+    except Exception as e:
+        raise InputError(f"cannot read importance matrix {p}: {e}") from e
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, np.ndarray] = {}
+    for t in reader.tensors:
+        if t.name.endswith(".in_sum2"):
+            sums[t.name[: -len(".in_sum2")]] = np.asarray(t.data, dtype=np.float32).reshape(-1)
+        elif t.name.endswith(".counts"):
+            counts[t.name[: -len(".counts")]] = np.asarray(t.data, dtype=np.float32).reshape(-1)
+    out: dict[str, np.ndarray] = {}
+    for name, s in sums.items():
+        c = counts.get(name)
+        if c is None or c.size == 0 or s.size % c.size:
+            raise InputError(f"importance matrix {p}: entry {name!r} lacks matching counts")
+        rows = s.reshape(c.size, -1)
+        norm = np.where(c[:, None] > 0, rows / np.maximum(c[:, None], 1e-30), 1.0)
+        out[name] = np.ascontiguousarray(norm.reshape(-1), dtype=np.float32)
+    return out
+
+
+def _read_legacy_imatrix(p: Path) -> dict[str, np.ndarray]:
+    import numpy as np
+
+    raw = p.read_bytes()
+    out: dict[str, np.ndarray] = {}
+    try:
+        (n,) = struct.unpack_from("<i", raw, 0)
+        pos = 4
+        for _ in range(n):
+            (ln,) = struct.unpack_from("<i", raw, pos)
+            name = raw[pos + 4 : pos + 4 + ln].decode("utf-8")
+            pos += 4 + ln
+            ncall, nval = struct.unpack_from("<ii", raw, pos)
+            pos += 8
+            vals = np.frombuffer(raw, dtype="<f4", count=nval, offset=pos).astype(np.float32)
+            pos += 4 * nval
+            out[name] = vals / ncall if ncall > 0 else vals.copy()
+    except (struct.error, ValueError, UnicodeDecodeError) as e:
+        raise InputError(f"not an importance matrix (GGUF or legacy .dat): {p} ({e})") from None
+    return out
+
+
+# --------------------------------------------------------------------------------------------- quantize
+
+
+def default_output_path(input_path: str | os.PathLike[str], qtype: str) -> Path:
+    """``<name>-<TYPE>.gguf`` beside the input, less a trailing ``-F16``/``-F32``/``-BF16`` of its stem."""
+    src = Path(input_path)
+    stem = re.sub(r"[-_.](F32|F16|BF16|f32|f16|bf16)$", "", src.stem)
+    return src.with_name(f"{stem}-{normalize_qtype(qtype)}.gguf")
+
+
+def quantize(
+    input_path: str | os.PathLike[str],
+    output_path: str | os.PathLike[str] | None = None,
+    qtype: str | None = None,
+    *,
+    threads: int | None = None,
+    allow_requantize: bool = False,
+    output_type: str | None = None,
+    embedding_type: str | None = None,
+    leave_output: bool = False,
+    pure: bool = False,
+    profile: str | None = None,
+    context_length: int | None = None,
+    tensor_types: Iterable[str | TensorRule] = (),
+    recipe: str | os.PathLike[str] | Recipe | None = None,
+    imatrix: str | os.PathLike[str] | Mapping[str, Any] | None = None,
+) -> QuantizeResult:
+    """Quantize ``input_path`` to ``qtype``; the result appears at ``output_path`` only when complete.
+
+    ``qtype`` defaults to the profile's type (or the recipe's, or Q4_K_M). ``tensor_types`` are
+    ``REGEX=TYPE`` rules; they take precedence over the recipe's rules. ``context_length`` (or the
+    profile's) is stored as the recommended context, capped at the model's trained context.
+    """
+    import llama_cpp  # imported lazily: loading the shared library costs time the CLI's --help need not pay
+
+    src = require_file(input_path, "input GGUF")
+    check_gguf_magic(src)
+    prof = resolve_profile(profile) if profile else None
+    user_rules = [r if isinstance(r, TensorRule) else parse_rule(r, "--tensor-type") for r in tensor_types]
+    recipe_obj = get_recipe(recipe) if recipe is not None else None
+    name = normalize_qtype(
+        qtype or (recipe_obj.qtype if recipe_obj else None) or (prof.qtype if prof else "Q4_K_M")
+    )
+    out_t = normalize_tensor_type(output_type, "--output-type") if output_type else None
+    emb_t = normalize_tensor_type(embedding_type, "--embedding-type") if embedding_type else None
+    if leave_output and out_t:
+        raise InputError("--leave-output and --output-type contradict each other: choose one")
+    if context_length is not None and context_length <= 0:
+        raise InputError(f"context length must be positive, got {context_length}")
+
+    try:
+        info = read_gguf_info(src)
+    except InputError as e:  # right magic, damaged inside: the quantizer cannot use it
+        raise QuantizeError(f"llama.cpp cannot quantize {src}: {e}") from e
+    quantized_inputs = sorted({t for t in info.tensor_types.values() if t not in FLOAT_TYPES})
+    if quantized_inputs and not allow_requantize:
+        raise InputError(
+            f"{src} is already quantized ({', '.join(quantized_inputs)} tensors); requantizing loses quality "
+            "twice: start from the F16/F32 file, or pass --allow-requantize"
+        )
+    shape = ModelShape(n_layers=info.n_layers, base_qtype=name)
+    rec = resolve_recipe(recipe_obj, shape) if recipe_obj is not None else None
+    if rec is not None:
+        out_t = out_t or rec.output_type
+        emb_t = emb_t or rec.embedding_type
+    rules = user_rules + (rec.rules if rec else [])
+    for r in user_rules:  # a user rule that touches nothing is a typo, not a wish
+        if not any(r.matches(t) for t in info.tensor_types):
+            example = next(
+                (t for t in info.tensor_types if t.startswith("blk.")), next(iter(info.tensor_types), "")
+            )
+            raise InputError(f"tensor rule {r} matches no tensor of {src} (names look like {example!r})")
+
+    imat = load_imatrix(imatrix) if imatrix is not None else None
+    if imat is None:
+        needs = [name] if name in IMATRIX_TYPES else []
+        needs += [str(r) for r in rules if r.type in IMATRIX_TENSOR_TYPES]
+        needs += [t for t in (out_t, emb_t) if t in IMATRIX_TENSOR_TYPES]
+        if needs:
+            raise InputError(
+                f"{', '.join(needs)} needs an importance matrix: pass --imatrix FILE "
+                "(make one from your chat data with `gguf-factory imatrix`)"
+            )
+
+    dst = check_output_path(output_path if output_path is not None else default_output_path(src, name))
+    if dst.resolve() == src.resolve():
+        raise InputError(f"output would overwrite the input: {dst}")
+
+    ctx = context_length if context_length is not None else (prof.context_length if prof else None)
+    if ctx is not None and info.context_length and ctx > info.context_length:
+        log.warning(
+            "recommended context %d is above the model's trained context %d: storing %d",
+            ctx,
+            info.context_length,
+            info.context_length,
+        )
+        ctx = info.context_length
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, QUANT_TYPES[name])
+    params.nthread = threads or os.cpu_count() or 1
+    params.allow_requantize = allow_requantize
+    params.pure = pure
+    if leave_output:
+        params.quantize_output_tensor = False
+    if out_t:
+        params.output_tensor_type = ggml_type_id(out_t)
+    if emb_t:
+        params.token_embedding_type = ggml_type_id(emb_t)
+
+    keep_alive: list[Any] = []  # ctypes arrays llama.cpp reads during the call
+    kv: dict[str, int | str] = {"general.quantized_by": "gguf-factory"}
+    if prof:
+        kv[PROFILE_KEY] = prof.name
+    if ctx is not None:
+        kv[CONTEXT_KEY] = int(ctx)
+    recipe_label = _recipe_label(rec, user_rules)
+    if recipe_label:
+        kv[RECIPE_KEY] = recipe_label
+    if imat is not None:  # the keys llama.cpp's own quantize tool records
+        kv["quantize.imatrix.entries_count"] = len(imat)
+        if not isinstance(imatrix, Mapping):
+            kv["quantize.imatrix.file"] = Path(imatrix).name[-_KV_STR_MAX:]
+    kv_arr = _kv_override_array(llama_cpp, kv)
+    keep_alive.append(kv_arr)
+    params.kv_overrides = ctypes.cast(kv_arr, ctypes.POINTER(llama_cpp.llama_model_kv_override))
+    if rules:
+        tt_arr = (llama_cpp.llama_model_tensor_override * (len(rules) + 1))()
+        for slot, rule in zip(tt_arr, rules, strict=False):
+            slot.pattern = rule.pattern.encode("utf-8")
+            slot.type = ggml_type_id(rule.type)
+        tt_arr[len(rules)].pattern = None  # terminator
+        tt_arr[len(rules)].type = ggml_type_id("F32")
+        keep_alive.append(tt_arr)
+        params.tt_overrides = ctypes.cast(tt_arr, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
+    if imat is not None:
+        im_arr = (llama_cpp.llama_model_imatrix_data * (len(imat) + 1))()
+        for slot, (tname, values) in zip(im_arr, imat.items(), strict=False):
+            slot.name = tname.encode("utf-8")
+            slot.data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            slot.size = values.size
+        im_arr[len(imat)].name = None  # terminator
+        keep_alive += [im_arr, imat]
+        params.imatrix = ctypes.cast(im_arr, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+
+    log.info(
+        "quantizing %s -> %s (%s%s, %d threads)",
+        src,
+        dst,
+        name,
+        f", {len(rules)} tensor rules" if rules else "",
+        params.nthread,
+    )
+    # llama.cpp reports every tensor through llama-cpp-python's logger: keep its errors, and the rest at -v
+    lc_logger = logging.getLogger("llama-cpp-python")
+    old_level = lc_logger.level
+    if not log.isEnabledFor(logging.DEBUG):
+        lc_logger.setLevel(logging.ERROR)
+    t0 = time.perf_counter()
+    with atomic_path(dst) as tmp:
+        try:
+            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+        finally:
+            lc_logger.setLevel(old_level)
+        if rc != 0 or not tmp.exists():
+            raise QuantizeError(
+                f"llama.cpp could not quantize {src} to {name} (return code {rc}); "
+                "is it a valid GGUF model? (run with -v to see llama.cpp's reason)"
+            )
+    seconds = time.perf_counter() - t0
+    del keep_alive
+    return QuantizeResult(
+        path=dst,
+        qtype=name,
+        input_path=src,
+        input_bytes=src.stat().st_size,
+        size_bytes=dst.stat().st_size,
+        seconds=seconds,
+        profile=prof.name if prof else None,
+        context_length=ctx,
+        recipe=recipe_label,
+        rules=rules,
+        imatrix_entries=len(imat) if imat else 0,
+    )
+
+
+def _recipe_label(rec: Recipe | None, user_rules: Sequence[TensorRule]) -> str | None:
+    parts = [rec.name] if rec else []
+    parts += [str(r) for r in user_rules]
+    if not parts:
+        return None
+    label = "; ".join(parts)
+    return (
+        label
+        if len(label.encode("utf-8")) <= _KV_STR_MAX
+        else label.encode("utf-8")[: _KV_STR_MAX - 3].decode("utf-8", errors="ignore") + "..."
+    )
+
+
+def _kv_override_array(llama_cpp: Any, items: Mapping[str, int | float | bool | str]) -> Any:
+    """A ``llama_model_kv_override`` array ending with an empty-key entry (llama.cpp's terminator)."""
+    arr = (llama_cpp.llama_model_kv_override * (len(items) + 1))()
+    for slot, (key, value) in zip(arr, items.items(), strict=False):
+        kb = key.encode("utf-8")
+        if len(kb) >= 128:
+            raise InputError(f"metadata key too long for llama.cpp: {key}")
+        slot.key = kb
+        if isinstance(value, bool):
+            slot.tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_BOOL
+            slot.value.val_bool = value
+        elif isinstance(value, int):  # llama.cpp's quantizer writes INT overrides as uint32
+            slot.tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT
+            slot.value.val_i64 = value
+        elif isinstance(value, float):
+            slot.tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_FLOAT
+            slot.value.val_f64 = value
+        else:
+            vb = str(value).encode("utf-8")
+            if len(vb) > _KV_STR_MAX:
+                raise InputError(f"metadata value for {key} longer than {_KV_STR_MAX} bytes")
+            slot.tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR
+            slot.value.val_str = vb
+    return arr
