@@ -120,7 +120,12 @@ def test_scratch_training_learns_and_saves(scratch_run):
     assert result.epochs_run == len(result.train_losses) == len(result.val_losses)
     assert result.train_losses[-1] < result.train_losses[0] - 0.5
     assert result.val_losses[-1] < result.val_losses[0]
-    assert result.best_val_loss == min(result.val_losses)
+    # the kept epoch is the one with the best held-out top-1 accuracy (the default monitor)
+    assert result.monitor == "accuracy" and len(result.val_accuracies) == result.epochs_run
+    assert result.best_val_accuracy == max(result.val_accuracies)
+    assert result.best_val_accuracy == result.val_accuracies[result.best_epoch - 1]
+    assert result.best_val_loss == result.val_losses[result.best_epoch - 1]
+    assert 0.0 < result.best_val_accuracy <= 1.0
     assert result.n_params > 10_000 and result.steps > 0 and result.seconds > 0
     for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
               "generation_config.json", "training.json"):
@@ -209,11 +214,25 @@ def test_seeded_runs_are_reproducible(data_dir, tmp_path):
     assert all(torch.equal(ma[k], mb[k]) for k in ma)
 
 
-def test_early_stopping_keeps_best(data_dir, tmp_path):
-    # a learning rate too small to move the loss: epoch 1 is the best, then `patience` epochs without gain
-    r = train(data_dir, tmp_path / "m", preset=TINY, epochs=10, lr=1e-9, patience=2, progress=True)
+@pytest.mark.parametrize("monitor", ["accuracy", "loss"])
+def test_early_stopping_keeps_best(data_dir, tmp_path, monitor):
+    # a learning rate too small to move the model: epoch 1 is the best, then `patience` epochs without gain
+    r = train(data_dir, tmp_path / "m", preset=TINY, epochs=10, lr=1e-9, patience=2, progress=True,
+              monitor=monitor)
+    assert r.monitor == monitor
     assert r.stopped_early and r.epochs_run == 3 and r.best_epoch == 1
-    assert r.best_val_loss == r.val_losses[0]
+    assert r.best_val_loss == r.val_losses[0] and r.best_val_accuracy == r.val_accuracies[0]
+
+
+def test_loss_monitor_keeps_the_lowest_val_loss(data_dir, tmp_path):
+    r = train(data_dir, tmp_path / "m", preset=TINY, epochs=4, progress=False, monitor="loss", threads=1)
+    assert r.best_val_loss == min(r.val_losses) == r.val_losses[r.best_epoch - 1]
+
+
+def test_unknown_monitor_is_refused(data_dir, tmp_path):
+    with pytest.raises(TrainingError, match="unknown monitor 'bleu'"):
+        train(data_dir, tmp_path / "m", preset=TINY, epochs=1, progress=False, monitor="bleu")
+    assert not (tmp_path / "m").exists()
 
 
 def test_replaces_existing_output_and_cleans_up_on_failure(data_dir, tmp_path, monkeypatch):
@@ -223,7 +242,7 @@ def test_replaces_existing_output_and_cleans_up_on_failure(data_dir, tmp_path, m
     train(data_dir, out, preset=TINY, max_steps=2, progress=False)
     assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()
 
-    import gguf_factory.train.scratch as scratch
+    from gguf_factory.train import scratch
 
     def boom(*a, **k):
         raise KeyboardInterrupt

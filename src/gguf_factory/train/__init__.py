@@ -45,7 +45,8 @@ def train(
     batch_size: int | None = None,
     lr: float | None = None,
     max_seq_len: int | None = None,
-    patience: int = 3,
+    patience: int = 5,
+    monitor: str = "accuracy",
     seed: int = 1234,
     threads: int | None = None,
     progress: bool = True,
@@ -57,15 +58,16 @@ def train(
     with a byte-level BPE tokenizer learnt from the training split. ``base`` = a local HF causal-LM folder
     fine-tunes all of its weights; ``preset`` is then ignored and unset settings take
     :data:`FINETUNE_DEFAULTS`. The loss is on assistant turns only; the weights kept are those of the
-    epoch with the lowest validation loss; training stops after ``patience`` epochs without improvement
-    or after ``max_steps`` optimizer steps.
+    epoch with the best validation score (``monitor``: top-1 ``"accuracy"`` on the held-out assistant
+    tokens, or ``"loss"``); training stops after ``patience`` epochs without improvement or after
+    ``max_steps`` optimizer steps.
     """
     from .finetune import finetune
     from .scratch import train_scratch
 
     common = dict(
-        epochs=epochs, batch_size=batch_size, lr=lr, max_seq_len=max_seq_len, patience=patience, seed=seed,
-        threads=threads, progress=progress, max_steps=max_steps,
+        epochs=epochs, batch_size=batch_size, lr=lr, max_seq_len=max_seq_len, patience=patience,
+        monitor=monitor, seed=seed, threads=threads, progress=progress, max_steps=max_steps,
     )
     if base is None:
         return train_scratch(data_dir, out_dir, preset=preset, **common)

@@ -69,11 +69,13 @@ class ModelPreset:
 
 
 PRESETS: dict[str, ModelPreset] = {
-    # ~3.9 M parameters: trains on the chatterbot corpus (~700 conversations) in about two minutes on two
-    # CPU cores. A 2048-token vocabulary beat 1024 and 4096 on that little text (loss per character).
+    # ~3.9 M parameters: trains on the chatterbot corpus (~700 conversations) in a few minutes on two CPU
+    # cores. A 2048-token vocabulary beat 1024 and 4096 on that little text (loss per character). Up to 30
+    # epochs: held-out top-1 accuracy (and the greedy answers) keep improving until about epoch 20 there,
+    # long after the validation loss has bottomed out (about epoch 9).
     "nano": ModelPreset(
         name="nano", hidden_size=256, intermediate_size=768, num_layers=4, num_heads=4, num_kv_heads=4,
-        vocab_size=2048, max_seq_len=256, epochs=16, lr=2e-3, batch_size=8,
+        vocab_size=2048, max_seq_len=256, epochs=30, lr=2e-3, batch_size=8,
     ),
     # ~31 M parameters.
     "small": ModelPreset(
@@ -141,7 +143,8 @@ def train_scratch(
     batch_size: int | None = None,
     lr: float | None = None,
     max_seq_len: int | None = None,
-    patience: int = 3,
+    patience: int = 5,
+    monitor: str = "accuracy",
     seed: int = 1234,
     threads: int | None = None,
     progress: bool = True,
@@ -159,6 +162,7 @@ def train_scratch(
         batch_size=p.batch_size if batch_size is None else batch_size,
         lr=p.lr if lr is None else lr,
         patience=patience,
+        monitor=monitor,
         seed=seed,
         max_steps=max_steps,
         progress=progress,
@@ -204,6 +208,9 @@ def train_scratch(
         train_losses=outcome.train_losses,
         val_losses=outcome.val_losses,
         best_val_loss=outcome.best_val_loss,
+        val_accuracies=outcome.val_accuracies,
+        best_val_accuracy=outcome.best_val_accuracy,
+        monitor=settings.monitor,
         seconds=time_now() - t0,
         stopped_early=outcome.stopped_early,
         steps=outcome.steps,
