@@ -43,13 +43,32 @@ class BenchRow:
         return asdict(self)
 
 
-def _measure_in_this_process(path: str, prompts: list[str], max_tokens: int, threads: int) -> dict:
-    """Runs in the child: load, then answer each prompt greedily token by token with exact timing."""
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size.
+
+    On Linux it is ``VmHWM`` from ``/proc/self/status``: the high-water mark of this program's own memory
+    map, which starts afresh at exec. ``getrusage``'s ``ru_maxrss`` would not do there: Linux carries it
+    over from the parent's forked copy, so a child of a big process (e.g. one that just trained a model)
+    would report the parent's size. Elsewhere ``ru_maxrss`` (KiB on Linux/BSD, bytes on macOS).
+    """
     import resource
 
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def _measure_in_this_process(path: str, prompts: list[str], max_tokens: int, threads: int) -> dict:
+    """Runs in the child: load, then answer each prompt greedily token by token with exact timing."""
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-    from .runtime import load
+    from .runtime import GenerationSettings, load
 
     t0 = time.perf_counter()
     model = load(path, n_threads=threads)
@@ -71,7 +90,9 @@ def _measure_in_this_process(path: str, prompts: list[str], max_tokens: int, thr
         out: list[int] = []
         start = time.perf_counter()
         t_first = t_last = start
-        for tok in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0):
+        # greedy, with the repeat penalty `chat` uses, so the answers shown are the ones a user gets
+        penalty = GenerationSettings.repeat_penalty
+        for tok in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=penalty):
             now = time.perf_counter()
             if not out:
                 t_first = now
@@ -85,7 +106,7 @@ def _measure_in_this_process(path: str, prompts: list[str], max_tokens: int, thr
         if len(out) > 1 and t_last > t_first:
             rates.append((len(out) - 1) / (t_last - t_first))
         answers.append({"prompt": prompt, "reply": model.detokenize(out).strip()})
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    rss = peak_rss_bytes()
     model.close()
     return {
         "load_s": load_s,
