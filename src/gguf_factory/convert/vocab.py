@@ -1,0 +1,364 @@
+"""Tokenizer -> GGUF ``tokenizer.ggml.*``: tokens, types, scores/merges, special ids, chat template.
+
+Two kinds of tokenizer.json are supported:
+
+* byte-level BPE (``tokenizer.ggml.model = "gpt2"``) with a pre-tokenizer llama.cpp knows: GPT-2's
+  (``ByteLevel(use_regex=True)``), Llama 3's and Qwen2's (a ``Split`` regex followed by
+  ``ByteLevel(use_regex=False)``). The pre-tokenizer is identified from tokenizer.json's own regex.
+* SentencePiece-style BPE with byte fallback (Llama 2, Mistral, Phi-3, Gemma: ``"▁"`` for spaces and
+  ``<0xXX>`` byte tokens) -> llama.cpp's ``"llama"`` (SPM) tokenizer. llama.cpp merges by token score,
+  so each token's score is minus the rank of the first merge that creates it (the merge order).
+
+A bare SentencePiece ``tokenizer.model`` (no tokenizer.json) and Unigram models are not supported yet.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gguf
+
+from ..errors import ConversionError, ModelError
+
+log = logging.getLogger(__name__)
+
+# tokenizer.json pre-tokenizer regexes (as written by HF) -> llama.cpp's ``tokenizer.ggml.pre`` name.
+# The names are the strings llama.cpp's llama-vocab.cpp matches to pick its own copy of the regex.
+GPT2_PRE = "gpt-2"
+_SPLIT_REGEX_PRE = {
+    # Llama 3 / 3.x
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "llama-bpe",
+    # Qwen2 / Qwen2.5
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "qwen2",
+}
+
+SPECIAL_KINDS = ("bos", "eos", "pad", "unk")
+
+
+@dataclass
+class Vocab:
+    model: str  # "gpt2" (byte-level BPE) or "llama" (SentencePiece-style)
+    pre: str | None  # llama.cpp pre-tokenizer name (byte-level BPE only)
+    tokens: list[str]
+    types: list[int]
+    merges: list[str]
+    special_ids: dict[str, int] = field(default_factory=dict)  # bos/eos/pad/unk -> id
+    add_bos: bool = False
+    add_eos: bool = False
+    chat_template: str | list[dict[str, str]] | None = None
+    scores: list[float] | None = None  # SentencePiece-style: merge priority per token
+    add_space_prefix: bool | None = None  # SentencePiece-style: prepend "▁" to the text
+
+    def write(self, writer: gguf.GGUFWriter) -> None:
+        writer.add_tokenizer_model(self.model)
+        if self.pre is not None:
+            writer.add_tokenizer_pre(self.pre)
+        writer.add_token_list(self.tokens)
+        if self.scores is not None:
+            writer.add_token_scores(self.scores)
+        writer.add_token_types(self.types)
+        if self.merges:
+            writer.add_token_merges(self.merges)
+        if self.add_space_prefix is not None:
+            writer.add_add_space_prefix(self.add_space_prefix)
+        adders = {
+            "bos": writer.add_bos_token_id,
+            "eos": writer.add_eos_token_id,
+            "pad": writer.add_pad_token_id,
+            "unk": writer.add_unk_token_id,
+        }
+        for kind, tid in self.special_ids.items():
+            adders[kind](tid)
+        writer.add_add_bos_token(self.add_bos)
+        writer.add_add_eos_token(self.add_eos)
+        if self.chat_template:
+            writer.add_chat_template(self.chat_template)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot read {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise ModelError(f"{path} is not a JSON object")
+    return data
+
+
+def detect_pre_tokenizer(tok_json: dict[str, Any], where: str) -> str:
+    """llama.cpp's pre-tokenizer name for a byte-level BPE tokenizer.json, or a ConversionError."""
+    pre = tok_json.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    types = [s.get("type") for s in steps]
+    if types == ["ByteLevel"]:
+        if steps[0].get("add_prefix_space"):
+            raise ConversionError(f"{where}: ByteLevel(add_prefix_space=True) is not supported by llama.cpp")
+        if steps[0].get("use_regex", True):
+            return GPT2_PRE
+    if types == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
+        pattern = (steps[0].get("pattern") or {}).get("Regex")
+        if pattern in _SPLIT_REGEX_PRE:
+            return _SPLIT_REGEX_PRE[pattern]
+    hint = ""
+    pattern = next((((s.get("pattern") or {}).get("Regex")) for s in steps if s.get("type") == "Split"), None)
+    if isinstance(pattern, str):
+        closest = max(_SPLIT_REGEX_PRE, key=lambda p: difflib.SequenceMatcher(None, p, pattern).ratio())
+        hint = f"; its split regex is closest to llama.cpp's {_SPLIT_REGEX_PRE[closest]!r}"
+    raise ConversionError(
+        f"{where}: pre-tokenizer not supported by llama.cpp: {json.dumps(pre)[:300]}; known: GPT-2 "
+        f"ByteLevel, Llama-3 and Qwen2 Split+ByteLevel{hint}"
+    )
+
+
+def _token_text(value: Any) -> str | None:
+    """A special-token entry of tokenizer_config/special_tokens_map: a string, an AddedToken dict or null."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _is_byte_level(tok_json: dict[str, Any]) -> bool:
+    def has_bytelevel(node: Any) -> bool:
+        if not isinstance(node, dict):
+            return False
+        if node.get("type") == "ByteLevel":
+            return True
+        return any(has_bytelevel(n) for n in node.get("pretokenizers", []) + node.get("decoders", []))
+
+    return has_bytelevel(tok_json.get("pre_tokenizer")) and has_bytelevel(tok_json.get("decoder"))
+
+
+def _template_adds(tok_json: dict[str, Any], token: str | None) -> bool:
+    """Whether the post-processor's single-sequence template inserts ``token``."""
+    if token is None:
+        return False
+    post = tok_json.get("post_processor") or {}
+    posts = post.get("processors", []) if post.get("type") == "Sequence" else [post]
+    for p in posts:
+        if p.get("type") == "TemplateProcessing":
+            for piece in p.get("single", []):
+                if (piece.get("SpecialToken") or {}).get("id") == token:
+                    return True
+    return False
+
+
+def load_chat_template(model_dir: Path, tok_config: dict[str, Any]) -> str | list[dict[str, str]] | None:
+    jinja = model_dir / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    tmpl = tok_config.get("chat_template")
+    if tmpl:
+        return tmpl
+    cj = model_dir / "chat_template.json"
+    if cj.is_file():
+        return _read_json(cj).get("chat_template")
+    return None
+
+
+SPM_SPACE = "\u2581"  # "▁", SentencePiece's visible space
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")
+
+
+def _steps(node: Any) -> list[dict[str, Any]]:
+    """The steps of a normalizer / pre-tokenizer / decoder node (a Sequence or a single step)."""
+    if not isinstance(node, dict):
+        return []
+    if node.get("type") == "Sequence":
+        inner = node.get("normalizers") or node.get("pretokenizers") or node.get("decoders") or []
+        return [n for n in inner if isinstance(n, dict)]
+    return [node]
+
+
+def _is_spm_bpe(tok_json: dict[str, Any]) -> bool:
+    """SentencePiece-style BPE: byte fallback, no byte-level pre-tokenizer or decoder."""
+    model = tok_json.get("model") or {}
+    return model.get("type") == "BPE" and bool(model.get("byte_fallback")) and not _is_byte_level(tok_json)
+
+
+def spm_space_prefix(tok_json: dict[str, Any], where: str) -> bool:
+    """Whether a SentencePiece-style tokenizer.json prepends "▁" to the text (llama.cpp add_space_prefix).
+
+    Accepted shapes: the legacy normalizer ``Sequence[Prepend("▁"), Replace(" ", "▁")]`` (Llama 2, Phi-3),
+    ``Replace(" ", "▁")`` alone (Gemma, no prefix), or a ``Metaspace("▁")`` pre-tokenizer.
+    """
+    norm = _steps(tok_json.get("normalizer"))
+    pre = _steps(tok_json.get("pre_tokenizer"))
+    prefix = False
+    replaces_space = False
+    for step in norm:
+        kind = step.get("type")
+        if kind == "Prepend" and step.get("prepend") == SPM_SPACE:
+            prefix = True
+        elif (
+            kind == "Replace"
+            and (step.get("pattern") or {}).get("String") == " "
+            and step.get("content") == SPM_SPACE
+        ):
+            replaces_space = True
+        else:
+            raise ConversionError(
+                f"{where}: normalizer step {json.dumps(step)[:200]} has no llama.cpp equivalent "
+                "(supported: Prepend('▁'), Replace(' ', '▁'))"
+            )
+    for step in pre:
+        if step.get("type") != "Metaspace" or step.get("replacement", SPM_SPACE) != SPM_SPACE:
+            raise ConversionError(
+                f"{where}: pre-tokenizer {json.dumps(step)[:200]} is not supported for a SentencePiece-style "
+                "tokenizer (supported: none, or Metaspace('▁'))"
+            )
+        replaces_space = True
+        scheme = step.get("prepend_scheme")
+        if scheme is None:  # tokenizers < 0.14
+            scheme = "always" if step.get("add_prefix_space", True) else "never"
+        if scheme == "first":
+            log.warning(
+                "%s: Metaspace(prepend_scheme='first') adds '▁' only at the start of the input; llama.cpp "
+                "also adds it after special tokens, so ids can differ right after them",
+                where,
+            )
+        prefix = prefix or scheme in ("always", "first")
+    if not replaces_space:
+        raise ConversionError(
+            f"{where}: a byte-fallback BPE tokenizer without Replace(' ', '▁') or Metaspace is not supported"
+        )
+    return prefix
+
+
+def _spm_scores(vocab: dict[str, int], merges: list[Any], n_vocab: int) -> list[float]:
+    """llama.cpp's SPM tokenizer merges the adjacent pair whose concatenation has the highest score:
+    score = -(rank of the first merge producing the token). Tokens no merge produces (characters, bytes,
+    added tokens) rank below every merge: HF never forms them by merging, so llama.cpp should do it last."""
+    scores = [-float(len(merges) + 1)] * n_vocab
+    done: set[int] = set()
+    for rank, merge in enumerate(merges):
+        # a "left right" string (tokenizers < 0.20) or a [left, right] pair
+        pair = merge.split(" ", 1) if isinstance(merge, str) else merge
+        tid = vocab.get("".join(pair))
+        if tid is not None and tid not in done and tid < n_vocab:
+            scores[tid] = -float(rank + 1)
+            done.add(tid)
+    return scores
+
+
+def load_vocab(model_dir: Path, config: dict[str, Any], n_vocab: int) -> Vocab:
+    """The folder's tokenizer as a :class:`Vocab` of exactly ``n_vocab`` tokens (the embedding rows)."""
+    tj_path = model_dir / "tokenizer.json"
+    if not tj_path.is_file():
+        if (model_dir / "tokenizer.model").is_file():
+            raise ConversionError(
+                f"{model_dir / 'tokenizer.model'}: a SentencePiece tokenizer.model without tokenizer.json is "
+                "not supported yet; save the tokenizer with transformers (tokenizer.save_pretrained) to get "
+                "a tokenizer.json"
+            )
+        raise ModelError(f"no tokenizer in {model_dir}: tokenizer.json is missing")
+    tok_json = _read_json(tj_path)
+    model = tok_json.get("model") or {}
+    spm = _is_spm_bpe(tok_json)
+    if model.get("type") != "BPE" or not (spm or _is_byte_level(tok_json)):
+        raise ConversionError(
+            f"{tj_path}: unsupported tokenizer (model type {model.get('type')!r}); supported: byte-level BPE "
+            "and SentencePiece-style BPE with byte fallback"
+        )
+    pre = None if spm else detect_pre_tokenizer(tok_json, str(tj_path))
+    add_space_prefix = spm_space_prefix(tok_json, str(tj_path)) if spm else None
+
+    vocab: dict[str, int] = dict(model.get("vocab") or {})
+    added = tok_json.get("added_tokens") or []
+    normal = int(gguf.TokenType.NORMAL)
+    by_id: dict[int, tuple[str, int]] = {}
+    for t, i in vocab.items():
+        kind = int(gguf.TokenType.BYTE) if spm and _BYTE_TOKEN.fullmatch(t) else normal
+        by_id[i] = (t, kind)
+    for a in added:
+        kind = gguf.TokenType.CONTROL if a.get("special") else gguf.TokenType.USER_DEFINED
+        by_id[int(a["id"])] = (a["content"], int(kind))
+    if spm and model.get("unk_token") in vocab:
+        by_id[vocab[model["unk_token"]]] = (model["unk_token"], int(gguf.TokenType.UNKNOWN))
+    if not by_id:
+        raise ModelError(f"{tj_path} has an empty vocabulary")
+    if max(by_id) >= n_vocab:
+        raise ConversionError(
+            f"{tj_path} has token id {max(by_id)} but the model's embedding has only {n_vocab} rows"
+        )
+    if spm:
+        missing = [f"<0x{b:02X}>" for b in range(256) if f"<0x{b:02X}>" not in vocab]
+        if missing:
+            raise ConversionError(
+                f"{tj_path}: byte_fallback is on but {len(missing)} byte tokens are missing from the "
+                f"vocabulary (e.g. {missing[0]})"
+            )
+    tokens: list[str] = []
+    types: list[int] = []
+    for i in range(n_vocab):
+        text, kind = by_id.get(i, (f"[PAD{i}]", int(gguf.TokenType.UNUSED)))
+        tokens.append(text)
+        types.append(kind)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    scores = _spm_scores(vocab, model.get("merges") or [], n_vocab) if spm else None
+
+    # Special tokens: tokenizer_config.json, then special_tokens_map.json, then config.json ids.
+    tc_path, stm_path = model_dir / "tokenizer_config.json", model_dir / "special_tokens_map.json"
+    tok_config = _read_json(tc_path) if tc_path.is_file() else {}
+    stm = _read_json(stm_path) if stm_path.is_file() else {}
+    if spm and add_space_prefix and tok_config.get("legacy") is False:
+        # transformers' LlamaTokenizer(legacy=False) then adds "▁" only at the very start of the input;
+        # llama.cpp adds it after every special token too.
+        log.warning(
+            "%s: legacy=false: transformers prefixes '▁' only at the start of the input, llama.cpp also "
+            "after special tokens; ids can differ right after them (e.g. in chat templates)",
+            tc_path,
+        )
+    text_to_id = {t: i for i, (t, _) in sorted(by_id.items(), reverse=True)}
+    special_ids: dict[str, int] = {}
+    special_text: dict[str, str | None] = {}
+    for kind in SPECIAL_KINDS:
+        key = f"{kind}_token"
+        if key in tok_config or key in stm:
+            text = _token_text(tok_config[key] if key in tok_config else stm[key])
+            special_text[kind] = text
+            if text is None:
+                continue
+            if text not in text_to_id:
+                raise ConversionError(
+                    f"{tc_path if key in tok_config else stm_path}: {key} {text!r} is not in the vocabulary"
+                )
+            special_ids[kind] = text_to_id[text]
+        else:
+            cid = config.get(f"{kind}_token_id")
+            if isinstance(cid, list):
+                cid = cid[0] if cid else None
+            if isinstance(cid, int) and 0 <= cid < n_vocab:
+                special_ids[kind] = cid
+                special_text[kind] = tokens[cid]
+
+    add_bos = tok_config.get("add_bos_token")
+    if add_bos is None:
+        add_bos = _template_adds(tok_json, special_text.get("bos"))
+    add_eos = tok_config.get("add_eos_token")
+    if add_eos is None:
+        add_eos = _template_adds(tok_json, special_text.get("eos"))
+
+    if add_bos and "bos" not in special_ids:
+        log.warning("%s asks to add a BOS token but names none; llama.cpp will not add one", tc_path)
+        add_bos = False
+    return Vocab(
+        model="llama" if spm else "gpt2",
+        pre=pre,
+        tokens=tokens,
+        types=types,
+        merges=[] if spm else merges,
+        special_ids=special_ids,
+        add_bos=bool(add_bos),
+        add_eos=bool(add_eos),
+        chat_template=load_chat_template(model_dir, tok_config),
+        scores=scores,
+        add_space_prefix=add_space_prefix,
+    )
