@@ -20,6 +20,7 @@ from gguf_factory.doctor.template import check_template
 from gguf_factory.doctor.validate import CATALOG, check_metadata, check_structure
 
 sys.path.insert(0, str(Path(__file__).parent))
+from cli_helpers import run_cli
 from corrupt_corpus import CASES, make_corpus  # noqa: E402
 
 CASE_IDS = [c.name for c in CASES]
@@ -28,12 +29,6 @@ CASE_IDS = [c.name for c in CASES]
 @pytest.fixture(scope="module")
 def corpus(tiny_f16_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return make_corpus(tiny_f16_gguf, tmp_path_factory.mktemp("corpus"))
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gguf_factory.cli", *args], capture_output=True, text=True, check=False
-    )
 
 
 def test_corpus_covers_enough_kinds() -> None:

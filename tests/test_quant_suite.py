@@ -9,14 +9,13 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
 
+from cli_helpers import run_cli
 from gguf_factory.errors import DataError, InputError
 from gguf_factory.evaluate import evaluate, evaluate_many, write_report
 from gguf_factory.ladder import Rung, ladder, monotonicity_problems
@@ -496,16 +495,6 @@ def test_monotonicity_flags() -> None:
 
 
 # --------------------------------------------------------------------------------------------- CLI
-
-
-def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gguf_factory.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        check=False,
-    )
 
 
 def test_cli_quantize_eval(

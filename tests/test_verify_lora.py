@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +20,7 @@ import gguf
 import numpy as np
 import pytest
 
+from cli_helpers import assert_one_line_error, run_cli
 from gguf_factory.convert import convert
 from gguf_factory.convert.lora import convert_lora
 from gguf_factory.errors import ConversionError, InputError, ModelError
@@ -30,23 +30,6 @@ from test_convert_archs import BUILDERS
 
 N_NEW = 12
 PROMPTS = ["The quick brown fox", "Hello there! How are you today?", "I don't know, maybe 42"]
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gguf_factory.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-
-
-def assert_one_line_error(proc: subprocess.CompletedProcess[str], *needles: str) -> None:
-    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
 
 
 def nothing_written(out: Path) -> bool:
