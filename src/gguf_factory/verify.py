@@ -42,13 +42,20 @@ class GreedyParity:
 def _llama(gguf_path: str | Path, **kwargs: Any) -> Any:
     from llama_cpp import Llama
 
-    return Llama(model_path=str(require_file(gguf_path, "GGUF file")), verbose=False, **kwargs)
+    from .runtime import _quiet_stderr
+
+    path = str(require_file(gguf_path, "GGUF file"))
+    with _quiet_stderr():  # llama.cpp logs some context notes to fd 2 even with verbose=False
+        return Llama(model_path=path, verbose=False, **kwargs)
 
 
 def _hf_tokenizer(hf_dir: str | Path) -> Any:
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(require_dir(hf_dir, "model folder")))
+    tok = AutoTokenizer.from_pretrained(str(require_dir(hf_dir, "model folder")))
+    # parity is about ids, not the model's context: no "sequence longer than the model" warnings
+    tok.model_max_length = 1 << 62
+    return tok
 
 
 def check_tokenizer_parity(
@@ -151,12 +158,8 @@ def check_greedy_parity(
     A prompt is a string (tokenised with the tokenizer's own special-token rules) or a list of chat
     messages (rendered with the chat template and the generation prompt). Decoding stops at EOS.
     """
-    import torch
-    from transformers import AutoModelForCausalLM
-
     tok = _hf_tokenizer(hf_dir)
-    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
-    model.eval()
+    model = _hf_model(hf_dir)
     eos = _eos_ids(model, tok)
     all_ids = [_prompt_ids(tok, p) for p in prompts]
     n_ctx = max((len(i) for i in all_ids), default=1) + max_new_tokens + 8
@@ -203,9 +206,12 @@ def _hf_model(hf_dir: str | Path) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
-        str(require_dir(hf_dir, "model folder")), dtype=torch.float32, attn_implementation="eager"
-    )
+    from .train.loop import quiet_hf_progress
+
+    with quiet_hf_progress():
+        model = AutoModelForCausalLM.from_pretrained(
+            str(require_dir(hf_dir, "model folder")), dtype=torch.float32, attn_implementation="eager"
+        )
     model.eval()
     return model
 
