@@ -1,0 +1,562 @@
+"""The ``gguf-factory`` command: a thin typer layer over the Python API. Only parses, calls, prints."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+
+from .errors import FactoryError
+
+app = typer.Typer(
+    name="gguf-factory",
+    help="Chat data and Hugging Face causal LMs in; small, fast, verified GGUF models out.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+Out = Annotated[Path, typer.Option("--output", "-o", help="Output path (its folder must exist).")]
+Threads = Annotated[int | None, typer.Option(help="CPU threads (default: all cores).")]
+
+
+@app.callback()
+def _root(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=err_console, show_path=False, show_time=False)],
+        force=True,
+    )
+    # gguf-py's writer narrates every file it writes at INFO; ours says what matters
+    logging.getLogger("gguf").setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
+@app.command()
+def prepare(
+    sources: Annotated[
+        list[Path] | None,
+        typer.Argument(
+            help="Chat files: .jsonl (messages), .csv/.tsv (question,answer), .yml (chatterbot). "
+            "None: the bundled chatterbot-corpus."
+        ),
+    ] = None,
+    output: Out = Path("data"),
+    val: Annotated[float, typer.Option(help="Validation fraction.")] = 0.1,
+    test: Annotated[float, typer.Option(help="Test fraction.")] = 0.1,
+    seed: Annotated[int, typer.Option(help="Split seed.")] = 1234,
+    skip_invalid: Annotated[
+        bool, typer.Option(help="Skip and count malformed rows instead of failing.")
+    ] = False,
+    language: Annotated[str, typer.Option(help="chatterbot-corpus language (bundled data).")] = "english",
+    category: Annotated[
+        list[str] | None, typer.Option(help="chatterbot-corpus categories (repeatable).")
+    ] = None,
+) -> None:
+    """Read chat data, normalise, drop duplicates, split train/val/test, print stats."""
+    from .data import prepare as do_prepare
+    from .data import render_stats_table
+
+    result = do_prepare(
+        sources or None,
+        output,
+        val_fraction=val,
+        test_fraction=test,
+        seed=seed,
+        skip_invalid=skip_invalid,
+        language=language,
+        categories=category or None,
+    )
+    console.print(render_stats_table(result.stats))
+    console.print(f"wrote {result.train_path}, {result.val_path}, {result.test_path}")
+
+
+@app.command()
+def train(
+    data: Annotated[Path, typer.Argument(help="Folder written by `prepare`.")],
+    output: Out = Path("model"),
+    preset: Annotated[
+        str, typer.Option(help="Model size when training from scratch: nano | small.")
+    ] = "nano",
+    base: Annotated[Path | None, typer.Option(help="Fine-tune this local HF model folder instead.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Maximum epochs.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
+    max_seq_len: Annotated[int | None, typer.Option(help="Truncate examples to this many tokens.")] = None,
+    patience: Annotated[int, typer.Option(help="Early stopping: epochs without val improvement.")] = 5,
+    monitor: Annotated[
+        str, typer.Option(help="Best epoch by validation top-1 'accuracy' or validation 'loss'.")
+    ] = "accuracy",
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 1234,
+    threads: Threads = None,
+) -> None:
+    """Train a small Llama chat model from scratch, or fine-tune a local HF causal LM."""
+    from .train import train as do_train
+
+    r = do_train(
+        data,
+        output,
+        preset=preset,
+        base=base,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        max_seq_len=max_seq_len,
+        patience=patience,
+        monitor=monitor,
+        seed=seed,
+        threads=threads,
+    )
+    console.print(
+        f"saved {r.model_dir}: {r.n_params / 1e6:.2f} M params, {r.epochs_run} epochs, kept epoch "
+        f"{r.best_epoch} (val loss {r.best_val_loss:.3f}, val accuracy {r.best_val_accuracy:.1%}), "
+        f"{r.seconds:.0f} s"
+    )
+
+
+@app.command()
+def convert(
+    hf_dir: Annotated[Path, typer.Argument(help="Hugging Face model folder (config.json + safetensors).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output .gguf (its folder must exist).")],
+    outtype: Annotated[str, typer.Option(help="f32 | f16 | bf16 | q8_0")] = "f16",
+    name: Annotated[str | None, typer.Option(help="general.name (default: the folder name).")] = None,
+    verify: Annotated[
+        bool, typer.Option("--verify", help="Run `verify` on the written file (exit 1 if it fails).")
+    ] = False,
+    verify_data: Annotated[
+        Path | None, typer.Option(help="Held-out data for --verify: a `prepare` folder or its test.jsonl.")
+    ] = None,
+) -> None:
+    """Convert a Hugging Face checkpoint to GGUF."""
+    from .convert import convert as do_convert
+
+    r = do_convert(hf_dir, output, outtype=outtype, name=name)
+    console.print(
+        f"wrote {r.path} ({r.outtype}, {r.n_tensors} tensors, {r.size_bytes / 1e6:.1f} MB, {r.seconds:.1f} s)"
+    )
+    if verify:
+        from .verify import render_verify
+        from .verify import verify as do_verify
+
+        report = do_verify(r.path, hf_dir, data=verify_data)
+        console.print(render_verify(report))
+        if not report.ok:
+            err_console.print(f"verify failed; the file is kept at {r.path}", highlight=False)
+        sys.exit(report.exit_code)
+
+
+@app.command()
+def quantize(
+    input: Annotated[Path, typer.Argument(help="Input GGUF (F32/F16/BF16).")],
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Output .gguf (default: <input>-<TYPE>.gguf beside the input)."),
+    ] = None,
+    type: Annotated[
+        str | None,
+        typer.Option(
+            "--type",
+            "-t",
+            help="Q2_K | Q3_K_S/M/L | Q4_0 | Q4_1 | Q4_K_S/M | Q5_0 | Q5_1 | Q5_K_S/M | Q6_K | Q8_0 | "
+            "F16 | BF16, IQ* with --imatrix (default: the profile's, else Q4_K_M).",
+        ),
+    ] = None,
+    profile: Annotated[
+        str | None,
+        typer.Option(
+            help="production (Q4_K_M, ctx 2048) | mobile (Q2_K, 1024) | quality (Q5_K_M, 4096) | "
+            "development (Q8_0, 8192); the context is stored in the GGUF and used when loading."
+        ),
+    ] = None,
+    ctx: Annotated[
+        int | None, typer.Option("--ctx", help="Recommended context to store (overrides the profile's).")
+    ] = None,
+    output_type: Annotated[str | None, typer.Option(help="Tensor type of output.weight, e.g. Q8_0.")] = None,
+    embedding_type: Annotated[
+        str | None, typer.Option(help="Tensor type of token_embd.weight, e.g. Q4_K.")
+    ] = None,
+    leave_output: Annotated[
+        bool, typer.Option("--leave-output", help="Leave output.weight unquantized.")
+    ] = False,
+    pure: Annotated[bool, typer.Option("--pure", help="One type for all tensors: no mixture.")] = False,
+    tensor_type: Annotated[
+        list[str] | None,
+        typer.Option("--tensor-type", help="REGEX=TYPE, e.g. 'attn_.*=Q6_K' (repeatable; first match wins)."),
+    ] = None,
+    recipe: Annotated[
+        str | None, typer.Option(help="Named recipe (attn-hi | edges-hi | ffn-down-hi) or a YAML file.")
+    ] = None,
+    imatrix: Annotated[Path | None, typer.Option(help="Importance matrix (GGUF or legacy .dat).")] = None,
+    allow_requantize: Annotated[
+        bool, typer.Option("--allow-requantize", help="Accept an already-quantized input.")
+    ] = False,
+    threads: Threads = None,
+) -> None:
+    """Quantize a GGUF with llama.cpp's quantizer: any type, profiles, hybrid recipes."""
+    from .quantize import quantize as do_quantize
+
+    r = do_quantize(
+        input,
+        output,
+        type,
+        threads=threads,
+        allow_requantize=allow_requantize,
+        output_type=output_type,
+        embedding_type=embedding_type,
+        leave_output=leave_output,
+        pure=pure,
+        profile=profile,
+        context_length=ctx,
+        tensor_types=tensor_type or (),
+        recipe=recipe,
+        imatrix=imatrix,
+    )
+    facts = (("profile", r.profile), ("ctx", r.context_length), ("recipe", r.recipe))
+    extra = "".join(f", {k} {v}" for k, v in facts if v)
+    console.print(
+        f"wrote {r.path} ({r.qtype}{extra}, {r.size_bytes / 1e6:.1f} MB, "
+        f"{r.reduction:.0%} smaller, {r.seconds:.1f} s)",
+        soft_wrap=True,
+    )
+
+
+@app.command()
+def chat(
+    model: Annotated[Path, typer.Argument(help="GGUF model file.")],
+    system: Annotated[str | None, typer.Option(help="System message.")] = None,
+    max_tokens: Annotated[int, typer.Option(help="Reply length limit.")] = 128,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
+    ctx: Annotated[
+        int | None,
+        typer.Option(help="Context length (default: the GGUF's recommended one, else trained one ≤ 2048)."),
+    ] = None,
+    threads: Threads = None,
+) -> None:
+    """Chat in the terminal, streaming replies (the GGUF's own chat template)."""
+    from .chat import chat_loop
+    from .runtime import load
+
+    with load(model, n_ctx=ctx, n_threads=threads) as m:
+        chat_loop(m, system=system, max_tokens=max_tokens, temperature=temperature, console=console)
+
+
+@app.command()
+def generate(
+    model: Annotated[Path, typer.Argument(help="GGUF model file.")],
+    prompt: Annotated[str, typer.Argument(help="The user message (or plain text with --raw).")],
+    raw: Annotated[bool, typer.Option(help="Continue the text as is, without the chat template.")] = False,
+    max_tokens: Annotated[int, typer.Option(help="Length limit.")] = 128,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
+    threads: Threads = None,
+) -> None:
+    """Answer one prompt (streamed to stdout)."""
+    from .runtime import load
+
+    with load(model, n_threads=threads) as m:
+        if raw:
+            pieces = m.generate(prompt, stream=True, max_tokens=max_tokens, temperature=temperature)
+        else:
+            pieces = m.chat(
+                [{"role": "user", "content": prompt}],
+                stream=True,
+                max_tokens=max_tokens,
+                temperature=temperature,
+            )
+        for piece in pieces:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+
+
+@app.command()
+def demo(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output folder.")] = Path("gguf-factory-out"),
+    preset: Annotated[str, typer.Option(help="Model preset.")] = "nano",
+    runs: Annotated[int, typer.Option(help="Benchmark runs per model (medians).")] = 3,
+    epochs: Annotated[
+        int | None, typer.Option(help="Maximum training epochs (default: the preset's).")
+    ] = None,
+    threads: Threads = None,
+) -> None:
+    """The whole path on the bundled corpus: prepare, train, convert, quantize, chat, measure."""
+    from .bench import render_table
+    from .demo import run_demo
+
+    r = run_demo(output, preset=preset, runs=runs, epochs=epochs, threads=threads)
+    console.print(
+        render_table(r.rows, title=f"{r.model_dir.name}: GGUF models in llama.cpp (medians of {runs} runs)")
+    )
+    status = "identical ids" if r.tokenizer_parity_ok else "MISMATCHES"
+    console.print(f"tokenizer parity HF vs llama.cpp on {r.tokenizer_texts} held-out texts: {status}")
+    smallest = r.rows[-1]
+    console.print(f"\n[bold]{smallest.name}[/] answers held-out prompts:")
+    for a in smallest.answers:
+        console.print(f"  [cyan]you>[/] {a['prompt']}\n  [green]bot>[/] {a['reply']}")
+    if r.reused:
+        console.print(f"[dim]reused finished steps: {', '.join(r.reused)}[/]")
+    console.print(f"done in {r.seconds:.0f} s; report: {r.out_dir / 'demo-report.md'}")
+
+
+@app.command("eval")
+def eval_(
+    models: Annotated[list[Path], typer.Argument(help="GGUF model file(s) to evaluate.")],
+    data: Annotated[
+        Path, typer.Option(help="Test conversations (.jsonl with messages) or a `prepare` folder.")
+    ],
+    ref: Annotated[
+        Path | None, typer.Option(help="Reference GGUF (e.g. the F16) for KL divergence and top-1.")
+    ] = None,
+    report: Annotated[
+        Path | None, typer.Option("--report", "-o", help="Write REPORT.md and REPORT.json.")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="Evaluate only the first N conversations.")] = None,
+    ctx: Annotated[int | None, typer.Option("--ctx", help="Context cap (default: trained, ≤ 4096).")] = None,
+    replies: Annotated[
+        int, typer.Option(help="Also answer N held-out prompts greedily and compare the replies.")
+    ] = 0,
+    threads: Threads = None,
+) -> None:
+    """Perplexity on assistant turns, KL divergence and top-1 agreement vs a reference (llama.cpp logits)."""
+    from rich.table import Table
+
+    from .evaluate import evaluate_many, write_report
+
+    r = evaluate_many(models, data, ref=ref, limit=limit, n_ctx=ctx, threads=threads, replies=replies)
+    table = Table(title=f"{r.n_conversations} conversations, {r.n_tokens} assistant tokens")
+    cols = ["model", "PPL", "ΔPPL %", "mean KLD", "p99 KLD", "top-1 %"]
+    if r.n_replies:
+        cols += ["reply sim %", "answer sim %"]
+    for col in cols:
+        table.add_column(col, justify="left" if col == "model" else "right")
+
+    def fmt(v: float | None, scale: float, spec: str) -> str:
+        return "–" if v is None else format(v * scale, spec)
+
+    for m in ([r.reference] if r.reference else []) + r.models:
+        table.add_row(
+            m.name,
+            f"{m.perplexity:.4f}",
+            fmt(m.delta_ppl, 100, "+.2f"),
+            fmt(m.kld_mean, 1, ".4g"),
+            fmt(m.kld_p99, 1, ".4g"),
+            fmt(m.top1, 100, ".2f"),
+            *(
+                (fmt(m.reply_similarity, 100, ".1f"), fmt(m.answer_similarity, 100, ".1f"))
+                if r.n_replies
+                else ()
+            ),
+        )
+    console.print(table)
+    if report is not None:
+        md, js = write_report(r, report)
+        console.print(f"wrote {md} and {js}")
+
+
+@app.command()
+def ladder(
+    input: Annotated[Path, typer.Argument(help="F16/F32/BF16 GGUF to build the ladder from.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output folder (its parent must exist).")],
+    data: Annotated[
+        Path | None, typer.Option(help="Test conversations (.jsonl) or a `prepare` folder, for quality.")
+    ] = None,
+    types: Annotated[
+        str, typer.Option(help="Comma-separated types.")
+    ] = "Q2_K,Q3_K_M,Q4_K_M,Q5_K_M,Q6_K,Q8_0",
+    limit: Annotated[int | None, typer.Option(help="Evaluate only the first N conversations.")] = None,
+    imatrix: Annotated[Path | None, typer.Option(help="Importance matrix used for every rung.")] = None,
+    reuse: Annotated[
+        bool, typer.Option(help="Keep rungs already in the folder (newer than the input) unrebuilt.")
+    ] = False,
+    replies: Annotated[
+        int, typer.Option(help="Also answer N held-out prompts greedily and compare the replies.")
+    ] = 0,
+    threads: Threads = None,
+) -> None:
+    """Build Q2_K … Q8_0 in one go, evaluate each against the input, write the compression table + plot."""
+    from .ladder import ladder as do_ladder
+
+    r = do_ladder(
+        input,
+        output,
+        data=data,
+        types=[t for t in types.split(",") if t.strip()],
+        threads=threads,
+        limit=limit,
+        imatrix=imatrix,
+        reuse=reuse,
+        replies=replies,
+    )
+    assert r.markdown_path is not None
+    console.print(r.markdown_path.read_text(encoding="utf-8"), markup=False, highlight=False, soft_wrap=True)
+    for line in r.non_monotone:
+        err_console.print(f"[yellow]warning:[/] non-monotone: {line}", highlight=False)
+    console.print(f"wrote {r.markdown_path}, {r.json_path}" + (f", {r.plot_path}" if r.plot_path else ""))
+
+
+@app.command("inspect")
+def inspect_(
+    model: Annotated[Path, typer.Argument(help="GGUF file.")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+    ctx: Annotated[
+        int | None, typer.Option(help="Context length for the RAM estimate (default: a few usual sizes).")
+    ] = None,
+) -> None:
+    """Show a GGUF's metadata, hyperparameters, tensors, size by group, tokenizer, template and RAM needs."""
+    import json
+
+    from .doctor.inspect import inspect_gguf, render_inspect
+    from .files import require_file
+
+    r = inspect_gguf(require_file(model, "GGUF file"), ctx=ctx)
+    if json_out:
+        sys.stdout.write(json.dumps(r.to_dict(), indent=2, ensure_ascii=False, default=str) + "\n")
+    else:
+        render_inspect(r, console)
+
+
+@app.command()
+def validate(
+    model: Annotated[Path, typer.Argument(help="GGUF file.")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    smoke: Annotated[bool, typer.Option(help="Load in llama.cpp and generate a few tokens.")] = True,
+    data: Annotated[bool, typer.Option(help="Read tensor data (NaN/Inf/all-zero checks).")] = True,
+) -> None:
+    """Check a GGUF: structure, metadata, data, chat template, llama.cpp smoke test.
+
+    Exit code 0: clean; 1: findings; 2: unusable file.
+    """
+    import json
+
+    from .doctor.validate import render_validation
+    from .doctor.validate import validate as do_validate
+    from .files import require_file
+
+    r = do_validate(require_file(model, "GGUF file"), smoke=smoke, data=data)
+    if json_out:
+        sys.stdout.write(json.dumps(r.to_dict(), indent=2, ensure_ascii=False) + "\n")
+    else:
+        render_validation(r, console)
+    sys.exit(r.exit_code)
+
+
+@app.command()
+def repair(
+    model: Annotated[Path, typer.Argument(help="GGUF file to repair (never modified).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Repaired .gguf (its folder must exist).")],
+    chat_template: Annotated[
+        Path | None, typer.Option(help="A Jinja chat template file to put in place of a broken one.")
+    ] = None,
+    smoke: Annotated[bool, typer.Option(help="Smoke-test the repaired file in llama.cpp.")] = True,
+    source: Annotated[
+        Path | None, typer.Option(help="A good GGUF of the same model to rebuild damaged tensors from.")
+    ] = None,
+) -> None:
+    """Fix what the file alone allows (metadata, token ids, file_type, alignment, template) or refuse."""
+    from .doctor.repair import repair as do_repair
+    from .doctor.validate import render_validation
+    from .files import require_file
+
+    template = None
+    if chat_template is not None:
+        template = require_file(chat_template, "chat template").read_text(encoding="utf-8")
+    r = do_repair(model, output, chat_template=template, smoke=smoke, source=source)
+    for action in r.actions:
+        console.print(f"  fixed: {action}", highlight=False)
+    if not r.actions:
+        console.print("nothing to repair")
+    render_validation(r.after, console)
+    sys.exit(r.after.exit_code)
+
+
+@app.command("verify")
+def verify_(
+    model: Annotated[Path, typer.Argument(help="GGUF model file.")],
+    against: Annotated[Path, typer.Option("--against", help="The Hugging Face model folder it came from.")],
+    data: Annotated[
+        Path | None, typer.Option(help="Held-out data: a `prepare` folder or its test.jsonl.")
+    ] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    max_new_tokens: Annotated[int, typer.Option(help="Greedy tokens generated per prompt.")] = 16,
+    threads: Threads = None,
+) -> None:
+    """Parity of a GGUF (llama.cpp) with its HF model (transformers): tokenizer, greedy, logits.
+
+    Exit code 0: pass; 1: a check failed; 2: unusable input.
+    """
+    import json
+
+    from .verify import render_verify
+    from .verify import verify as do_verify
+
+    r = do_verify(model, against, data=data, max_new_tokens=max_new_tokens, n_threads=threads)
+    if json_out:
+        sys.stdout.write(json.dumps(r.to_dict(), indent=2, ensure_ascii=False) + "\n")
+    else:
+        console.print(render_verify(r))
+    sys.exit(r.exit_code)
+
+
+@app.command("convert-lora")
+def convert_lora_(
+    adapter_dir: Annotated[
+        Path, typer.Argument(help="PEFT LoRA adapter folder (adapter_config.json + weights).")
+    ],
+    base: Annotated[Path, typer.Option("--base", help="The adapter's base Hugging Face model folder.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output .gguf (its folder must exist).")],
+    outtype: Annotated[str, typer.Option(help="f32 | f16")] = "f16",
+    name: Annotated[str | None, typer.Option(help="general.name (default: the adapter folder name).")] = None,
+) -> None:
+    """Convert a PEFT LoRA adapter to a GGUF LoRA adapter (llama.cpp: --lora / Llama(lora_path=...))."""
+    from .convert.lora import convert_lora
+
+    r = convert_lora(adapter_dir, output, base=base, outtype=outtype, name=name)
+    console.print(
+        f"wrote {r.path} (LoRA for {r.arch}, {r.n_pairs} weights, rank {'/'.join(map(str, r.ranks))}, "
+        f"alpha {r.alpha:g}, {r.outtype}, {r.size_bytes / 1e6:.2f} MB, {r.seconds:.1f} s)"
+    )
+
+
+def main() -> None:
+    """Entry point: user errors print one line and exit 2, without a traceback."""
+    try:
+        rc = app(standalone_mode=False, prog_name="gguf-factory")
+    except FactoryError as e:
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        err_console.print("aborted")
+        sys.exit(130)
+    except _USAGE_ERRORS as e:  # bad option or argument: click's usage message, exit 2
+        e.show()
+        sys.exit(e.exit_code)
+    # without standalone mode a command's `raise typer.Exit(n)` comes back as its return value
+    sys.exit(rc if isinstance(rc, int) else 0)
+
+
+def _usage_error_types() -> tuple[type[BaseException], ...]:
+    """The command-line parser's error base class: recent typer vendors click as ``typer._click``,
+    older typer uses click itself; catch whichever is present."""
+    import importlib
+
+    found: list[type[BaseException]] = []
+    for module in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            found.append(importlib.import_module(module).ClickException)
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
+
+
+_USAGE_ERRORS = _usage_error_types()
+
+if __name__ == "__main__":
+    main()
