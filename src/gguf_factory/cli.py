@@ -295,6 +295,10 @@ def demo(
     )
     status = "identical ids" if r.tokenizer_parity_ok else "MISMATCHES"
     console.print(f"tokenizer parity HF vs llama.cpp on {r.tokenizer_texts} held-out texts: {status}")
+    if r.replies:
+        from .demo import replies_summary
+
+        console.print(f"answers to all {r.replies.n} held-out prompts: {replies_summary(r.replies)}")
     smallest = r.rows[-1]
     console.print(f"\n[bold]{smallest.name}[/] answers held-out prompts:")
     for a in smallest.answers:

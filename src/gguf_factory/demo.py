@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .bench import BenchRow, measure, rows_markdown
 from .files import atomic_write_json, atomic_write_text, prepare_output_dir
+from .replies import ReplyScores
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,8 @@ class DemoResult:
     rows: list[BenchRow]
     tokenizer_parity_ok: bool
     tokenizer_texts: int
+    replies: ReplyScores | None = None
+    """How the smallest GGUF's answers to every held-out prompt relate to the data (see ``replies``)."""
     reused: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -113,6 +116,7 @@ def run_demo(
         measure(path, [p for p, _ in prompts], runs=runs, threads=threads, name=path.stem)
         for path in ggufs.values()
     ]
+    replies = score_held_out_replies(ggufs[DEMO_QUANTS[-1]], data_dir, threads=threads)
     result = DemoResult(
         out_dir=out,
         model_dir=model_dir,
@@ -120,6 +124,7 @@ def run_demo(
         rows=rows,
         tokenizer_parity_ok=parity.ok,
         tokenizer_texts=parity.n_texts,
+        replies=replies,
         reused=reused,
         seconds=time.perf_counter() - t0,
     )
@@ -127,18 +132,48 @@ def run_demo(
     return result
 
 
+def score_held_out_replies(gguf_path: Path, data_dir: Path, *, threads: int | None = None) -> ReplyScores:
+    """Answer the first user turn of every held-out conversation (greedy, as `chat` does) and score it."""
+    from .data import load_split
+    from .replies import score_replies
+    from .runtime import load
+
+    train_convs = load_split(data_dir / "train.jsonl")
+    test_convs = [c for c in load_split(data_dir / "test.jsonl") if any(m.role == "user" for m in c.messages)]
+    with load(gguf_path, n_threads=threads) as model:
+        replies = [
+            model.chat([{"role": "user", "content": next(m.content for m in c.messages if m.role == "user")}],
+                       max_tokens=48)
+            for c in test_convs
+        ]
+    return score_replies(train_convs, test_convs, replies)
+
+
 def write_report(result: DemoResult, prompts: list[tuple[str, str]]) -> None:
     report = {
         "seconds": result.seconds,
         "reused_steps": result.reused,
         "tokenizer_parity": {"ok": result.tokenizer_parity_ok, "texts": result.tokenizer_texts},
+        "held_out_replies": result.replies.to_json() if result.replies else None,
         "models": [r.to_json() for r in result.rows],
         "references": [{"prompt": p, "reference": ref} for p, ref in prompts],
     }
     atomic_write_json(result.out_dir / "demo-report.json", report)
-    md = ["# gguf-factory demo", "", rows_markdown(result.rows), "", "## Held-out prompts (greedy)", ""]
+    md = ["# gguf-factory demo", "", rows_markdown(result.rows), ""]
+    if result.replies:
+        md += [f"## Answers to all {result.replies.n} held-out prompts ({result.rows[-1].name})", "",
+               replies_summary(result.replies), ""]
+    md += ["## Held-out prompts (greedy)", ""]
     smallest = result.rows[-1]
     for (prompt, ref), ans in zip(prompts, smallest.answers, strict=True):
         md.append(f"- **{prompt}** → {ans['reply']!s}  _(reference: {ref})_")
     atomic_write_text(result.out_dir / "demo-report.md", "\n".join(md) + "\n")
     log.debug("report: %s", json.dumps(report)[:200])
+
+
+def replies_summary(r: ReplyScores) -> str:
+    return (
+        f"{r.known_word_rate:.0%} of the words are words of the training data; on topic (nearest "
+        f"training answer from the prompt's domain): {r.domain_match:.0%} of replies, vs "
+        f"{r.reference_domain_match:.0%} for the reference answers and {r.chance_domain_match:.0%} by chance."
+    )
