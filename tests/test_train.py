@@ -229,6 +229,34 @@ def test_loss_monitor_keeps_the_lowest_val_loss(data_dir, tmp_path):
     assert r.best_val_loss == min(r.val_losses) == r.val_losses[r.best_epoch - 1]
 
 
+def _saved_val_loss(data_dir: Path, model_dir: Path) -> float:
+    """The validation loss of the weights actually saved in ``model_dir``, recomputed from disk."""
+    from gguf_factory.train.loop import encode_splits, evaluate, load_splits
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    _, val = encode_splits(tok, load_splits(data_dir), 96)
+    return evaluate(model, val.examples, 16, tok.pad_token_id if tok.pad_token_id is not None else 0)[0]
+
+
+def test_keep_last_saves_the_last_epoch_and_keep_best_the_best(data_dir, tmp_path):
+    # a learning rate so high that the validation loss goes up again after epoch 2: best != last
+    kw = dict(preset=TINY, epochs=5, lr=0.02, patience=10, progress=False, threads=1, monitor="loss")
+    last = train(data_dir, tmp_path / "last", keep="last", **kw)
+    best = train(data_dir, tmp_path / "best", keep="best", **kw)
+    assert last.val_losses == best.val_losses  # same seed, same run
+    assert last.kept_epoch == last.epochs_run == 5 and best.kept_epoch == best.best_epoch
+    assert best.best_epoch != 5, best.val_losses  # the premise of this test
+    assert _saved_val_loss(data_dir, tmp_path / "last") == pytest.approx(last.val_losses[-1], rel=1e-4)
+    assert _saved_val_loss(data_dir, tmp_path / "best") == pytest.approx(min(best.val_losses), rel=1e-4)
+    record = json.loads((tmp_path / "last" / "training.json").read_text())
+    assert record["settings"]["keep"] == "last" and record["kept_epoch"] == 5
+
+
+def test_nano_keeps_its_last_epoch_by_default():
+    assert PRESETS["nano"].keep == "last" and PRESETS["nano"].patience >= 5
+
+
 def test_unknown_monitor_is_refused(data_dir, tmp_path):
     with pytest.raises(TrainingError, match="unknown monitor 'bleu'"):
         train(data_dir, tmp_path / "m", preset=TINY, epochs=1, progress=False, monitor="bleu")

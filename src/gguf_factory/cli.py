@@ -90,10 +90,15 @@ def train(
     batch_size: Annotated[int | None, typer.Option(help="Batch size.")] = None,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
     max_seq_len: Annotated[int | None, typer.Option(help="Truncate examples to this many tokens.")] = None,
-    patience: Annotated[int, typer.Option(help="Early stopping: epochs without val improvement.")] = 5,
+    patience: Annotated[
+        int | None, typer.Option(help="Early stopping: epochs without val improvement (default: preset's).")
+    ] = None,
     monitor: Annotated[
         str, typer.Option(help="Best epoch by validation top-1 'accuracy' or validation 'loss'.")
     ] = "accuracy",
+    keep: Annotated[
+        str | None, typer.Option(help="Save the 'best' epoch's weights or the 'last' (default: preset's).")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 1234,
     threads: Threads = None,
 ) -> None:
@@ -111,13 +116,14 @@ def train(
         max_seq_len=max_seq_len,
         patience=patience,
         monitor=monitor,
+        keep=keep,
         seed=seed,
         threads=threads,
     )
     console.print(
         f"saved {r.model_dir}: {r.n_params / 1e6:.2f} M params, {r.epochs_run} epochs, kept epoch "
-        f"{r.best_epoch} (val loss {r.best_val_loss:.3f}, val accuracy {r.best_val_accuracy:.1%}), "
-        f"{r.seconds:.0f} s"
+        f"{r.kept_epoch}; best by val {r.monitor}: epoch {r.best_epoch} (val loss {r.best_val_loss:.3f}, "
+        f"val accuracy {r.best_val_accuracy:.1%}), {r.seconds:.0f} s"
     )
 
 
@@ -459,7 +465,11 @@ def repair(
     ] = None,
     smoke: Annotated[bool, typer.Option(help="Smoke-test the repaired file in llama.cpp.")] = True,
     source: Annotated[
-        Path | None, typer.Option(help="A good GGUF of the same model to rebuild damaged tensors from.")
+        Path | None,
+        typer.Option(
+            help="A good GGUF of the same model, or its Hugging Face folder (converted here), "
+            "to rebuild damaged tensors from."
+        ),
     ] = None,
 ) -> None:
     """Fix what the file alone allows (metadata, token ids, file_type, alignment, template) or refuse."""
@@ -524,6 +534,49 @@ def convert_lora_(
     console.print(
         f"wrote {r.path} (LoRA for {r.arch}, {r.n_pairs} weights, rank {'/'.join(map(str, r.ranks))}, "
         f"alpha {r.alpha:g}, {r.outtype}, {r.size_bytes / 1e6:.2f} MB, {r.seconds:.1f} s)"
+    )
+
+
+@app.command()
+def serve(
+    model: Annotated[Path, typer.Argument(help="GGUF model file (its id is the file name without .gguf).")],
+    host: Annotated[str, typer.Option(help="Address to bind (0.0.0.0 exposes it to the network).")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    api_key: Annotated[
+        str | None,
+        typer.Option(help="Require 'Authorization: Bearer KEY' (default: $GGUF_FACTORY_API_KEY, else none)."),
+    ] = None,
+    max_tokens_limit: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 1024,
+    max_prompt_tokens: Annotated[
+        int | None, typer.Option(help="Longest prompt accepted, in tokens (the context always applies).")
+    ] = None,
+    memory_budget: Annotated[
+        str | None, typer.Option(help="Memory for loaded models, e.g. 2GB (file + KV cache; LRU eviction).")
+    ] = None,
+    ctx: Annotated[
+        int | None, typer.Option(help="Context length (default: the GGUF's recommended one).")
+    ] = None,
+    threads: Threads = None,
+    queue_timeout: Annotated[
+        float, typer.Option(help="Seconds a request waits for a busy model before a 503.")
+    ] = 60.0,
+) -> None:
+    """Serve a GGUF over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, ...)."""
+    from .serve import run_server
+
+    run_server(
+        model,
+        host=host,
+        port=port,
+        api_key=api_key,
+        max_tokens_limit=max_tokens_limit,
+        max_prompt_tokens=max_prompt_tokens,
+        memory_budget=memory_budget,
+        n_ctx=ctx,
+        threads=threads,
+        queue_timeout=queue_timeout,
     )
 
 

@@ -45,8 +45,9 @@ def train(
     batch_size: int | None = None,
     lr: float | None = None,
     max_seq_len: int | None = None,
-    patience: int = 5,
+    patience: int | None = None,
     monitor: str = "accuracy",
+    keep: str | None = None,
     seed: int = 1234,
     threads: int | None = None,
     progress: bool = True,
@@ -60,14 +61,15 @@ def train(
     :data:`FINETUNE_DEFAULTS`. The loss is on assistant turns only; the weights kept are those of the
     epoch with the best validation score (``monitor``: top-1 ``"accuracy"`` on the held-out assistant
     tokens, or ``"loss"``); training stops after ``patience`` epochs without improvement or after
-    ``max_steps`` optimizer steps.
+    ``max_steps`` optimizer steps. ``keep="last"`` saves the last epoch's weights instead of the best's.
+    ``patience`` and ``keep`` default to the preset's (fine-tuning: 5 and ``"best"``).
     """
     from .finetune import finetune
     from .scratch import train_scratch
 
     common = dict(
         epochs=epochs, batch_size=batch_size, lr=lr, max_seq_len=max_seq_len, patience=patience,
-        monitor=monitor, seed=seed, threads=threads, progress=progress, max_steps=max_steps,
+        monitor=monitor, keep=keep, seed=seed, threads=threads, progress=progress, max_steps=max_steps,
     )
     if base is None:
         return train_scratch(data_dir, out_dir, preset=preset, **common)

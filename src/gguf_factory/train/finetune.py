@@ -42,6 +42,7 @@ class FinetuneDefaults:
     lr: float = 5e-5
     batch_size: int = 8
     max_seq_len: int = 512
+    patience: int = 5
 
 
 FINETUNE_DEFAULTS = FinetuneDefaults()
@@ -180,8 +181,9 @@ def finetune(
     batch_size: int | None = None,
     lr: float | None = None,
     max_seq_len: int | None = None,
-    patience: int = 5,
+    patience: int | None = None,
     monitor: str = "accuracy",
+    keep: str | None = None,
     seed: int = 1234,
     threads: int | None = None,
     progress: bool = True,
@@ -193,8 +195,9 @@ def finetune(
         epochs=d.epochs if epochs is None else epochs,
         batch_size=d.batch_size if batch_size is None else batch_size,
         lr=d.lr if lr is None else lr,
-        patience=patience,
+        patience=d.patience if patience is None else patience,
         monitor=monitor,
+        keep="best" if keep is None else keep,
         seed=seed,
         max_steps=max_steps,
         progress=progress,
@@ -245,6 +248,7 @@ def finetune(
         val_accuracies=outcome.val_accuracies,
         best_val_accuracy=outcome.best_val_accuracy,
         monitor=settings.monitor,
+        kept_epoch=outcome.kept_epoch,
         seconds=time_now() - t0,
         stopped_early=outcome.stopped_early,
         steps=outcome.steps,

@@ -52,6 +52,8 @@ class TrainResult:
     val_accuracies: list[float] = field(default_factory=list)
     best_val_accuracy: float = float("nan")
     monitor: str = "accuracy"
+    kept_epoch: int = 0
+    """The epoch whose weights were saved: ``best_epoch``, or the last one run with ``keep="last"``."""
 
 
 # --------------------------------------------------------------------------------------------- seeding
@@ -285,6 +287,8 @@ def evaluate(
 
 MONITORS = ("accuracy", "loss")
 """What selects the best epoch and drives early stopping: validation top-1 accuracy or validation loss."""
+KEEPS = ("best", "last")
+"""Which weights a run keeps: those of its best epoch, or its last (after early stopping, if any)."""
 
 
 @dataclass
@@ -303,6 +307,7 @@ class LoopSettings:
     progress: bool = True
     min_delta: float = 1e-4
     monitor: str = "accuracy"
+    keep: str = "best"
 
     def check(self) -> None:
         if self.epochs < 1:
@@ -315,6 +320,8 @@ class LoopSettings:
             raise TrainingError(f"patience must be at least 1, got {self.patience}")
         if self.monitor not in MONITORS:
             raise TrainingError(f"unknown monitor {self.monitor!r}; choose one of: {', '.join(MONITORS)}")
+        if self.keep not in KEEPS:
+            raise TrainingError(f"unknown keep {self.keep!r}; choose one of: {', '.join(KEEPS)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise TrainingError(f"max_steps must be at least 1, got {self.max_steps}")
 
@@ -330,6 +337,7 @@ class LoopOutcome:
     steps: int
     val_accuracies: list[float] = field(default_factory=list)
     best_val_accuracy: float = float("nan")
+    kept_epoch: int = 0
 
 
 def _optimizer(model: torch.nn.Module, s: LoopSettings) -> torch.optim.Optimizer:
@@ -384,7 +392,8 @@ def run_loop(
     settings: LoopSettings,
     pad_id: int,
 ) -> LoopOutcome:
-    """Train ``model`` in place and leave it holding the weights of its best epoch.
+    """Train ``model`` in place and leave it holding the weights of its best epoch (``keep="best"``) or of
+    its last epoch (``keep="last"``).
 
     The best epoch is the one with the highest validation top-1 accuracy (``monitor="accuracy"``) or the
     lowest validation loss (``monitor="loss"``); the training loss decides when there is no validation
@@ -465,7 +474,8 @@ def run_loop(
             improved = score < best - s.min_delta
             if improved:
                 best, best_epoch, bad_epochs = score, epoch, 0
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                if s.keep == "best":
+                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             else:
                 bad_epochs += 1
             msg = f"epoch {epoch}: train loss {tl:.4f}" + (
@@ -478,13 +488,18 @@ def run_loop(
                 break
             if bad_epochs >= s.patience and epoch < s.epochs:
                 stopped_early = True
-                log.info("early stop: no improvement for %d epochs; keeping epoch %d", s.patience, best_epoch)
+                log.info(
+                    "early stop: no improvement for %d epochs; keeping epoch %d",
+                    s.patience, best_epoch if s.keep == "best" else epoch,
+                )
                 break
     finally:
         if progress is not None:
             progress.stop()
+    kept = epochs_run
     if best_state is not None:
         model.load_state_dict(best_state)
+        kept = best_epoch
     model.eval()
     return LoopOutcome(
         epochs_run=epochs_run,
@@ -496,6 +511,7 @@ def run_loop(
         steps=step,
         val_accuracies=val_accs,
         best_val_accuracy=val_accs[best_epoch - 1] if val_examples and best_epoch else float("nan"),
+        kept_epoch=kept,
     )
 
 
@@ -570,6 +586,7 @@ def training_record(
             "max_seq_len": max_seq_len,
             "patience": settings.patience,
             "monitor": settings.monitor,
+            "keep": settings.keep,
             "seed": settings.seed,
             "threads": threads,
             "max_steps": settings.max_steps,
@@ -588,6 +605,7 @@ def training_record(
         "epochs_run": outcome.epochs_run,
         "steps": outcome.steps,
         "best_epoch": outcome.best_epoch,
+        "kept_epoch": outcome.kept_epoch,
         "stopped_early": outcome.stopped_early,
         "train_losses": [round(x, 6) for x in outcome.train_losses],
         "val_losses": [round(x, 6) for x in outcome.val_losses],
