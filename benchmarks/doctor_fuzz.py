@@ -138,6 +138,55 @@ def corpus_figures(base: Path, work: Path) -> dict[str, Any]:
     }
 
 
+SOURCE_CASES = ("nan", "inf", "all-zero", "truncated-data", "overlapping-tensors", "offset-out-of-bounds")
+
+
+def _same_tensor_bytes(a: Path, b: Path) -> bool:
+    from gguf_factory.doctor.reader import tensor_data
+
+    ga, gb = read_gguf(a), read_gguf(b)
+    for t in ga.tensors:
+        u = gb.tensor(t.name)
+        x, y = tensor_data(ga, t), None if u is None else tensor_data(gb, u)
+        if x is None or y is None or bytes(x) != bytes(y):
+            return False
+    return len(ga.tensors) == len(gb.tensors)
+
+
+def source_figures(work: Path, hf_dir: Path | None) -> list[dict[str, Any]]:
+    """Damaged tensor data rebuilt with ``repair --source``: from the good GGUF, and from the Hugging Face
+    folder (converted by our converter into a temporary GGUF beside the output)."""
+    files = {p.stem: p for p in (work / "corpus").glob("*.gguf")}
+    out_dir = work / "rebuilt"
+    out_dir.mkdir(exist_ok=True)
+    sources: list[tuple[str, Path]] = [("GGUF", files["clean"])]
+    if hf_dir is not None and (hf_dir / "config.json").is_file():
+        sources.append(("HF folder", hf_dir))
+    rows = []
+    for case in SOURCE_CASES:
+        for label, src in sources:
+            out = out_dir / f"{case}-{label.split()[0]}.gguf"
+            t0 = time.perf_counter()
+            try:
+                rep = repair(files[case], out, source=src, smoke=True)
+                outcome = "fixed" if rep.after.exit_code == 0 else "partly"
+                smoke_ok = bool(rep.after.smoke and rep.after.smoke.ok)
+                same = _same_tensor_bytes(files["clean"], out)
+            except RepairError as e:
+                outcome, smoke_ok, same = f"refused: {e}"[:100], False, False
+            rows.append(
+                {
+                    "case": case,
+                    "source": label,
+                    "outcome": outcome,
+                    "identical_to_undamaged": same,
+                    "llama_cpp_smoke_ok": smoke_ok,
+                    "seconds": round(time.perf_counter() - t0, 2),
+                }
+            )
+    return rows
+
+
 # --------------------------------------------------------------------------------------------------
 # gguf-py's GGUFReader on the same files
 # --------------------------------------------------------------------------------------------------
@@ -296,6 +345,63 @@ def fuzz(base: Path, cases: int, seed: int, full_every: int, work: Path) -> dict
 # --------------------------------------------------------------------------------------------------
 
 
+def source_bullet(rows: list[dict[str, Any]]) -> list[str]:
+    by: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by.setdefault(r["source"], []).append(r)
+    parts = [
+        f"{sum(r['outcome'] == 'fixed' and r['identical_to_undamaged'] for r in rs)}/{len(rs)} from "
+        + ("a good GGUF" if src == "GGUF" else "the Hugging Face folder")
+        for src, rs in by.items()
+    ]
+    if not parts:
+        return []
+    return [
+        f"- With `repair --source`, the data-damage cases ({', '.join(sorted({r['case'] for r in rows}))}) "
+        f"are rebuilt to the undamaged file's exact bytes: {', '.join(parts)} (table below)."
+    ]
+
+
+def ggufpy_summary(rows: list[dict[str, Any]]) -> list[str]:
+    """What the comparison shows to be unsafe in gguf-py's reader, in figures from this run."""
+    g = [r["gguf_py"] for r in rows]
+    raised = Counter(o["outcome"] for o in g if o["outcome"] != "parsed" and "seconds" in o)
+    died = [r["file"] for r in rows if "seconds" not in r["gguf_py"]]
+    timed = [r for r in rows if "seconds" in r["gguf_py"]]
+    slow = max(timed, key=lambda r: r["gguf_py"]["seconds"]) if timed else None
+    fat = max(timed, key=lambda r: r["gguf_py"].get("max_rss_mb", 0)) if timed else None
+    ours_slow = max(rows, key=lambda r: r["ours_seconds"]) if rows else None
+    out = [
+        "What this shows to be unsafe in gguf-py's `GGUFReader` (why `validate` uses its own reader and "
+        "takes only gguf-py's constants, and gguf-py's writer for `repair`):",
+        "",
+        "- it has no error type of its own: corrupt files raise "
+        + ", ".join(f"{k} ({v} file{'s' * (v > 1)})" for k, v in raised.most_common())
+        + ", indistinguishable from bugs;",
+        "- it trusts the counts and lengths in the header: arrays that claim millions of elements are "
+        "walked element by element (a Python object per element) before the file's end stops it"
+        + (
+            f" — `{slow['file']}` took {slow['gguf_py']['seconds']} s and "
+            f"{fat['gguf_py'].get('max_rss_mb')} MB peak RSS (`{fat['file']}`)"
+            if slow and fat
+            else ""
+        )
+        + ";",
+    ]
+    if died:
+        out.append(f"- {len(died)} file(s) killed the process under the 2 GiB limit: {', '.join(died)};")
+    out.append(
+        "- it stops at defects a validator must report and read past (duplicate keys or tensor names, bad "
+        "alignment, out-of-bounds or unknown-type tensors), so nothing else in those files gets checked."
+    )
+    if ours_slow:
+        out.append(
+            f"\nOur reader: every file above in at most {ours_slow['ours_seconds'] * 1000:.1f} ms "
+            f"(`{ours_slow['file']}`), only GGUFFormatError raised."
+        )
+    return out
+
+
 def markdown(res: dict[str, Any]) -> str:
     c, f = res["corpus"], res["fuzz"]
     lines = [
@@ -312,6 +418,7 @@ def markdown(res: dict[str, Any]) -> str:
         "(validate exit 0 afterwards); "
         f"llama.cpp loads and produces finite logits for {c['repaired_and_loaded']} of them; the others are "
         "refused with a reason (or keep their warning).",
+        *source_bullet(res.get("source_rebuild") or []),
         f"- The clean file: exit code {c['clean_exit_code']}, llama.cpp smoke test "
         f"{'passed' if c['clean_smoke_ok'] else 'FAILED'}.",
         f"- Slowest corpus file: `{c['slowest_case']['case']}` {c['slowest_case']['seconds']:.2f} s "
@@ -326,9 +433,29 @@ def markdown(res: dict[str, Any]) -> str:
             f"| {r['case']} | {r['kind']} | `{r['expect']}` | {'yes' if r['detected'] else 'NO'} | "
             f"{r['exit_code']} | {r['repair']} | {loads} |"
         )
+    if res.get("source_rebuild"):
+        lines += [
+            "",
+            "## Rebuilding damaged tensors with `repair --source`",
+            "",
+            "From the good GGUF, and from the model's Hugging Face folder (converted by our `convert` into "
+            "a temporary GGUF beside the output, removed afterwards); seconds include the llama.cpp smoke "
+            "test.",
+            "",
+            "| case | source | outcome | tensors identical to the undamaged | llama.cpp smoke | seconds |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in res["source_rebuild"]:
+            lines.append(
+                f"| {r['case']} | {r['source']} | {r['outcome']} | "
+                f"{'yes' if r['identical_to_undamaged'] else 'NO'} | "
+                f"{'passed' if r['llama_cpp_smoke_ok'] else 'FAILED'} | {r['seconds']} |"
+            )
     lines += [
         "",
         "## gguf-py's GGUFReader on the same files (2 GiB address-space limit)",
+        "",
+        *ggufpy_summary(res["gguf_py"]),
         "",
         "| file | gguf-py GGUFReader | seconds | peak RSS MB | our reader | our seconds |",
         "|---|---|---|---|---|---|",
@@ -367,6 +494,9 @@ def main() -> None:
     ap.add_argument("--full-every", type=int, default=100)
     ap.add_argument("--ggufpy-timeout", type=float, default=60.0)
     ap.add_argument("--work", type=Path, help="scratch folder (default: a temporary one)")
+    ap.add_argument(
+        "--hf", type=Path, help="the base model's HF folder (default: WORK/model-hf when trained here)"
+    )
     ap.add_argument("--no-write", action="store_true", help="print the figures, do not write results/")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="doctor-fuzz-"))
@@ -384,11 +514,16 @@ def main() -> None:
     ggufpy = ggufpy_figures(files, args.ggufpy_timeout)
     print(f"fuzz: {args.cases} cases ...", flush=True)
     fz = fuzz(base, args.cases, args.seed, args.full_every, work)
+    # last: converting the HF folder imports torch, which would inflate the RSS figures above (and the
+    # gguf-py probes' ru_maxrss, inherited through fork)
+    print("repair --source ...", flush=True)
+    rebuilt = source_figures(work, args.hf or (work / "model-hf"))
     res = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "python": platform.python_version(),
         "corpus": corpus,
+        "source_rebuild": rebuilt,
         "gguf_py": ggufpy,
         "fuzz": fz,
     }

@@ -64,6 +64,40 @@ def test_clean_file_validates_clean_with_llama_cpp_smoke(tiny_f16_gguf: Path) ->
     assert r.checked_tensors == len(read_gguf(tiny_f16_gguf).tensors)
 
 
+@pytest.mark.slow
+def test_smoke_prompts_through_the_files_chat_template(
+    tiny_f16_gguf: Path, tiny_hf_model: Path, tmp_path: Path
+) -> None:
+    """The smoke replies are llama.cpp's greedy continuation of the chat-templated prompt (rendered here
+    independently by transformers); without a template the raw text is used."""
+    from llama_cpp import Llama
+    from transformers import AutoTokenizer
+
+    from corrupt_corpus import load_model, serialize
+    from gguf_factory.doctor.smoke import SMOKE_PROMPTS, smoke_test
+
+    r = smoke_test(tiny_f16_gguf, max_tokens=8)
+    assert r.ok and r.chat_template, r
+    prompt = AutoTokenizer.from_pretrained(tiny_hf_model).apply_chat_template(
+        [{"role": "user", "content": SMOKE_PROMPTS[0]}], tokenize=False, add_generation_prompt=True
+    )
+    llm = Llama(model_path=str(tiny_f16_gguf), n_ctx=256, n_threads=2, n_batch=64, verbose=False, seed=1)
+    try:
+        tokens = llm.tokenize(prompt.encode(), add_bos=True, special=True)
+        assert llm.detokenize(tokens[:2], special=True).startswith(b"<|im_start|>user")  # one special token
+        expected = llm.create_completion(tokens, max_tokens=8, temperature=0.0)["choices"][0]["text"]
+    finally:
+        llm.close()
+    assert r.replies[0] == expected
+
+    m = load_model(tiny_f16_gguf)
+    m.drop_kv("tokenizer.chat_template")
+    bare = tmp_path / "no-template.gguf"
+    bare.write_bytes(serialize(m))
+    r = smoke_test(bare, max_tokens=8)
+    assert r.ok and not r.chat_template and "no chat template" in r.template_note, r
+
+
 def test_reserialized_corpus_base_is_clean(corpus: dict[str, Path]) -> None:
     r = validate(corpus["clean"], smoke=False)
     assert r.at_least(Severity.WARNING) == [], r.findings
@@ -403,3 +437,95 @@ def test_repair_rebuilds_damaged_tensors_from_a_source_gguf(corpus: dict[str, Pa
     with pytest.raises(RepairError, match="no tensor of that name"):
         # the cut-off last tensor is output_norm.weight, which has five dimensions in that source
         repair(corpus["truncated-data"], tmp_path / "y.gguf", source=corpus["too-many-dims"])
+
+
+def _damage(src: Path, dst: Path, tensor: str, fill: bytes) -> None:
+    """``dst``: a copy of ``src`` with ``tensor``'s data overwritten by repeats of ``fill``."""
+    g = read_gguf(src)
+    t = g.tensor(tensor)
+    assert t is not None and t.n_bytes
+    data = bytearray(src.read_bytes())
+    start = g.data_offset + t.offset
+    data[start : start + t.n_bytes] = fill * (t.n_bytes // len(fill))
+    dst.write_bytes(bytes(data))
+
+
+def _same_tensor_bytes(a: Path, b: Path) -> None:
+    from gguf_factory.doctor.reader import tensor_data
+
+    ga, gb = read_gguf(a), read_gguf(b)
+    assert [t.name for t in ga.tensors] == [t.name for t in gb.tensors]
+    for t in ga.tensors:
+        x, y = tensor_data(ga, t), tensor_data(gb, gb.tensor(t.name))
+        assert x is not None and y is not None and bytes(x) == bytes(y), t.name
+
+
+@pytest.mark.slow
+def test_repair_rebuilds_damaged_tensors_from_a_hf_folder(
+    corpus: dict[str, Path], tiny_hf_model: Path, tmp_path: Path
+) -> None:
+    """F16 file, NaN / all-zero / truncated tensors: --source HF_DIR converts the folder with our converter
+    into a temporary GGUF, and the rebuilt file holds exactly the undamaged file's bytes."""
+    from gguf_factory.doctor.repair import repair
+
+    for name in ("nan", "all-zero", "truncated-data"):
+        out = tmp_path / f"{name}.gguf"
+        assert validate(corpus[name], smoke=False).exit_code != 0
+        r = repair(corpus[name], out, source=tiny_hf_model, smoke=name == "nan")
+        assert r.after.exit_code == 0, (name, r.remaining)
+        assert any("rebuilt tensor" in a for a in r.actions), r.actions
+        _same_tensor_bytes(corpus["clean"], out)
+        if name == "nan":
+            assert r.after.smoke is not None and r.after.smoke.ok and r.after.smoke.chat_template
+            clean = validate(corpus["clean"])
+            assert clean.smoke is not None and r.after.smoke.replies == clean.smoke.replies
+    # the temporary conversions beside the output are gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["all-zero.gguf", "nan.gguf", "truncated-data.gguf"]
+
+
+@pytest.mark.slow
+def test_repair_rebuilds_quantized_tensors_from_a_hf_folder(
+    tiny_f32_gguf: Path, tiny_hf_model: Path, tmp_path: Path
+) -> None:
+    """Q4_0 file from llama.cpp's quantizer with a zeroed tensor: rebuilt through F32 + the quantizer."""
+    from gguf_factory.quantize import quantize
+
+    good = tmp_path / "tiny-Q4_0.gguf"
+    quantize(tiny_f32_gguf, good, "Q4_0", threads=2)
+    assert read_gguf(good).tensor("blk.1.ffn_down.weight").type == gguf.GGMLQuantizationType.Q4_0
+    bad = tmp_path / "zeroed.gguf"
+    _damage(good, bad, "blk.1.ffn_down.weight", b"\0")
+    assert [f.code for f in validate(bad, smoke=False).at_least(Severity.WARNING)] == ["tensor-all-zero"]
+    out = tmp_path / "fixed.gguf"
+    r = run_cli("repair", bad, "-o", out, "--source", tiny_hf_model)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "rebuilt tensor 'blk.1.ffn_down.weight'" in r.stdout
+    _same_tensor_bytes(good, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fixed.gguf", "tiny-Q4_0.gguf", "zeroed.gguf"]
+
+
+def test_repair_from_a_hf_folder_refuses_another_model(
+    corpus: dict[str, Path], tiny_hf_model: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from gguf_factory.doctor.repair import RepairError, repair
+
+    not_hf = tmp_path / "not-hf"
+    not_hf.mkdir()
+    with pytest.raises(RepairError, match="not a Hugging Face model folder"):
+        repair(corpus["nan"], tmp_path / "a.gguf", source=not_hf)
+
+    other = tmp_path / "other-hf"  # same tokenizer, narrower FFN: blk.0.ffn_up.weight has another shape
+    config = LlamaConfig.from_pretrained(tiny_hf_model)
+    config.intermediate_size = 96
+    LlamaForCausalLM(config).save_pretrained(other)
+    for f in tiny_hf_model.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, other / f.name)
+    with pytest.raises(RepairError, match=r"blk\.0\.ffn_up\.weight.*F16 \[64, 96\].*F16 \[64, 128\]"):
+        repair(corpus["nan"], tmp_path / "b.gguf", source=other)
+    assert not (tmp_path / "b.gguf").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["not-hf", "other-hf"]

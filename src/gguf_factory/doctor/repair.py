@@ -11,9 +11,14 @@ token ids outside the vocabulary, general.file_type, and a broken or unsafe chat
 With ``source`` (a good GGUF of the same model), damaged tensor data is rebuilt from it: NaN/Inf/all-zero
 tensors, truncated data, tensors out of bounds or overlapping.
 
+``source`` may also be a Hugging Face folder of the model: it is converted with our own converter into a
+temporary GGUF beside the output (removed afterwards) in the damaged tensors' type (F32/F16/BF16/Q8_0), or
+to F32 and then through llama.cpp's quantizer with one rule per damaged quantized tensor forcing its type;
+the damaged tensors are then rebuilt from that file as from any source GGUF.
+
 Refused, with the reason: anything else that needs information the file no longer holds (missing tensors,
-unknown tensor types, vocabulary/embedding mismatches, unknown architectures...), and rebuilding from a
-Hugging Face folder (not supported yet: convert it to a GGUF first).
+unknown tensor types, vocabulary/embedding mismatches, unknown architectures...), and a source whose
+tensor names, shapes or types differ from the damaged file's.
 """
 
 from __future__ import annotations
@@ -21,6 +26,9 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -130,31 +138,137 @@ def _damaged_tensors(g: GGUFFile, findings: list[Finding]) -> set[str]:
 
 
 def _from_source(
-    g: GGUFFile, src: Path, source: Path, blocking: list[Finding]
+    g: GGUFFile, src: Path, source: Path, blocking: list[Finding], workdir: Callable[[], Path]
 ) -> tuple[list[Finding], dict[str, tuple[GGUFFile, TensorInfo]]]:
-    """The findings still blocking once damaged tensors come from ``source``, and the replacements."""
+    """The findings still blocking once damaged tensors come from ``source``, and the replacements.
+
+    ``source`` is a GGUF of the same model, or a Hugging Face folder converted here (into ``workdir()``).
+    """
+    damaged = sorted(_damaged_tensors(g, blocking))
     if source.is_dir():
-        raise RepairError(
-            f"--source {source}: rebuilding from a Hugging Face folder is not supported yet; convert it "
-            "to a GGUF of the same type first and pass that file"
-        )
-    try:
-        sg = read_gguf(require_file(source, "source GGUF"))
-    except GGUFFormatError as e:
-        raise RepairError(f"the source {source} is not a readable GGUF: {e}") from e
-    replace: dict[str, tuple[GGUFFile, TensorInfo]] = {}
-    for name in sorted(_damaged_tensors(g, blocking)):
-        t, st = g.tensor(name), sg.tensor(name)
-        if t is None or st is None or st.dims != t.dims or st.raw_type != t.raw_type:
-            raise RepairError(
-                f"cannot rebuild tensor {name!r} of {src}: "
-                f"{source} has no tensor of that name, shape and type"
-            )
-        if tensor_data(sg, st) is None:
-            raise RepairError(f"cannot rebuild tensor {name!r}: its data in {source} is unreadable too")
-        replace[name] = (sg, st)
+        replace = _from_hf_folder(g, src, source, damaged, workdir)
+    else:
+        try:
+            sg = read_gguf(require_file(source, "source GGUF"))
+        except GGUFFormatError as e:
+            raise RepairError(f"the source {source} is not a readable GGUF: {e}") from e
+        replace = {}
+        for name in damaged:
+            t, st = g.tensor(name), sg.tensor(name)
+            if t is None or st is None or st.dims != t.dims or st.raw_type != t.raw_type:
+                raise RepairError(
+                    f"cannot rebuild tensor {name!r} of {src}: "
+                    f"{source} has no tensor of that name, shape and type"
+                )
+            if tensor_data(sg, st) is None:
+                raise RepairError(f"cannot rebuild tensor {name!r}: its data in {source} is unreadable too")
+            replace[name] = (sg, st)
     left = [f for f in blocking if f.code not in TENSOR_DATA_CODES]
     return left, replace
+
+
+def _type_name(raw_type: int) -> str:
+    try:
+        return QT(raw_type).name
+    except ValueError:
+        return f"type {raw_type}"
+
+
+def _quant_file_type(g: GGUFFile) -> str:
+    """The llama.cpp file type to quantize a rebuilt source to (the damaged file's own, when usable)."""
+    from ..quantize import IMATRIX_TYPES, QUANT_TYPES
+
+    ft = g.get(K.General.FILE_TYPE)
+    if isinstance(ft, int) and not isinstance(ft, bool):
+        try:
+            name = gguf.LlamaFileType(ft).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+        except ValueError:
+            name = ""
+        if name in QUANT_TYPES and name not in IMATRIX_TYPES:
+            return name
+    return "Q8_0"  # the damaged tensors' own types are forced with one rule each
+
+
+def _from_hf_folder(
+    g: GGUFFile, src: Path, hf_dir: Path, damaged: list[str], workdir: Callable[[], Path]
+) -> dict[str, tuple[GGUFFile, TensorInfo]]:
+    """Convert ``hf_dir`` with our converter (and llama.cpp's quantizer for quantized tensors) into GGUFs
+    holding the damaged tensors in their own types, and pick the replacements from them."""
+    from ..convert import OUTTYPES, convert
+    from ..quantize import quantize
+
+    if not (hf_dir / "config.json").is_file():
+        raise RepairError(
+            f"--source {hf_dir} is a folder without config.json: not a Hugging Face model folder"
+        )
+    float_outtype = {int(qt): name for name, (qt, _ft) in OUTTYPES.items()}
+    built: dict[str, GGUFFile] = {}  # outtype (or "quantized") -> the converted source
+
+    def build(kind: str) -> GGUFFile:
+        if kind in built:
+            return built[kind]
+        if kind == "quantized":
+            f32 = build("f32")
+            qtype = _quant_file_type(g)
+            rules = [
+                f"^{re.escape(n)}$={_type_name(t.raw_type)}"
+                for n in damaged
+                if (t := g.tensor(n)) is not None and t.raw_type not in float_outtype
+            ]
+            path = workdir() / f"source-{qtype}.gguf"
+            log.info("quantizing the converted %s to %s for the damaged tensors", hf_dir, qtype)
+            try:
+                quantize(f32.path, path, qtype, tensor_types=rules, threads=2)
+            except FactoryError as e:
+                raise RepairError(
+                    f"cannot rebuild the quantized tensors of {src} from {hf_dir}: llama.cpp's quantizer "
+                    f"refused ({e})"
+                ) from e
+        else:
+            path = workdir() / f"source-{kind.upper()}.gguf"
+            log.info("converting %s to %s to rebuild damaged tensors", hf_dir, kind.upper())
+            try:
+                convert(hf_dir, path, outtype=kind)
+            except FactoryError as e:
+                raise RepairError(f"cannot rebuild tensors of {src}: converting {hf_dir} failed: {e}") from e
+        try:
+            built[kind] = read_gguf(path)
+        except GGUFFormatError as e:  # pragma: no cover - our own writer's output
+            raise RepairError(f"the GGUF converted from {hf_dir} is unreadable: {e}") from e
+        return built[kind]
+
+    replace: dict[str, tuple[GGUFFile, TensorInfo]] = {}
+    for name in damaged:
+        t = g.tensor(name)
+        if t is None:
+            raise RepairError(f"cannot rebuild tensor {name!r} of {src}: its header entry is unreadable")
+        match = None
+        for sg in built.values():  # a conversion made for another tensor may already hold this one
+            st = sg.tensor(name)
+            if st is not None and st.dims == t.dims and st.raw_type == t.raw_type:
+                match = (sg, st)
+                break
+        if match is None:
+            kind = float_outtype.get(t.raw_type, "quantized")
+            sg = build(kind)
+            st = sg.tensor(name)
+            if st is None:
+                raise RepairError(
+                    f"cannot rebuild tensor {name!r} of {src}: the model converted from {hf_dir} has no "
+                    "tensor of that name (is it the same model?)"
+                )
+            if st.dims != t.dims or st.raw_type != t.raw_type:
+                raise RepairError(
+                    f"cannot rebuild tensor {name!r} of {src}: converted from {hf_dir} it is "
+                    f"{_type_name(st.raw_type)} {list(st.dims)}, the damaged file holds "
+                    f"{_type_name(t.raw_type)} {list(t.dims)} (not the same model, or a type our "
+                    "converter and llama.cpp's quantizer do not reproduce)"
+                )
+            match = (sg, st)
+        if tensor_data(*match) is None:  # pragma: no cover - our own writer's output
+            raise RepairError(f"cannot rebuild tensor {name!r}: its converted data is unreadable")
+        replace[name] = match
+    return replace
 
 
 def _blocking(report: ValidationReport) -> list[Finding]:
@@ -249,8 +363,8 @@ def repair(
     """Write a repaired copy of ``path`` to ``output`` (atomically; never over the input).
 
     ``source``: a GGUF of the same model (same tensor names, shapes and types, e.g. an earlier good copy)
-    from which damaged tensors are rebuilt: NaN/Inf/all-zero data, truncated data, tensors out of
-    bounds or overlapping.
+    or its Hugging Face folder, from which damaged tensors are rebuilt: NaN/Inf/all-zero data, truncated
+    data, tensors out of bounds or overlapping.
     """
     src = require_file(path, "GGUF file")
     out = check_output_path(output)
@@ -263,8 +377,33 @@ def repair(
     before = validate(src, smoke=False)
     blocking = _blocking(before)
     replace: dict[str, tuple[GGUFFile, TensorInfo]] = {}
-    if source is not None:
-        blocking, replace = _from_source(g, src, Path(source), blocking)
+    tmp_dirs: list[Path] = []
+
+    def workdir() -> Path:  # beside the output: same disk, and removed before returning
+        if not tmp_dirs:
+            tmp_dirs.append(Path(tempfile.mkdtemp(prefix=f".{out.name}.source-", dir=out.parent)))
+        return tmp_dirs[0]
+
+    try:
+        if source is not None:
+            blocking, replace = _from_source(g, src, Path(source), blocking, workdir)
+        return _repair_with(g, src, out, before, blocking, replace, source, chat_template, smoke)
+    finally:
+        for d in tmp_dirs:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _repair_with(
+    g: GGUFFile,
+    src: Path,
+    out: Path,
+    before: ValidationReport,
+    blocking: list[Finding],
+    replace: dict[str, tuple[GGUFFile, TensorInfo]],
+    source: str | os.PathLike[str] | None,
+    chat_template: str | None,
+    smoke: bool,
+) -> RepairResult:
     if blocking:
         detail = "; ".join(f"{f.code}: {f.message}" for f in blocking[:4])
         raise RepairError(

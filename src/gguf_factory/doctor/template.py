@@ -81,10 +81,9 @@ class _RaisedByTemplate(Exception):
     """raise_exception() called from the template (a deliberate refusal, e.g. 'system role not supported')."""
 
 
-def _render_variants(source: str, bos: str, eos: str) -> tuple[str, str]:
-    """In the child: ("ok"|"unsafe"|"syntax"|"render"|"refused", detail)."""
-    from jinja2 import TemplateSyntaxError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+def _sandbox_env() -> Any:
+    """Jinja's immutable sandbox with the helpers chat templates call (as transformers provides them)."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message: str) -> None:
         raise _RaisedByTemplate(str(message))
@@ -95,6 +94,36 @@ def _render_variants(source: str, bos: str, eos: str) -> tuple[str, str]:
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals.pop("lipsum", None)
     env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
+    return env
+
+
+def render_chat(source: str, messages: list[dict[str, str]], bos: str, eos: str) -> str:
+    """``messages`` through the chat template ``source`` in the sandbox, with the generation prompt.
+
+    For a process that is already isolated (the smoke test's child): raises on an unsafe or broken
+    template, or when the output passes MAX_OUTPUT_CHARS; callers fall back to raw text.
+    """
+    if scan_unsafe(source):
+        raise ValueError("the chat template reaches for Python internals")
+    parts: list[str] = []
+    size = 0
+    tmpl = _sandbox_env().from_string(source)
+    for piece in tmpl.generate(
+        messages=messages, add_generation_prompt=True, bos_token=bos, eos_token=eos, tools=None
+    ):
+        parts.append(piece)
+        size += len(piece)
+        if size > MAX_OUTPUT_CHARS:
+            raise ValueError(f"the rendered prompt exceeds {MAX_OUTPUT_CHARS} characters")
+    return "".join(parts)
+
+
+def _render_variants(source: str, bos: str, eos: str) -> tuple[str, str]:
+    """In the child: ("ok"|"unsafe"|"syntax"|"render"|"refused", detail)."""
+    from jinja2 import TemplateSyntaxError
+    from jinja2.sandbox import SecurityError
+
+    env = _sandbox_env()
     try:
         tmpl = env.from_string(source)
     except TemplateSyntaxError as e:

@@ -902,7 +902,12 @@ def render_validation(r: ValidationReport, console: Any) -> None:
     if r.smoke is not None and r.smoke.ok:
         console.print(
             f"llama.cpp smoke test: loaded and generated {r.smoke.n_tokens} token(s) "
-            f"for {len(r.smoke.replies)} prompts"
+            f"for {len(r.smoke.replies)} prompts "
+            + (
+                "through its chat template"
+                if r.smoke.chat_template
+                else f"as raw text ({r.smoke.template_note})"
+            )
         )
     verdict = {0: "[green]clean[/]", 1: "[yellow]findings[/]", 2: "[red]unusable file[/]"}[r.exit_code]
     console.print(f"{r.path}: {verdict} ({r.checked_tensors} tensors read, {r.seconds:.2f} s)")
