@@ -341,6 +341,82 @@ def test_sharded_safetensors_and_torch_bin(
 
 
 @pytest.mark.slow
+def test_half_precision_sources(tmp_path: Path, llama_dir: Path, llama_f32: Path) -> None:
+    """f16 and bf16 safetensors sources: the F32 GGUF holds exactly the half-precision values, widened."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(llama_dir / "model.safetensors"))
+    for dtype in (torch.float16, torch.bfloat16):
+        name = str(dtype).removeprefix("torch.")
+        half = {k: v.to(dtype) for k, v in state.items()}
+        widened = {k: v.to(torch.float32) for k, v in half.items()}
+        outs = {}
+        for kind, weights in (("half", half), ("widened", widened)):
+            d = Path(shutil.copytree(llama_dir, tmp_path / f"{name}-{kind}"))
+            save_file(weights, str(d / "model.safetensors"), metadata={"format": "pt"})
+            outs[kind] = tmp_path / f"{name}-{kind}.gguf"
+            convert(d, outs[kind], outtype="f32")
+        _, got = read_fields(outs["half"])
+        _, want = read_fields(outs["widened"])
+        assert set(got) == set(want)
+        for t in got:
+            assert np.array_equal(np.asarray(got[t].data), np.asarray(want[t].data)), (name, t)
+        # and the values really are half precision (the f32 reference differs)
+        _, full = read_fields(llama_f32)
+        q = "blk.0.attn_q.weight"
+        assert not np.array_equal(np.asarray(got[q].data), np.asarray(full[q].data))
+
+
+@pytest.mark.slow
+def test_sharded_torch_bin_and_missing_shard(tmp_path: Path, llama_dir: Path, llama_f32: Path) -> None:
+    """pytorch_model.bin.index.json with two .bin shards (weights_only loads), and a shard the index lists
+    but the folder lacks: a clear error, nothing written."""
+    import torch
+    from safetensors.torch import load_file
+
+    d = Path(shutil.copytree(llama_dir, tmp_path / "bin-sharded"))
+    state = load_file(str(d / "model.safetensors"))
+    (d / "model.safetensors").unlink()
+    keys = sorted(state)
+    weight_map = {}
+    for n, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2 :]), start=1):
+        fname = f"pytorch_model-0000{n}-of-00002.bin"
+        torch.save({k: state[k] for k in part}, d / fname)
+        weight_map.update(dict.fromkeys(part, fname))
+    (d / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    out = tmp_path / "bin-sharded.gguf"
+    convert(d, out, outtype="f32")
+    _, tensors = read_fields(out)
+    _, ref = read_fields(llama_f32)
+    assert set(tensors) == set(ref)
+    for name, t in tensors.items():
+        assert np.array_equal(np.asarray(t.data), np.asarray(ref[name].data)), name
+
+    (d / "pytorch_model-00002-of-00002.bin").unlink()
+    bad = tmp_path / "bad.gguf"
+    with pytest.raises(ModelError, match=r"pytorch_model-00002-of-00002.bin"):
+        convert(d, bad)
+    assert not bad.exists() and not list(tmp_path.glob(".bad.gguf*"))
+
+
+def test_chat_template_sources(tmp_path: Path, tokenizer_dir: Path) -> None:
+    """chat_template.jinja wins over tokenizer_config.json's template; chat_template.json is the fallback."""
+    from gguf_factory.convert.vocab import load_vocab
+
+    d = Path(shutil.copytree(tokenizer_dir, tmp_path / "tok"))
+    n = json.loads((d / "tokenizer.json").read_text())["model"]["vocab"].__len__() + 8
+    assert load_vocab(d, {}, n).chat_template == CHAT_TEMPLATE
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template")
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (d / "chat_template.json").write_text(json.dumps({"chat_template": "{{ 'json' }}"}))
+    assert load_vocab(d, {}, n).chat_template == "{{ 'json' }}"
+    (d / "chat_template.jinja").write_text("{{ 'jinja' }}")
+    assert load_vocab(d, {}, n).chat_template == "{{ 'jinja' }}"
+
+
+@pytest.mark.slow
 def test_mistral_and_llama3_rope(tmp_path: Path, tokenizer_dir: Path) -> None:
     from gguf_factory.verify import check_greedy_parity
 
@@ -414,8 +490,8 @@ def test_missing_weights_tokenizer_and_unsafe_bin(tmp_path: Path, llama_dir: Pat
     (m / "tokenizer.json").unlink()
     with pytest.raises(ModelError, match="tokenizer.json"):
         convert(m, out)
-    (m / "tokenizer.model").write_bytes(b"\x00")
-    with pytest.raises(ConversionError, match="SentencePiece"):
+    (m / "tokenizer.model").write_bytes(b"\x00")  # read as protobuf (never unpickled): a clear error
+    with pytest.raises(ModelError, match="tokenizer.model is not a SentencePiece model"):
         convert(m, out)
     assert not out.exists() and not list(tmp_path.glob(".out.gguf.*"))
 

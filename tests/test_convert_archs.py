@@ -660,10 +660,10 @@ def test_bad_inputs(built: Callable[[str], Built], tmp_path: Path) -> None:
     with pytest.raises(ConversionError, match=r"tokenizer.json.*Lowercase.*no llama.cpp equivalent"):
         convert(m, out)
 
-    # Unigram tokenizers are refused, naming the model type
-    m = _copy(built("gemma2").hf_dir, tmp_path / "unigram")
-    _edit_json(m / "tokenizer.json", lambda tj: tj.update(model={"type": "Unigram", "vocab": [["a", 0.0]]}))
-    with pytest.raises(ConversionError, match=r"tokenizer.json.*Unigram"):
+    # a tokenizer model llama.cpp has no equivalent for (WordPiece) is refused, naming the model type
+    m = _copy(built("gemma2").hf_dir, tmp_path / "wordpiece")
+    _edit_json(m / "tokenizer.json", lambda tj: tj.update(model={"type": "WordPiece", "vocab": {"a": 0}}))
+    with pytest.raises(ConversionError, match=r"tokenizer.json: unsupported tokenizer.*'WordPiece'"):
         convert(m, out)
 
     # a split regex llama.cpp does not know: refused, naming the closest known one

@@ -1,6 +1,6 @@
 """Tokenizer -> GGUF ``tokenizer.ggml.*``: tokens, types, scores/merges, special ids, chat template.
 
-Two kinds of tokenizer.json are supported:
+Three kinds of tokenizer.json are supported:
 
 * byte-level BPE (``tokenizer.ggml.model = "gpt2"``) with a pre-tokenizer llama.cpp knows: GPT-2's
   (``ByteLevel(use_regex=True)``), Llama 3's and Qwen2's (a ``Split`` regex followed by
@@ -8,8 +8,21 @@ Two kinds of tokenizer.json are supported:
 * SentencePiece-style BPE with byte fallback (Llama 2, Mistral, Phi-3, Gemma: ``"▁"`` for spaces and
   ``<0xXX>`` byte tokens) -> llama.cpp's ``"llama"`` (SPM) tokenizer. llama.cpp merges by token score,
   so each token's score is minus the rank of the first merge that creates it (the merge order).
+* SentencePiece-style Unigram (``model.type == "Unigram"``), scores = the unigram log-probabilities:
+  - without byte fallback -> llama.cpp's unigram tokenizer (``"t5"``, UGM): the same Viterbi search as
+    SentencePiece, the normalization table (``precompiled_charsmap``) and whitespace options passed through;
+    exact, unknown characters included (one ``<unk>`` per run, as SentencePiece).
+  - with byte fallback -> ``"llama"`` (SPM), as llama.cpp's own converter does, with a warning. llama.cpp's
+    UGM has no byte fallback (newlines, emoji, any character missing from the vocabulary would become
+    ``<unk>``: lossy); its SPM keeps the bytes but merges the best-scoring adjacent pair greedily, which is
+    SentencePiece's *BPE* algorithm, not the unigram Viterbi search: ids differ from SentencePiece on many
+    sentences (measured in tests/test_convert_spm.py), though they match transformers 5's LlamaTokenizer,
+    which builds BPE merges from a unigram .model the same way.
 
-A bare SentencePiece ``tokenizer.model`` (no tokenizer.json) and Unigram models are not supported yet.
+A bare SentencePiece ``tokenizer.model`` (no tokenizer.json) is read with the ``sentencepiece`` package's
+protobuf schema (plain protobuf parsing, nothing is unpickled or executed): pieces, scores and piece types map
+one to one onto ``tokenizer.ggml.*`` (model choice as above), ``add_dummy_prefix`` becomes
+``add_space_prefix``, the trainer spec's bos/eos/unk/pad ids are the defaults for the special tokens.
 """
 
 from __future__ import annotations
@@ -45,7 +58,7 @@ SPECIAL_KINDS = ("bos", "eos", "pad", "unk")
 
 @dataclass
 class Vocab:
-    model: str  # "gpt2" (byte-level BPE) or "llama" (SentencePiece-style)
+    model: str  # "gpt2" (byte-level BPE), "llama" (SentencePiece BPE) or "t5" (SentencePiece unigram)
     pre: str | None  # llama.cpp pre-tokenizer name (byte-level BPE only)
     tokens: list[str]
     types: list[int]
@@ -56,6 +69,8 @@ class Vocab:
     chat_template: str | list[dict[str, str]] | None = None
     scores: list[float] | None = None  # SentencePiece-style: merge priority per token
     add_space_prefix: bool | None = None  # SentencePiece-style: prepend "▁" to the text
+    remove_extra_whitespaces: bool | None = None  # unigram ("t5"): collapse runs of spaces
+    precompiled_charsmap: bytes | None = None  # unigram ("t5"): SentencePiece's normalization table
 
     def write(self, writer: gguf.GGUFWriter) -> None:
         writer.add_tokenizer_model(self.model)
@@ -69,6 +84,10 @@ class Vocab:
             writer.add_token_merges(self.merges)
         if self.add_space_prefix is not None:
             writer.add_add_space_prefix(self.add_space_prefix)
+        if self.remove_extra_whitespaces is not None:
+            writer.add_remove_extra_whitespaces(self.remove_extra_whitespaces)
+        if self.precompiled_charsmap:
+            writer.add_precompiled_charsmap(self.precompiled_charsmap)
         adders = {
             "bos": writer.add_bos_token_id,
             "eos": writer.add_eos_token_id,
@@ -248,32 +267,145 @@ def _spm_scores(vocab: dict[str, int], merges: list[Any], n_vocab: int) -> list[
     return scores
 
 
-def load_vocab(model_dir: Path, config: dict[str, Any], n_vocab: int) -> Vocab:
-    """The folder's tokenizer as a :class:`Vocab` of exactly ``n_vocab`` tokens (the embedding rows)."""
-    tj_path = model_dir / "tokenizer.json"
-    if not tj_path.is_file():
-        if (model_dir / "tokenizer.model").is_file():
-            raise ConversionError(
-                f"{model_dir / 'tokenizer.model'}: a SentencePiece tokenizer.model without tokenizer.json is "
-                "not supported yet; save the tokenizer with transformers (tokenizer.save_pretrained) to get "
-                "a tokenizer.json"
-            )
-        raise ModelError(f"no tokenizer in {model_dir}: tokenizer.json is missing")
-    tok_json = _read_json(tj_path)
+def _is_spm_unigram(tok_json: dict[str, Any]) -> bool:
     model = tok_json.get("model") or {}
+    return model.get("type") == "Unigram" and not _is_byte_level(tok_json)
+
+
+@dataclass
+class _Base:
+    """The tokenizer-specific half of a :class:`Vocab`: tokens by id, their types and scores."""
+
+    model: str
+    pre: str | None
+    by_id: dict[int, tuple[str, int]]
+    merges: list[str]
+    scores_by_id: dict[int, float] | None
+    add_space_prefix: bool | None
+    where: str
+    post_json: dict[str, Any]  # tokenizer.json (for its post-processor), {} for a tokenizer.model
+    default_special: dict[str, int]  # ids a tokenizer.model names (trainer_spec), used when nothing else does
+    default_add_bos: bool = False
+    remove_extra_whitespaces: bool | None = None
+    precompiled_charsmap: bytes | None = None
+
+
+def _check_byte_tokens(present: set[str], where: str) -> None:
+    missing = [f"<0x{b:02X}>" for b in range(256) if f"<0x{b:02X}>" not in present]
+    if missing:
+        raise ConversionError(
+            f"{where}: byte_fallback is on but {len(missing)} byte tokens are missing from the "
+            f"vocabulary (e.g. {missing[0]})"
+        )
+
+
+def _warn_unigram_byte_fallback(where: str) -> None:
+    log.warning(
+        "%s: unigram model with byte fallback: written as llama.cpp's SentencePiece ('llama') tokenizer, "
+        "which keeps the byte fallback (llama.cpp's unigram tokenizer has none: newlines, emoji and other "
+        "characters missing from the vocabulary would become <unk>) but merges pieces greedily by score "
+        "instead of the unigram Viterbi search, so many words split differently from SentencePiece "
+        "(transformers' LlamaTokenizer builds BPE merges from a .model and splits them as llama.cpp does)",
+        where,
+    )
+
+
+_COLLAPSE_SPACES = {"type": "Replace", "pattern": {"Regex": " {2,}"}, "content": " "}
+
+
+def unigram_normalization(tok_json: dict[str, Any], where: str) -> tuple[bool, bool, bytes | None]:
+    """(add_space_prefix, remove_extra_whitespaces, precompiled_charsmap) of a SentencePiece-style Unigram
+    tokenizer.json: ``Precompiled`` steps (SentencePiece's normalization table, which llama.cpp's unigram
+    tokenizer applies itself), a ``Replace(" {2,}", " ")`` step (whitespace collapsing), and the "▁" steps
+    that :func:`spm_space_prefix` accepts."""
+    import base64
+
+    norm = tok_json.get("normalizer")
+    charsmap: bytes | None = None
+    collapse = False
+    rest: list[dict[str, Any]] = []
+    for step in _steps(norm):
+        if step.get("type") == "Precompiled":
+            raw = step.get("precompiled_charsmap") or ""
+            try:
+                charsmap = base64.b64decode(raw) if isinstance(raw, str) else bytes(raw)
+            except (ValueError, TypeError) as e:
+                raise ModelError(f"{where}: unreadable precompiled_charsmap: {e}") from e
+        elif step == _COLLAPSE_SPACES:
+            collapse = True
+        else:
+            rest.append(step)
+    stripped = dict(tok_json, normalizer={"type": "Sequence", "normalizers": rest} if rest else None)
+    return spm_space_prefix(stripped, where), collapse, charsmap or None
+
+
+def _from_tokenizer_json(tj_path: Path, tok_json: dict[str, Any]) -> _Base:
+    where = str(tj_path)
+    model = tok_json.get("model") or {}
+    normal = int(gguf.TokenType.NORMAL)
+    added = tok_json.get("added_tokens") or []
+    if _is_spm_unigram(tok_json):
+        pieces = model.get("vocab") or []
+        try:
+            vocab_u = [(str(t), float(sc)) for t, sc in pieces]
+        except (TypeError, ValueError) as e:
+            raise ModelError(f"{where}: malformed Unigram vocabulary: {e}") from e
+        byte_fallback = bool(model.get("byte_fallback"))
+        by_id: dict[int, tuple[str, int]] = {}
+        scores: dict[int, float] = {}
+        for i, (t, sc) in enumerate(vocab_u):
+            kind = int(gguf.TokenType.BYTE) if byte_fallback and _BYTE_TOKEN.fullmatch(t) else normal
+            by_id[i] = (t, kind)
+            scores[i] = sc
+        unk_id = model.get("unk_id")
+        default_unk: dict[str, int] = {}
+        if isinstance(unk_id, int) and unk_id in by_id:
+            by_id[unk_id] = (by_id[unk_id][0], int(gguf.TokenType.UNKNOWN))
+            default_unk["unk"] = unk_id
+        for a in added:
+            kind = gguf.TokenType.CONTROL if a.get("special") else gguf.TokenType.USER_DEFINED
+            if int(a["id"]) == unk_id:
+                kind = gguf.TokenType.UNKNOWN
+            by_id[int(a["id"])] = (a["content"], int(kind))
+            scores[int(a["id"])] = 0.0
+        if byte_fallback:
+            _check_byte_tokens({t for t, _ in vocab_u}, where)
+            _warn_unigram_byte_fallback(where)
+            return _Base(
+                model="llama",
+                pre=None,
+                by_id=by_id,
+                merges=[],
+                scores_by_id=scores,
+                add_space_prefix=spm_space_prefix(tok_json, where),
+                where=where,
+                post_json=tok_json,
+                default_special=default_unk,
+            )
+        prefix, collapse, charsmap = unigram_normalization(tok_json, where)
+        return _Base(
+            model="t5",
+            pre=None,
+            by_id=by_id,
+            merges=[],
+            scores_by_id=scores,
+            add_space_prefix=prefix,
+            where=where,
+            post_json=tok_json,
+            default_special=default_unk,
+            remove_extra_whitespaces=collapse,
+            precompiled_charsmap=charsmap,
+        )
+
     spm = _is_spm_bpe(tok_json)
     if model.get("type") != "BPE" or not (spm or _is_byte_level(tok_json)):
         raise ConversionError(
-            f"{tj_path}: unsupported tokenizer (model type {model.get('type')!r}); supported: byte-level BPE "
-            "and SentencePiece-style BPE with byte fallback"
+            f"{tj_path}: unsupported tokenizer (model type {model.get('type')!r}); supported: "
+            "byte-level BPE, SentencePiece-style BPE with byte fallback and SentencePiece-style Unigram"
         )
-    pre = None if spm else detect_pre_tokenizer(tok_json, str(tj_path))
-    add_space_prefix = spm_space_prefix(tok_json, str(tj_path)) if spm else None
-
+    pre = None if spm else detect_pre_tokenizer(tok_json, where)
     vocab: dict[str, int] = dict(model.get("vocab") or {})
-    added = tok_json.get("added_tokens") or []
-    normal = int(gguf.TokenType.NORMAL)
-    by_id: dict[int, tuple[str, int]] = {}
+    by_id = {}
     for t, i in vocab.items():
         kind = int(gguf.TokenType.BYTE) if spm and _BYTE_TOKEN.fullmatch(t) else normal
         by_id[i] = (t, kind)
@@ -282,33 +414,155 @@ def load_vocab(model_dir: Path, config: dict[str, Any], n_vocab: int) -> Vocab:
         by_id[int(a["id"])] = (a["content"], int(kind))
     if spm and model.get("unk_token") in vocab:
         by_id[vocab[model["unk_token"]]] = (model["unk_token"], int(gguf.TokenType.UNKNOWN))
+    if spm:
+        _check_byte_tokens(set(vocab), where)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    scores_by_id = None
+    if spm:
+        n = max(by_id, default=-1) + 1
+        scores_by_id = dict(enumerate(_spm_scores(vocab, model.get("merges") or [], n)))
+    return _Base(
+        model="llama" if spm else "gpt2",
+        pre=pre,
+        by_id=by_id,
+        merges=[] if spm else merges,
+        scores_by_id=scores_by_id,
+        add_space_prefix=spm_space_prefix(tok_json, where) if spm else None,
+        where=where,
+        post_json=tok_json,
+        default_special={"unk": vocab[model["unk_token"]]} if spm and model.get("unk_token") in vocab else {},
+    )
+
+
+# sentencepiece_model.proto's piece types have the same numbers as gguf.TokenType (NORMAL=1 ... BYTE=6).
+_SP_TYPES = {int(t) for t in gguf.TokenType}
+
+
+def _from_sentencepiece_model(sp_path: Path, tok_config: dict[str, Any]) -> _Base:
+    """A SentencePiece ``tokenizer.model`` (protobuf), parsed with the schema shipped by ``sentencepiece``."""
+    where = str(sp_path)
+    try:
+        from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+    except ImportError as e:  # pragma: no cover - a declared dependency
+        raise ConversionError(
+            f"{where}: reading a SentencePiece tokenizer.model needs the 'sentencepiece' package ({e})"
+        ) from e
+    from google.protobuf.message import DecodeError
+
+    proto = sp_pb2.ModelProto()
+    try:
+        proto.ParseFromString(sp_path.read_bytes())
+    except (OSError, DecodeError) as e:
+        raise ModelError(f"{where} is not a SentencePiece model: {e}") from e
+    if not proto.pieces:
+        raise ModelError(f"{where} is not a SentencePiece model (no pieces)")
+    trainer, norm = proto.trainer_spec, proto.normalizer_spec
+    kind_name = sp_pb2.TrainerSpec.ModelType.Name(trainer.model_type) if trainer.model_type else "UNIGRAM"
+    if kind_name not in ("UNIGRAM", "BPE"):
+        raise ConversionError(
+            f"{where}: SentencePiece model type {kind_name} has no llama.cpp tokenizer "
+            "(supported: BPE, UNIGRAM)"
+        )
+    # llama.cpp's unigram tokenizer (exact Viterbi) only when no byte fallback is needed; see the module doc
+    unigram = kind_name == "UNIGRAM" and not trainer.byte_fallback
+    if trainer.treat_whitespace_as_suffix:
+        raise ConversionError(f"{where}: treat_whitespace_as_suffix=true is not supported")
+    if norm.remove_extra_whitespaces and not unigram:
+        log.warning(
+            "%s: remove_extra_whitespaces=true: SentencePiece collapses runs of spaces, llama.cpp does not; "
+            "ids differ on text with repeated, leading or trailing spaces",
+            where,
+        )
+    if not unigram and (norm.precompiled_charsmap or norm.name not in ("", "identity")):
+        log.warning(
+            "%s: normalization rule %r is not applied by llama.cpp's 'llama' tokenizer: ids differ on "
+            "text that the rule changes (e.g. full-width or compatibility characters under NFKC)",
+            where,
+            norm.name or "custom",
+        )
+    if kind_name == "UNIGRAM" and trainer.byte_fallback:
+        _warn_unigram_byte_fallback(where)
+    by_id: dict[int, tuple[str, int]] = {}
+    scores: dict[int, float] = {}
+    for i, piece in enumerate(proto.pieces):
+        ptype = int(piece.type) if int(piece.type) in _SP_TYPES else int(gguf.TokenType.NORMAL)
+        by_id[i] = (piece.piece, ptype)
+        scores[i] = float(piece.score)
+    if trainer.byte_fallback:
+        _check_byte_tokens({p.piece for p in proto.pieces}, where)
+    # Tokens transformers added on top of the .model (tokenizer_config.json's added_tokens_decoder).
+    for sid, entry in (tok_config.get("added_tokens_decoder") or {}).items():
+        try:
+            tid, text = int(sid), _token_text(entry)
+        except (TypeError, ValueError):
+            continue
+        if text is None or (tid in by_id and by_id[tid][0] == text):
+            continue
+        special = isinstance(entry, dict) and entry.get("special")
+        by_id[tid] = (text, int(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED))
+        scores[tid] = 0.0
+    default_special = {
+        kind: int(tid)
+        for kind, tid in (
+            ("bos", trainer.bos_id),
+            ("eos", trainer.eos_id),
+            ("pad", trainer.pad_id),
+            ("unk", trainer.unk_id),
+        )
+        if 0 <= int(tid) < len(proto.pieces)
+    }
+    return _Base(
+        model="t5" if unigram else "llama",
+        pre=None,
+        by_id=by_id,
+        merges=[],
+        scores_by_id=scores,
+        add_space_prefix=bool(norm.add_dummy_prefix),
+        where=where,
+        post_json={},
+        default_special=default_special,
+        # transformers' LlamaTokenizer adds BOS by default; a SentencePiece model with a BOS piece expects it
+        default_add_bos="bos" in default_special,
+        remove_extra_whitespaces=bool(norm.remove_extra_whitespaces) if unigram else None,
+        precompiled_charsmap=bytes(norm.precompiled_charsmap) or None if unigram else None,
+    )
+
+
+def load_vocab(model_dir: Path, config: dict[str, Any], n_vocab: int) -> Vocab:
+    """The folder's tokenizer as a :class:`Vocab` of exactly ``n_vocab`` tokens (the embedding rows)."""
+    tj_path, sp_path = model_dir / "tokenizer.json", model_dir / "tokenizer.model"
+    tc_path, stm_path = model_dir / "tokenizer_config.json", model_dir / "special_tokens_map.json"
+    tok_config = _read_json(tc_path) if tc_path.is_file() else {}
+    stm = _read_json(stm_path) if stm_path.is_file() else {}
+    if tj_path.is_file():
+        base = _from_tokenizer_json(tj_path, _read_json(tj_path))
+    elif sp_path.is_file():
+        base = _from_sentencepiece_model(sp_path, tok_config)
+    else:
+        raise ModelError(
+            f"no tokenizer in {model_dir}: tokenizer.json (or a SentencePiece tokenizer.model) is missing"
+        )
+    by_id, where = base.by_id, base.where
+    spm = base.model in ("llama", "t5")
     if not by_id:
-        raise ModelError(f"{tj_path} has an empty vocabulary")
+        raise ModelError(f"{where} has an empty vocabulary")
     if max(by_id) >= n_vocab:
         raise ConversionError(
-            f"{tj_path} has token id {max(by_id)} but the model's embedding has only {n_vocab} rows"
+            f"{where} has token id {max(by_id)} but the model's embedding has only {n_vocab} rows"
         )
-    if spm:
-        missing = [f"<0x{b:02X}>" for b in range(256) if f"<0x{b:02X}>" not in vocab]
-        if missing:
-            raise ConversionError(
-                f"{tj_path}: byte_fallback is on but {len(missing)} byte tokens are missing from the "
-                f"vocabulary (e.g. {missing[0]})"
-            )
     tokens: list[str] = []
     types: list[int] = []
     for i in range(n_vocab):
         text, kind = by_id.get(i, (f"[PAD{i}]", int(gguf.TokenType.UNUSED)))
         tokens.append(text)
         types.append(kind)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
-    scores = _spm_scores(vocab, model.get("merges") or [], n_vocab) if spm else None
+    scores = None
+    if base.scores_by_id is not None:
+        floor = min(base.scores_by_id.values(), default=0.0) - 1.0
+        scores = [base.scores_by_id.get(i, floor) for i in range(n_vocab)]
 
     # Special tokens: tokenizer_config.json, then special_tokens_map.json, then config.json ids.
-    tc_path, stm_path = model_dir / "tokenizer_config.json", model_dir / "special_tokens_map.json"
-    tok_config = _read_json(tc_path) if tc_path.is_file() else {}
-    stm = _read_json(stm_path) if stm_path.is_file() else {}
-    if spm and add_space_prefix and tok_config.get("legacy") is False:
+    if spm and base.add_space_prefix and tok_config.get("legacy") is False:
         # transformers' LlamaTokenizer(legacy=False) then adds "▁" only at the very start of the input;
         # llama.cpp adds it after every special token too.
         log.warning(
@@ -335,30 +589,36 @@ def load_vocab(model_dir: Path, config: dict[str, Any], n_vocab: int) -> Vocab:
             cid = config.get(f"{kind}_token_id")
             if isinstance(cid, list):
                 cid = cid[0] if cid else None
-            if isinstance(cid, int) and 0 <= cid < n_vocab:
+            if not (isinstance(cid, int) and 0 <= cid < n_vocab):
+                cid = base.default_special.get(kind)
+            if cid is not None:
                 special_ids[kind] = cid
                 special_text[kind] = tokens[cid]
 
     add_bos = tok_config.get("add_bos_token")
     if add_bos is None:
-        add_bos = _template_adds(tok_json, special_text.get("bos"))
+        add_bos = _template_adds(base.post_json, special_text.get("bos")) or (
+            base.default_add_bos and "bos" in special_ids
+        )
     add_eos = tok_config.get("add_eos_token")
     if add_eos is None:
-        add_eos = _template_adds(tok_json, special_text.get("eos"))
+        add_eos = _template_adds(base.post_json, special_text.get("eos"))
 
     if add_bos and "bos" not in special_ids:
         log.warning("%s asks to add a BOS token but names none; llama.cpp will not add one", tc_path)
         add_bos = False
     return Vocab(
-        model="llama" if spm else "gpt2",
-        pre=pre,
+        model=base.model,
+        pre=base.pre,
         tokens=tokens,
         types=types,
-        merges=[] if spm else merges,
+        merges=base.merges,
         special_ids=special_ids,
         add_bos=bool(add_bos),
         add_eos=bool(add_eos),
         chat_template=load_chat_template(model_dir, tok_config),
         scores=scores,
-        add_space_prefix=add_space_prefix,
+        add_space_prefix=base.add_space_prefix,
+        remove_extra_whitespaces=base.remove_extra_whitespaces,
+        precompiled_charsmap=base.precompiled_charsmap,
     )
