@@ -15,7 +15,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Annotated, Any, Literal
 
 import anyio
@@ -311,33 +311,26 @@ def create_app(
     def get_model(model_id: str) -> dict[str, Any]:
         return _model_card(pool, resolve_model(model_id))
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(check_key)], response_model=None)
-    async def chat_completions(req: ChatRequest) -> JSONResponse | StreamingResponse:
-        model_id = resolve_model(req.model)
-        max_tokens = max_tokens_of(req, req.max_completion_tokens or req.max_tokens)
-        messages = [m.as_dict() for m in req.messages]
-        lease = await acquire(model_id)
-        try:
-            return await anyio.to_thread.run_sync(run_chat, req, lease, model_id, messages, max_tokens)
-        except BaseException:
-            lease.release()
-            raise
-
-    def run_chat(
-        req: ChatRequest, lease: Lease, model_id: str, messages: list[dict[str, str]], max_tokens: int
+    def run_request(
+        req: ChatRequest | CompletionRequest,
+        lease: Lease,
+        model_id: str,
+        max_tokens: int,
+        kind: _Kind,
     ) -> JSONResponse | StreamingResponse:
+        """Both endpoints' body, in a worker thread holding ``lease`` (released here, or by the stream)."""
         try:
             model = lease.model
-            n_prompt = chat_prompt_tokens(model, messages)
+            n_prompt = kind.count_prompt(model)
             check_prompt(n_prompt, model_id, model.n_ctx)
             settings = llama_settings(req, max_tokens)
-            cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+            cid, created = f"{kind.id_prefix}-{uuid.uuid4().hex}", int(time.time())
             if req.stream:
                 include_usage = bool(req.stream_options and req.stream_options.include_usage)
-                chunks = model.llm.create_chat_completion(messages=messages, stream=True, **settings)
-                events = _chat_events(chunks, cid, created, model_id, model, n_prompt, include_usage)
+                chunks = kind.call(model, stream=True, **settings)
+                events = kind.events(chunks, cid, created, model_id, model, n_prompt, include_usage)
                 return _LeasedStream(events, lease)
-            out = _generate(lambda: model.llm.create_chat_completion(messages=messages, **settings))
+            out = _generate(lambda: kind.call(model, **settings))
         except BaseException:
             lease.release()
             raise
@@ -346,13 +339,13 @@ def create_app(
         return _json(
             {
                 "id": cid,
-                "object": "chat.completion",
+                "object": kind.object_name,
                 "created": created,
                 "model": model_id,
                 "choices": [
                     {
                         "index": 0,
-                        "message": {"role": "assistant", "content": choice["message"].get("content") or ""},
+                        **kind.reply(choice),
                         "logprobs": None,
                         "finish_reason": choice.get("finish_reason") or "stop",
                     }
@@ -360,6 +353,31 @@ def create_app(
                 "usage": _usage(out),
             }
         )
+
+    async def serve_request(
+        req: ChatRequest | CompletionRequest, model_id: str, max_tokens: int, kind: _Kind
+    ) -> JSONResponse | StreamingResponse:
+        lease = await acquire(model_id)
+        try:
+            return await anyio.to_thread.run_sync(run_request, req, lease, model_id, max_tokens, kind)
+        except BaseException:
+            lease.release()
+            raise
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(check_key)], response_model=None)
+    async def chat_completions(req: ChatRequest) -> JSONResponse | StreamingResponse:
+        model_id = resolve_model(req.model)
+        max_tokens = max_tokens_of(req, req.max_completion_tokens or req.max_tokens)
+        messages = [m.as_dict() for m in req.messages]
+        kind = _Kind(
+            id_prefix="chatcmpl",
+            object_name="chat.completion",
+            count_prompt=lambda model: chat_prompt_tokens(model, messages),
+            call=lambda model, **kw: model.llm.create_chat_completion(messages=messages, **kw),
+            events=_chat_events,
+            reply=lambda c: {"message": {"role": "assistant", "content": c["message"].get("content") or ""}},
+        )
+        return await serve_request(req, model_id, max_tokens, kind)
 
     @app.post("/v1/completions", dependencies=[Depends(check_key)], response_model=None)
     async def completions(req: CompletionRequest) -> JSONResponse | StreamingResponse:
@@ -371,52 +389,31 @@ def create_app(
             prompt = req.prompt[0]
         else:
             prompt = req.prompt
-        lease = await acquire(model_id)
-        try:
-            return await anyio.to_thread.run_sync(run_completion, req, lease, model_id, prompt, max_tokens)
-        except BaseException:
-            lease.release()
-            raise
-
-    def run_completion(
-        req: CompletionRequest, lease: Lease, model_id: str, prompt: str, max_tokens: int
-    ) -> JSONResponse | StreamingResponse:
-        try:
-            model = lease.model
-            n_prompt = len(model.llm.tokenize(prompt.encode("utf-8"), special=True)) if prompt else 1
-            check_prompt(n_prompt, model_id, model.n_ctx)
-            settings = llama_settings(req, max_tokens)
-            cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-            if req.stream:
-                include_usage = bool(req.stream_options and req.stream_options.include_usage)
-                chunks = model.llm.create_completion(prompt=prompt, stream=True, **settings)
-                events = _completion_events(chunks, cid, created, model_id, model, n_prompt, include_usage)
-                return _LeasedStream(events, lease)
-            out = _generate(lambda: model.llm.create_completion(prompt=prompt, **settings))
-        except BaseException:
-            lease.release()
-            raise
-        lease.release()
-        choice = out["choices"][0]
-        return _json(
-            {
-                "id": cid,
-                "object": "text_completion",
-                "created": created,
-                "model": model_id,
-                "choices": [
-                    {
-                        "index": 0,
-                        "text": choice.get("text") or "",
-                        "logprobs": None,
-                        "finish_reason": choice.get("finish_reason") or "stop",
-                    }
-                ],
-                "usage": _usage(out),
-            }
+        kind = _Kind(
+            id_prefix="cmpl",
+            object_name="text_completion",
+            count_prompt=lambda model: (
+                len(model.llm.tokenize(prompt.encode("utf-8"), special=True)) if prompt else 1
+            ),
+            call=lambda model, **kw: model.llm.create_completion(prompt=prompt, **kw),
+            events=_completion_events,
+            reply=lambda c: {"text": c.get("text") or ""},
         )
+        return await serve_request(req, model_id, max_tokens, kind)
 
     return app
+
+
+@dataclass(frozen=True)
+class _Kind:
+    """What differs between /v1/chat/completions and /v1/completions."""
+
+    id_prefix: str
+    object_name: str
+    count_prompt: Callable[[Any], int]
+    call: Callable[..., Any]
+    events: Callable[..., Any]
+    reply: Callable[[dict[str, Any]], dict[str, Any]]
 
 
 def _json(body: dict[str, Any]) -> JSONResponse:
