@@ -25,6 +25,7 @@ _EXPORTS = {
     "prepare": ("data", "prepare"),
     "load": ("runtime", "load"),
     "convert_lora": ("convert.lora", "convert_lora"),
+    "compute_imatrix": ("imatrix", "compute_imatrix"),
     "run_demo": ("demo", "run_demo"),
     "FactoryError": ("errors", "FactoryError"),
 }

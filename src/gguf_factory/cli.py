@@ -580,6 +580,33 @@ def serve(
     )
 
 
+@app.command("imatrix")
+def imatrix_cmd(
+    model: Annotated[Path, typer.Argument(help="GGUF model (F32/F16/BF16) to run the data through.")],
+    data: Annotated[
+        Path, typer.Option("--data", help="Prepared dataset folder (its train.jsonl), a chat file or a .txt.")
+    ],
+    output: Out,
+    max_tokens: Annotated[int, typer.Option(help="Tokens to run at most.")] = 100_000,
+    ctx: Annotated[int, typer.Option("--ctx", help="Chunk length in tokens.")] = 512,
+    process_output: Annotated[
+        bool, typer.Option("--process-output", help="Also collect output.weight.")
+    ] = False,
+    threads: Threads = None,
+) -> None:
+    """Importance matrix from your chat data (llama.cpp's GGUF imatrix format), for `quantize --imatrix`."""
+    from .imatrix import compute_imatrix
+
+    r = compute_imatrix(
+        model, data, output, max_tokens=max_tokens, ctx=ctx, threads=threads, include_output=process_output
+    )
+    console.print(
+        f"wrote {r.path} ({r.entries} weights, {r.tokens} tokens in {r.chunks} chunks of {r.chunk_size}, "
+        f"{r.seconds:.1f} s)",
+        soft_wrap=True,
+    )
+
+
 def main() -> None:
     """Entry point: user errors print one line and exit 2, without a traceback."""
     try:
