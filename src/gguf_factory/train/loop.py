@@ -566,6 +566,32 @@ def _finite_or_none(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
+def train_result(
+    out: Path, n_params: int, settings: LoopSettings, outcome: LoopOutcome, train: EncodedSplit,
+    val: EncodedSplit, *, seconds: float,
+) -> TrainResult:
+    """The :class:`TrainResult` of a finished run (scratch and fine-tuning alike)."""
+    return TrainResult(
+        model_dir=out,
+        n_params=n_params,
+        epochs_run=outcome.epochs_run,
+        train_losses=outcome.train_losses,
+        val_losses=outcome.val_losses,
+        best_val_loss=outcome.best_val_loss,
+        val_accuracies=outcome.val_accuracies,
+        best_val_accuracy=outcome.best_val_accuracy,
+        monitor=settings.monitor,
+        kept_epoch=outcome.kept_epoch,
+        seconds=seconds,
+        stopped_early=outcome.stopped_early,
+        steps=outcome.steps,
+        best_epoch=outcome.best_epoch,
+        n_train_examples=len(train.examples),
+        n_val_examples=len(val.examples),
+        skipped_examples=train.skipped + val.skipped,
+    )
+
+
 def training_record(
     *, kind: str, settings: LoopSettings, outcome: LoopOutcome, n_params: int, max_seq_len: int,
     threads: int, train: EncodedSplit, val: EncodedSplit, seconds: float, extra: dict[str, Any],

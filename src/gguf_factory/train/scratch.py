@@ -26,6 +26,7 @@ from .loop import (
     seed_everything,
     set_threads,
     time_now,
+    train_result,
     training_record,
 )
 from .tokenizer import ENDOFTEXT, IM_END, save_hf_tokenizer, train_bpe_tokenizer
@@ -208,22 +209,4 @@ def train_scratch(
         )
         (tmp / "training.json").write_text(json.dumps(record, indent=2) + "\n")
 
-    return TrainResult(
-        model_dir=out,
-        n_params=n_params,
-        epochs_run=outcome.epochs_run,
-        train_losses=outcome.train_losses,
-        val_losses=outcome.val_losses,
-        best_val_loss=outcome.best_val_loss,
-        val_accuracies=outcome.val_accuracies,
-        best_val_accuracy=outcome.best_val_accuracy,
-        monitor=settings.monitor,
-        kept_epoch=outcome.kept_epoch,
-        seconds=time_now() - t0,
-        stopped_early=outcome.stopped_early,
-        steps=outcome.steps,
-        best_epoch=outcome.best_epoch,
-        n_train_examples=len(tr.examples),
-        n_val_examples=len(va.examples),
-        skipped_examples=tr.skipped + va.skipped,
-    )
+    return train_result(out, n_params, settings, outcome, tr, va, seconds=time_now() - t0)
