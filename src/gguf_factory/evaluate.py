@@ -358,9 +358,62 @@ def evaluate_many(
     data_path, convs = read_eval_conversations(data, limit)
     threads = threads or os.cpu_count() or 1
     t0 = time.perf_counter()
-
     # tokenize once, with the vocabulary of the reference (or of the first model)
     base = ref_path or paths[0]
+    tok = _tokenize_conversations(base, data_path, convs, threads, n_ctx, replies, reply_tokens)
+    encoded, prompts, ctx = tok.encoded, tok.prompts, tok.n_ctx
+
+    with contextlib.ExitStack() as stack:
+        ref_llm = None
+        if ref_path is not None:
+            ref_llm = _load_llama(ref_path, ctx, threads)
+            stack.callback(ref_llm.close)
+        llms = []
+        for p in paths:
+            llm = _load_llama(p, ctx, threads)
+            stack.callback(llm.close)
+            _check_family(llm, p, base, tok)
+            llms.append(llm)
+        reference, out, n_tok = _score(paths, ref_path, llms, ref_llm, encoded, labels)
+        if prompts:
+            _compare_replies(prompts, llms, ref_llm, out, reference, reply_tokens)
+
+    return EvalResult(
+        data_path=str(data_path),
+        n_conversations=len(encoded),
+        n_tokens=n_tok,
+        n_ctx=ctx,
+        models=out,
+        reference=reference,
+        skipped=tok.skipped,
+        truncated=tok.truncated,
+        seconds=time.perf_counter() - t0,
+        n_replies=len(prompts),
+    )
+
+
+@dataclass
+class _Tokenized:
+    encoded: list[EncodedConversation]
+    prompts: list[tuple[list[int], str]]
+    probe: bytes
+    probe_ids: list[int]
+    vocab_size: int
+    n_ctx: int
+    skipped: int
+    truncated: int
+
+
+def _tokenize_conversations(
+    base: Path,
+    data_path: Path,
+    convs: Sequence[Sequence[dict[str, str]]],
+    threads: int,
+    n_ctx: int | None,
+    replies: int = 0,
+    reply_tokens: int = REPLY_TOKENS,
+) -> _Tokenized:
+    """Render and tokenize ``convs`` with ``base``'s template and vocabulary; pick the context to use."""
     vocab = _load_llama(base, 512, threads, vocab_only=True)
     try:
         template = _template_of(vocab, base)
@@ -407,37 +460,83 @@ def evaluate_many(
     prompts = [(ids, answer) for ids, answer in prompts if len(ids) < ctx]
     if truncated:
         log.warning("%d conversations longer than the %d-token context were truncated", truncated, ctx)
+    return _Tokenized(encoded, prompts, probe, probe_ids, vocab_size, ctx, skipped, truncated)
 
-    with contextlib.ExitStack() as stack:
-        ref_llm = None
-        if ref_path is not None:
-            ref_llm = _load_llama(ref_path, ctx, threads)
-            stack.callback(ref_llm.close)
-        llms = []
-        for p in paths:
-            llm = _load_llama(p, ctx, threads)
-            stack.callback(llm.close)
-            if llm.n_vocab() != vocab_size:
-                raise ModelError(f"{p} has a vocabulary of {llm.n_vocab()} tokens, {base} {vocab_size}")
-            if list(llm.tokenize(probe, add_bos=False, special=True)) != probe_ids:
-                raise ModelError(f"{p} tokenizes differently from {base}: not the same model family")
-            llms.append(llm)
-        reference, out, n_tok = _score(paths, ref_path, llms, ref_llm, encoded, labels)
-        if prompts:
-            _compare_replies(prompts, llms, ref_llm, out, reference, reply_tokens)
 
-    return EvalResult(
-        data_path=str(data_path),
-        n_conversations=len(encoded),
-        n_tokens=n_tok,
-        n_ctx=ctx,
-        models=out,
-        reference=reference,
-        skipped=skipped,
-        truncated=truncated,
-        seconds=time.perf_counter() - t0,
-        n_replies=len(prompts),
-    )
+def _check_family(llm: Any, path: Path, base: Path, tok: _Tokenized) -> None:
+    if llm.n_vocab() != tok.vocab_size:
+        raise ModelError(f"{path} has a vocabulary of {llm.n_vocab()} tokens, {base} {tok.vocab_size}")
+    if list(llm.tokenize(tok.probe, add_bos=False, special=True)) != tok.probe_ids:
+        raise ModelError(f"{path} tokenizes differently from {base}: not the same model family")
+
+
+
+@dataclass(frozen=True)
+class KLDScore:
+    kld_mean: float
+    kld_p99: float
+    top1: float
+    n_tokens: int
+
+
+class KLDScorer:
+    """KL divergence of many variants of one model against a fixed reference, on the same tokens.
+
+    The reference's log-probabilities are computed once and kept in memory (float32; conversations past
+    ``max_bytes`` of them are dropped), so scoring a variant costs one pass of that variant alone: what
+    auto-quant's per-tensor sensitivity probes need. Use as a context manager or call :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        ref: str | os.PathLike[str],
+        data: str | os.PathLike[str],
+        *,
+        limit: int | None = None,
+        threads: int | None = None,
+        max_bytes: int = 512 * 2**20,
+    ):
+        self.ref_path = require_file(ref, "reference model")
+        data_path, convs = read_eval_conversations(data, limit)
+        self.threads = threads or os.cpu_count() or 1
+        self._tok = _tokenize_conversations(self.ref_path, data_path, convs, self.threads, None)
+        budget = max(1, max_bytes // (4 * self._tok.vocab_size))  # scored positions that fit
+        kept: list[EncodedConversation] = []
+        n = 0
+        for enc in self._tok.encoded:
+            if kept and n + enc.targets.size > budget:
+                break
+            kept.append(enc)
+            n += int(enc.targets.size)
+        self.encoded = kept
+        self.n_tokens = n
+        self._ref: list[np.ndarray] = []
+        llm = _load_llama(self.ref_path, self._tok.n_ctx, self.threads)
+        try:
+            for enc in kept:
+                llm.reset()
+                llm.eval(enc.ids)
+                self._ref.append(_log_softmax(llm.scores[enc.targets - 1]).astype(np.float32))
+        finally:
+            llm.close()
+
+    def score(self, model: str | os.PathLike[str]) -> KLDScore:
+        path = require_file(model, "model file")
+        llm = _load_llama(path, self._tok.n_ctx, self.threads)
+        try:
+            _check_family(llm, path, self.ref_path, self._tok)
+            klds: list[np.ndarray] = []
+            agree = 0
+            for enc, ref_lp in zip(self.encoded, self._ref, strict=True):
+                llm.reset()
+                llm.eval(enc.ids)
+                lp = _log_softmax(llm.scores[enc.targets - 1])
+                klds.append(np.maximum((np.exp(ref_lp) * (ref_lp - lp)).sum(axis=1), 0.0))
+                agree += int((lp.argmax(axis=1) == ref_lp.argmax(axis=1)).sum())
+        finally:
+            llm.close()
+        k = np.concatenate(klds)
+        return KLDScore(float(k.mean()), float(np.percentile(k, 99)), agree / k.size, int(k.size))
 
 
 def _score(
