@@ -203,11 +203,41 @@ def quantize(
     allow_requantize: Annotated[
         bool, typer.Option("--allow-requantize", help="Accept an already-quantized input.")
     ] = False,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            help="Your chat data (a `prepare` folder): an importance matrix is computed from it when no "
+            "--imatrix is given; auto-quant calibrates on it."
+        ),
+    ] = None,
+    max_size: Annotated[
+        str | None,
+        typer.Option(help="Auto-quant: per-tensor types within this size (50MB, 2.5GiB), lowest KLD."),
+    ] = None,
+    max_kld: Annotated[
+        float | None,
+        typer.Option(help="Auto-quant: smallest file whose mean KL divergence vs the input is below this."),
+    ] = None,
+    candidates: Annotated[
+        str | None, typer.Option(help="Auto-quant: comma-separated tensor types to choose from.")
+    ] = None,
     threads: Threads = None,
 ) -> None:
-    """Quantize a GGUF with llama.cpp's quantizer: any type, profiles, hybrid recipes."""
+    """Quantize a GGUF with llama.cpp's quantizer: any type, profiles, hybrid recipes, auto-quant."""
     from .quantize import quantize as do_quantize
 
+    if max_size is not None or max_kld is not None:
+        _autoquant_cmd(
+            input, output, data, max_size, max_kld, candidates, imatrix, profile, ctx, threads,
+            conflicts={
+                "--type": type, "--recipe": recipe, "--tensor-type": tensor_type, "--pure": pure,
+                "--output-type": output_type, "--embedding-type": embedding_type,
+                "--leave-output": leave_output, "--allow-requantize": allow_requantize,
+            },
+        )  # fmt: skip
+        return
+    if candidates is not None:
+        raise typer.BadParameter("--candidates goes with --max-size or --max-kld")
     r = do_quantize(
         input,
         output,
@@ -223,12 +253,59 @@ def quantize(
         tensor_types=tensor_type or (),
         recipe=recipe,
         imatrix=imatrix,
+        data=data,
     )
     facts = (("profile", r.profile), ("ctx", r.context_length), ("recipe", r.recipe))
     extra = "".join(f", {k} {v}" for k, v in facts if v)
     console.print(
         f"wrote {r.path} ({r.qtype}{extra}, {r.size_bytes / 1e6:.1f} MB, "
         f"{r.reduction:.0%} smaller, {r.seconds:.1f} s)",
+        soft_wrap=True,
+    )
+
+
+def _autoquant_cmd(
+    input: Path,
+    output: Path | None,
+    data: Path | None,
+    max_size: str | None,
+    max_kld: float | None,
+    candidates: str | None,
+    imatrix: Path | None,
+    profile: str | None,
+    ctx: int | None,
+    threads: int | None,
+    conflicts: dict[str, object],
+) -> None:
+    from rich.table import Table
+
+    from .autoquant import DEFAULT_CANDIDATES, autoquant
+    from .errors import InputError
+    from .files import human_size
+
+    given = [k for k, v in conflicts.items() if v]
+    if given:
+        raise InputError(f"auto-quant chooses every tensor's type itself: drop {', '.join(given)}")
+    if data is None:
+        raise InputError("auto-quant measures quality on your data: pass --data DIR (a `prepare` folder)")
+    cands = [c.strip() for c in candidates.split(",") if c.strip()] if candidates else DEFAULT_CANDIDATES
+    r = autoquant(
+        input, output, data=data, max_size=max_size, max_kld=max_kld, candidates=cands,
+        imatrix=imatrix if imatrix is not None else "auto", threads=threads, profile=profile,
+        context_length=ctx,
+    )  # fmt: skip
+    table = Table(title=f"auto-quant: {r.path.name}")
+    for col in ("tensor type", "tensors"):
+        table.add_column(col)
+    for t, n in r.type_counts.items():
+        table.add_row(t, str(n))
+    console.print(table)
+    for note in r.notes:
+        console.print(f"note: {note}", soft_wrap=True)
+    console.print(
+        f"wrote {r.path} ({human_size(r.size_bytes)}, {r.reduction:.0%} smaller; mean KLD {r.kld_mean:.4g} "
+        f"measured on {r.calibration_tokens} calibration tokens, {r.kld_predicted:.4g} predicted; "
+        f"{r.probes} sensitivity probes, {r.seconds:.0f} s) and {r.recipe_path}",
         soft_wrap=True,
     )
 

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -127,3 +128,25 @@ def human_size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} GB"
+
+
+_SIZE_UNITS = {
+    "": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "K": 10**3, "M": 10**6, "G": 10**9,
+    "KIB": 2**10, "MIB": 2**20, "GIB": 2**30,
+}  # fmt: skip
+
+
+def parse_size(text: str | int | float, what: str = "size") -> int:
+    """Bytes from ``50MB``, ``2.5 GiB``, ``800k`` or a plain number (KB/MB/GB are powers of 1000, as in
+    file managers and ``human_size``; KiB/MiB/GiB powers of 1024)."""
+    if isinstance(text, int | float) and not isinstance(text, bool):
+        value, unit = float(text), ""
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+        if not m or m.group(2).upper() not in _SIZE_UNITS:
+            raise InputError(f"{what}: cannot read {text!r} as a size (examples: 50MB, 2.5GiB, 800KB)")
+        value, unit = float(m.group(1)), m.group(2).upper()
+    n = int(value * _SIZE_UNITS[unit])
+    if n <= 0:
+        raise InputError(f"{what} must be positive, got {text!r}")
+    return n

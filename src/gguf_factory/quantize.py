@@ -605,12 +605,15 @@ def quantize(
     tensor_types: Iterable[str | TensorRule] = (),
     recipe: str | os.PathLike[str] | Recipe | None = None,
     imatrix: str | os.PathLike[str] | Mapping[str, Any] | None = None,
+    data: str | os.PathLike[str] | None = None,
 ) -> QuantizeResult:
     """Quantize ``input_path`` to ``qtype``; the result appears at ``output_path`` only when complete.
 
     ``qtype`` defaults to the profile's type (or the recipe's, or Q4_K_M). ``tensor_types`` are
     ``REGEX=TYPE`` rules; they take precedence over the recipe's rules. ``context_length`` (or the
     profile's) is stored as the recommended context, capped at the model's trained context.
+    ``data`` (a ``prepare`` folder or a chat file), when no ``imatrix`` is given: an importance matrix is
+    computed from it with :func:`gguf_factory.imatrix.compute_imatrix` and used (not kept).
     """
     import llama_cpp  # imported lazily: loading the shared library costs time the CLI's --help need not pay
 
@@ -652,6 +655,8 @@ def quantize(
             )
             raise InputError(f"tensor rule {r} matches no tensor of {src} (names look like {example!r})")
 
+    if imatrix is None and data is not None:
+        imatrix = _imatrix_from_data(src, data, threads)
     imat = load_imatrix(imatrix) if imatrix is not None else None
     if imat is None:
         needs = [name] if name in IMATRIX_TYPES else []
@@ -700,7 +705,9 @@ def quantize(
         kv[RECIPE_KEY] = recipe_label
     if imat is not None:  # the keys llama.cpp's own quantize tool records
         kv["quantize.imatrix.entries_count"] = len(imat)
-        if not isinstance(imatrix, Mapping):
+        if data is not None and imatrix is not None and isinstance(imatrix, Mapping):
+            kv["quantize.imatrix.dataset"] = Path(data).name[-_KV_STR_MAX:]
+        elif not isinstance(imatrix, Mapping):
             kv["quantize.imatrix.file"] = Path(imatrix).name[-_KV_STR_MAX:]
     kv_arr = _kv_override_array(llama_cpp, kv)
     keep_alive.append(kv_arr)
@@ -763,6 +770,21 @@ def quantize(
         rules=rules,
         imatrix_entries=len(imat) if imat else 0,
     )
+
+
+def _imatrix_from_data(
+    model: Path, data: str | os.PathLike[str], threads: int | None
+) -> dict[str, np.ndarray]:
+    """An importance matrix of ``model`` on ``data``, computed now (in a temp file, read back, deleted)."""
+    import tempfile
+
+    from .imatrix import compute_imatrix
+
+    with tempfile.TemporaryDirectory(prefix="gguf-factory-imatrix-") as tmp:
+        path = Path(tmp) / "imatrix.gguf"
+        r = compute_imatrix(model, data, path, threads=threads)
+        log.info("importance matrix from %s: %d weights, %d tokens", data, r.entries, r.tokens)
+        return load_imatrix(path)
 
 
 def _recipe_label(rec: Recipe | None, user_rules: Sequence[TensorRule]) -> str | None:
