@@ -684,6 +684,97 @@ def imatrix_cmd(
     )
 
 
+@app.command("prune")
+def prune_cmd(
+    model_dir: Annotated[Path, typer.Argument(help="Hugging Face Llama-architecture model folder.")],
+    data: Annotated[Path, typer.Option("--data", help="Folder written by `prepare` (train/test.jsonl).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="New model folder (its parent must exist).")],
+    ffn: Annotated[
+        float, typer.Option(help="Fraction of FFN channels to remove per layer, in [0, 1).")
+    ] = 0.25,
+    heads: Annotated[
+        float, typer.Option(help="Fraction of attention heads (whole KV groups) to remove per layer.")
+    ] = 0.0,
+    samples: Annotated[int, typer.Option(help="Calibration conversations from train.jsonl.")] = 256,
+    max_tokens: Annotated[int, typer.Option(help="Calibration tokens at most.")] = 32_768,
+    multiple_of: Annotated[
+        int | None, typer.Option(help="Round intermediate_size to this (default: 256 if it was, else 32).")
+    ] = None,
+    gguf: Annotated[
+        bool, typer.Option("--gguf", help="Also write OUTPUT-F16.gguf and score it against the original.")
+    ] = False,
+    ref: Annotated[
+        Path | None, typer.Option(help="GGUF of the original to score against (implies --gguf).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Calibration sample seed.")] = 1234,
+    threads: Threads = None,
+) -> None:
+    """Remove the least important FFN channels and attention heads, measured on your chat data."""
+    from rich.table import Table
+
+    from .files import human_size
+    from .prune import prune
+
+    r = prune(
+        model_dir,
+        data,
+        output,
+        ffn=ffn,
+        heads=heads,
+        samples=samples,
+        max_tokens=max_tokens,
+        multiple_of=multiple_of,
+        seed=seed,
+        threads=threads,
+        to_gguf=gguf,
+        ref=ref,
+    )
+    g = r.gguf
+    table = Table(title=f"prune {r.arch}: calibrated on {r.calibration_tokens} tokens of your data")
+    for col in ("", "original", "pruned", "change"):
+        table.add_column(col, justify="left" if not col else "right")
+
+    def pct(v: float | None) -> str:
+        return "–" if v is None else f"{v * 100:+.1f}%"
+
+    table.add_row("parameters", f"{r.params_before:,}", f"{r.params_after:,}", pct(-r.param_reduction))
+    table.add_row("FFN channels / layer", str(r.intermediate_before), str(r.intermediate_after), "")
+    table.add_row(
+        "heads (KV) / layer",
+        f"{r.heads_before} ({r.kv_heads_before})",
+        f"{r.heads_after} ({r.kv_heads_after})",
+        "",
+    )
+    if g is not None:
+        table.add_row(
+            "GGUF size", human_size(g.ref_size_bytes), human_size(g.size_bytes), pct(-g.size_reduction)
+        )
+        table.add_row("PPL (test)", f"{g.ref_ppl:.4f}", f"{g.ppl:.4f}", pct(g.delta_ppl))
+        table.add_row("mean KLD vs original", "", "–" if g.kld_mean is None else f"{g.kld_mean:.4g}", "")
+        table.add_row("top-1 agreement", "", pct(g.top1).lstrip("+"), "")
+    elif r.heldout:
+        table.add_row("mean KLD vs original", "", f"{r.heldout['kld_mean']:.4g}", "")
+        table.add_row("top-1 agreement", "", f"{r.heldout['top1']:.1%}", "")
+    console.print(table)
+    if g is not None:
+        ref_name = "the original converted to F16" if g.ref_path is None else str(g.ref_path)
+        console.print(
+            f"GGUF scored by llama.cpp on {g.n_tokens} assistant tokens of {g.data_path} against {ref_name}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    elif r.heldout:
+        console.print(
+            f"KLD and top-1 by transformers on {r.heldout['tokens']} tokens of {r.heldout['data']}; "
+            "add --gguf to score the GGUF",
+            highlight=False,
+            soft_wrap=True,
+        )
+    console.print(
+        f"wrote {r.output_dir} ({r.report_path.name})" + (f" and {g.path}" if g else ""), soft_wrap=True
+    )
+
+
 def main() -> None:
     """Entry point: user errors print one line and exit 2, without a traceback."""
     try:
