@@ -374,120 +374,200 @@ def autoquant(
 
     Writes the GGUF and, beside it, ``<name>.recipe.yaml`` (the per-tensor rules, reusable with
     ``quantize --recipe``). Raises :class:`InputError` for an impossible budget, naming what is possible.
+    To build several budgets from one set of measurements, use :class:`AutoQuantizer`.
     """
-    from .doctor.reader import read_gguf
-    from .evaluate import KLDScorer
-    from .files import atomic_path, check_output_path
-    from .quantize import (
-        FLOAT_TYPES,
-        IMATRIX_TENSOR_TYPES,
-        Recipe,
-        check_gguf_magic,
-        load_imatrix,
-        make_rule,
-        normalize_tensor_type,
-        quantize,
-        read_gguf_info,
-    )
-
-    t0 = time.perf_counter()
     src = require_file(input_path, "input GGUF")
-    check_gguf_magic(src)
+    size_cap, max_kld = _check_budget(max_size, max_kld)
+    dst = _output_paths(src, output_path)[0]
+    with AutoQuantizer(
+        src, data=data, imatrix=imatrix, candidates=candidates, limit=limit, threads=threads,
+        progress=progress, work_dir=dst.parent,
+    ) as aq:  # fmt: skip
+        return aq.build(
+            dst, max_size=size_cap, max_kld=max_kld, profile=profile, context_length=context_length,
+            attempts=attempts,
+        )  # fmt: skip
+
+
+def _check_budget(max_size: int | str | None, max_kld: float | None) -> tuple[int | None, float | None]:
     if max_size is None and max_kld is None:
         raise InputError("auto-quant needs a budget: --max-size and/or --max-kld")
     size_cap = parse_size(max_size, "--max-size") if max_size is not None else None
     if max_kld is not None and not (max_kld > 0 and math.isfinite(max_kld)):
         raise InputError(f"--max-kld must be a positive number, got {max_kld}")
-    info = read_gguf_info(src)
-    quantized = sorted({t for t in info.tensor_types.values() if t not in FLOAT_TYPES})
-    if quantized:
-        raise InputError(
-            f"{src} is already quantized ({', '.join(quantized)}): auto-quant measures every type against "
-            "the float model, so start from the F16/F32 file"
-        )
-    cands = list(dict.fromkeys(normalize_tensor_type(c, "candidate type") for c in candidates))
-    if TOP_TYPE not in cands:
-        cands.append(TOP_TYPE)
-    unknown = [c for c in cands if c not in _FILE_TYPE_OF or c in ("F16", "BF16")]
-    if unknown:
-        raise InputError(f"candidate type(s) {', '.join(unknown)} not supported by auto-quant")
-    data_path = Path(data)
-    if not data_path.exists():
-        raise InputError(f"calibration data not found: {data_path}")
-    calib = _calibration_file(data_path)
-    if imatrix is None and any(c in IMATRIX_TENSOR_TYPES for c in cands):
-        raise InputError(
-            f"{', '.join(c for c in cands if c in IMATRIX_TENSOR_TYPES)} need an importance matrix"
-        )
+    return size_cap, max_kld
+
+
+def _output_paths(src: Path, output_path: str | os.PathLike[str] | None) -> tuple[Path, Path]:
+    from .files import check_output_path
+
     dst = check_output_path(
         output_path if output_path is not None else src.with_name(f"{src.stem}-auto.gguf")
     )
     if dst.resolve() == src.resolve():
         raise InputError(f"output would overwrite the input: {dst}")
-    recipe_path = check_output_path(dst.with_suffix(".recipe.yaml"))
+    return dst, check_output_path(dst.with_suffix(".recipe.yaml"))
 
-    work = Path(tempfile.mkdtemp(prefix=".autoquant-", dir=dst.parent))
-    try:
-        with _Progress(progress) as prog:
-            imat_path: Path | None = None
-            imat_src: Any = imatrix
-            if isinstance(imatrix, str) and imatrix == "auto":
-                from .imatrix import compute_imatrix
 
-                prog.step("importance matrix from the training conversations")
-                imat_path = imat_src = work / "imatrix.gguf"
-                with _quiet():
-                    compute_imatrix(
-                        src, data_path if data_path.is_dir() else calib, imat_path, threads=threads
-                    )
-            elif imatrix is not None and not isinstance(imatrix, Mapping):
-                imat_path = Path(imatrix)
-            imat = load_imatrix(imat_src) if imat_src is not None else None
+class AutoQuantizer:
+    """Measures a model once (costs of every candidate type, sensitivity of every tensor), then builds as
+    many budgets as asked with :meth:`build`. Holds a work folder of temporary GGUFs: use it as a context
+    manager (or call :meth:`close`)."""
 
-            def q(out: Path, ftype: str, **kw: Any) -> Path:
-                with _quiet():
-                    quantize(src, out, ftype, pure=True, imatrix=imat, threads=threads, **kw)
-                return out
+    def __init__(
+        self,
+        input_path: str | os.PathLike[str],
+        *,
+        data: str | os.PathLike[str],
+        imatrix: str | os.PathLike[str] | Mapping[str, Any] | None = "auto",
+        candidates: Sequence[str] = DEFAULT_CANDIDATES,
+        limit: int | None = 64,
+        threads: int | None = None,
+        progress: bool = True,
+        work_dir: str | os.PathLike[str] | None = None,
+    ):
+        from .doctor.reader import read_gguf
+        from .evaluate import KLDScorer
+        from .quantize import (
+            FLOAT_TYPES,
+            IMATRIX_TENSOR_TYPES,
+            check_gguf_magic,
+            load_imatrix,
+            normalize_tensor_type,
+            read_gguf_info,
+        )
 
-            pure: dict[str, Path] = {}
-            task = prog.task("pure quantization per candidate type", len(cands))
-            for c in cands:
-                pure[c] = q(work / f"pure-{c}.gguf", _FILE_TYPE_OF[c])
-                prog.advance(task)
-            prog.step("quantization error of every tensor in every type")
-            tensors, fixed = measure_costs(src, pure, imat)
-            if not tensors:
-                raise QuantizeError(f"{src} has no tensor llama.cpp quantizes")
-            align = read_gguf(pure[TOP_TYPE]).alignment
-            notes = _width_notes(tensors, cands)
+        t0 = time.perf_counter()
+        src = self.src = require_file(input_path, "input GGUF")
+        check_gguf_magic(src)
+        quantized = sorted({t for t in read_gguf_info(src).tensor_types.values() if t not in FLOAT_TYPES})
+        if quantized:
+            raise InputError(
+                f"{src} is already quantized ({', '.join(quantized)}): auto-quant measures every type "
+                "against the float model, so start from the F16/F32 file"
+            )
+        cands = list(dict.fromkeys(normalize_tensor_type(c, "candidate type") for c in candidates))
+        if TOP_TYPE not in cands:
+            cands.append(TOP_TYPE)
+        unknown = [c for c in cands if c not in _FILE_TYPE_OF or c in ("F16", "BF16")]
+        if unknown:
+            raise InputError(f"candidate type(s) {', '.join(unknown)} not supported by auto-quant")
+        data_path = Path(data)
+        if not data_path.exists():
+            raise InputError(f"calibration data not found: {data_path}")
+        calib = _calibration_file(data_path)
+        if imatrix is None and any(c in IMATRIX_TENSOR_TYPES for c in cands):
+            raise InputError(
+                f"{', '.join(c for c in cands if c in IMATRIX_TENSOR_TYPES)} need an importance matrix"
+            )
+        self.threads = threads
+        self.progress = progress
+        self.work = Path(tempfile.mkdtemp(prefix=".autoquant-", dir=work_dir))
+        try:
+            with _Progress(progress) as prog:
+                self.imatrix_path: Path | None = None
+                imat_src: Any = imatrix
+                if isinstance(imatrix, str) and imatrix == "auto":
+                    from .imatrix import compute_imatrix
 
-            prog.step(f"reference log-probabilities on {calib.name}")
-            scorer = KLDScorer(src, calib, limit=limit, threads=threads)
-            kld_top = scorer.score(pure[TOP_TYPE]).kld_mean
-            task = prog.task("sensitivity of each tensor", len(tensors))
-            probes = 0
-            for tc in tensors:
-                low = tc.options[0]
-                if low.type != tc.top.type and low.error > tc.top.error:
-                    probe = q(work / "probe.gguf", TOP_TYPE, tensor_types=[_rule(tc.name, low.type)])
-                    tc.probe_kld = scorer.score(probe).kld_mean
-                    probe.unlink()
-                    probes += 1
-                    tc.sensitivity = max(tc.probe_kld - kld_top, 0.0) / (low.error - tc.top.error)
-                prog.advance(task)
+                    prog.step("importance matrix from the training conversations")
+                    self.imatrix_path = imat_src = self.work / "imatrix.gguf"
+                    with _quiet():
+                        compute_imatrix(
+                            src,
+                            data_path if data_path.is_dir() else calib,
+                            self.imatrix_path,
+                            threads=threads,
+                        )
+                elif imatrix is not None and not isinstance(imatrix, Mapping):
+                    self.imatrix_path = Path(imatrix)
+                self.imat = load_imatrix(imat_src) if imat_src is not None else None
 
-            label = f"auto {_budget_text(size_cap, max_kld)}"
-            budget_size, budget_kld = size_cap, max_kld
+                pure: dict[str, Path] = {}
+                task = prog.task("pure quantization per candidate type", len(cands))
+                for c in cands:
+                    pure[c] = self._q(self.work / f"pure-{c}.gguf", _FILE_TYPE_OF[c])
+                    prog.advance(task)
+                prog.step("quantization error of every tensor in every type")
+                self.tensors, self.fixed = measure_costs(src, pure, self.imat)
+                if not self.tensors:
+                    raise QuantizeError(f"{src} has no tensor llama.cpp quantizes")
+                self.align = read_gguf(pure[TOP_TYPE]).alignment
+                self.notes = _width_notes(self.tensors, cands)
+                for c, path in pure.items():  # keep the top type's file only
+                    if c != TOP_TYPE:
+                        path.unlink()
+
+                prog.step(f"reference log-probabilities on {calib.name}")
+                self.scorer = KLDScorer(src, calib, limit=limit, threads=threads)
+                self.kld_top = self.scorer.score(pure[TOP_TYPE]).kld_mean
+                task = prog.task("sensitivity of each tensor", len(self.tensors))
+                self.probes = 0
+                for tc in self.tensors:
+                    low = tc.options[0]
+                    if low.type != tc.top.type and low.error > tc.top.error:
+                        probe = self._q(
+                            self.work / "probe.gguf", TOP_TYPE, tensor_types=[_rule(tc.name, low.type)]
+                        )
+                        tc.probe_kld = self.scorer.score(probe).kld_mean
+                        probe.unlink()
+                        self.probes += 1
+                        tc.sensitivity = max(tc.probe_kld - self.kld_top, 0.0) / (low.error - tc.top.error)
+                    prog.advance(task)
+        except BaseException:
+            self.close()
+            raise
+        self.measure_seconds = time.perf_counter() - t0
+
+    def _q(self, out: Path, ftype: str, **kw: Any) -> Path:
+        from .quantize import quantize
+
+        with _quiet():
+            quantize(self.src, out, ftype, pure=True, imatrix=self.imat, threads=self.threads, **kw)
+        return out
+
+    def close(self) -> None:
+        shutil.rmtree(self.work, ignore_errors=True)
+
+    def __enter__(self) -> AutoQuantizer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def build(
+        self,
+        output_path: str | os.PathLike[str] | None = None,
+        *,
+        max_size: int | str | None = None,
+        max_kld: float | None = None,
+        profile: str | None = None,
+        context_length: int | None = None,
+        attempts: int = 4,
+    ) -> AutoQuantResult:
+        """The mixture that meets the budget, written to ``output_path`` with its recipe YAML beside it."""
+        from .files import atomic_path
+        from .quantize import Recipe, make_rule, read_gguf_info
+
+        t0 = time.perf_counter()
+        size_cap, max_kld = _check_budget(max_size, max_kld)
+        dst, recipe_path = _output_paths(self.src, output_path)
+        tensors, src = self.tensors, self.src
+        label = f"auto {_budget_text(size_cap, max_kld)}"
+        budget_size, budget_kld = size_cap, max_kld
+        with _Progress(self.progress) as prog:
             for attempt in range(1, attempts + 1):
-                choice = solve(tensors, fixed, align, kld_top, max_size=budget_size, max_kld=budget_kld)
+                choice = solve(
+                    tensors, self.fixed, self.align, self.kld_top, max_size=budget_size, max_kld=budget_kld
+                )
                 if choice is None:
-                    raise _impossible(src, tensors, fixed, align, kld_top, size_cap, max_kld)
+                    raise _impossible(src, tensors, self.fixed, self.align, self.kld_top, size_cap, max_kld)
                 types = {tc.name: o.type for tc, o in zip(tensors, choice.picks, strict=True)}
                 sizes = {tc.name: o.nbytes for tc, o in zip(tensors, choice.picks, strict=True)}
                 recipe = Recipe(label, [make_rule(f"^{re.escape(n)}$", t) for n, t in types.items()])
                 prog.step(f"building the chosen mixture (attempt {attempt})")
-                built = q(
-                    work / f"candidate-{attempt}.gguf", _file_type_for(types, sizes),
+                built = self._q(
+                    self.work / f"candidate-{attempt}.gguf", _file_type_for(types, sizes),
                     recipe=recipe, profile=profile, context_length=context_length,
                 )  # fmt: skip
                 written = {n: t for n, t in read_gguf_info(built).tensor_types.items() if n in types}
@@ -497,7 +577,7 @@ def autoquant(
                         f"llama.cpp did not apply the chosen types to {', '.join(missed[:5])}"
                     )
                 size = built.stat().st_size
-                measured = scorer.score(built)
+                measured = self.scorer.score(built)
                 log.info(
                     "attempt %d: %s, mean KLD %.3g measured, %.3g predicted",
                     attempt, human_size(size), measured.kld_mean, choice.kld,
@@ -517,32 +597,29 @@ def autoquant(
                     f"mixture measured {human_size(size)} with mean KLD {measured.kld_mean:.4g} (predicted "
                     f"{choice.kld:.4g}); loosen the budget"
                 )
-
-            _write_recipe(recipe_path, types, label, src, measured.kld_mean, size)
-            with atomic_path(dst) as tmp:
-                shutil.move(str(built), tmp)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return AutoQuantResult(
-        path=dst,
-        recipe_path=recipe_path,
-        input_path=src,
-        input_bytes=src.stat().st_size,
-        size_bytes=dst.stat().st_size,
-        max_size=size_cap,
-        max_kld=max_kld,
-        kld_mean=measured.kld_mean,
-        kld_predicted=choice.kld,
-        kld_top=kld_top,
-        top1=measured.top1,
-        calibration_tokens=scorer.n_tokens,
-        types=types,
-        imatrix_path=imat_path if imat_path is not None and imat_path.exists() else None,
-        attempts=attempt,
-        probes=probes,
-        seconds=time.perf_counter() - t0,
-        notes=notes,
-    )
+        _write_recipe(recipe_path, types, label, src, measured.kld_mean, size)
+        with atomic_path(dst) as tmp:
+            shutil.move(str(built), tmp)
+        return AutoQuantResult(
+            path=dst,
+            recipe_path=recipe_path,
+            input_path=src,
+            input_bytes=src.stat().st_size,
+            size_bytes=dst.stat().st_size,
+            max_size=size_cap,
+            max_kld=max_kld,
+            kld_mean=measured.kld_mean,
+            kld_predicted=choice.kld,
+            kld_top=self.kld_top,
+            top1=measured.top1,
+            calibration_tokens=self.scorer.n_tokens,
+            types=types,
+            imatrix_path=self.imatrix_path if self.imatrix_path and self.imatrix_path.exists() else None,
+            attempts=attempt,
+            probes=self.probes,
+            seconds=self.measure_seconds + time.perf_counter() - t0,
+            notes=list(self.notes),
+        )
 
 
 def _width_notes(tensors: Sequence[TensorCosts], cands: Sequence[str]) -> list[str]:
