@@ -775,6 +775,93 @@ def prune_cmd(
     )
 
 
+export_app = typer.Typer(
+    help="Package GGUF files: Ollama Modelfile, LM Studio layout, release folder.", no_args_is_help=True
+)
+app.add_typer(export_app, name="export")
+GGUFArg = Annotated[Path, typer.Argument(help="GGUF file.")]
+SystemOpt = Annotated[str | None, typer.Option(help="System prompt (a SYSTEM line in the Modelfile).")]
+
+
+def _print_warnings(warnings: list[str]) -> None:
+    for w in warnings:
+        err_console.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+
+
+@export_app.command("ollama")
+def export_ollama_cmd(
+    model: GGUFArg,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output folder (its parent must exist).")],
+    system: SystemOpt = None,
+    num_ctx: Annotated[int | None, typer.Option(help="Context size (default: from the GGUF).")] = None,
+    copy: Annotated[bool, typer.Option(help="Copy the GGUF instead of hard-linking it.")] = False,
+) -> None:
+    """A Modelfile (TEMPLATE derived from the GGUF's chat template) next to the GGUF."""
+    from .package import export_ollama
+
+    r = export_ollama(model, output, system=system, num_ctx=num_ctx, copy=copy)
+    _print_warnings(r.warnings)
+    console.print(f"wrote {r.modelfile}; run: ollama create NAME -f {r.modelfile}", soft_wrap=True)
+
+
+@export_app.command("lmstudio")
+def export_lmstudio_cmd(
+    model: GGUFArg,
+    output: Annotated[Path, typer.Option("--output", "-o", help="LM Studio models folder.")],
+    publisher: Annotated[str, typer.Option(help="Publisher folder.")] = "gguf-factory",
+    name: Annotated[str | None, typer.Option(help="Model name (default: general.basename).")] = None,
+    copy: Annotated[bool, typer.Option(help="Copy the GGUF instead of hard-linking it.")] = False,
+) -> None:
+    """Place the GGUF as OUTPUT/<publisher>/<name>-GGUF/<file>.gguf (LM Studio's models layout)."""
+    from .package import export_lmstudio
+
+    r = export_lmstudio(model, output, publisher=publisher, name=name, copy=copy)
+    console.print(f"wrote {r.gguf}", soft_wrap=True)
+
+
+@export_app.command("release")
+def export_release_cmd(
+    models: Annotated[list[Path], typer.Argument(help="GGUF files (the first one is the Modelfile's).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Release folder (new or empty).")],
+    ladder: Annotated[
+        Path | None, typer.Option(help="ladder.json from `gguf-factory ladder` (quality figures).")
+    ] = None,
+    system: SystemOpt = None,
+    name: Annotated[str | None, typer.Option(help="Model name (default: general.basename).")] = None,
+) -> None:
+    """A release folder: GGUFs, SHA256SUMS, README.md model card, Modelfile."""
+    from .package import export_release
+
+    r = export_release(models, output, ladder=ladder, system=system, name=name)
+    _print_warnings(r.warnings)
+    console.print(
+        f"wrote {r.folder}: {len(r.ggufs)} GGUF(s), Modelfile, README.md, SHA256SUMS", soft_wrap=True
+    )
+
+
+@app.command("verify-release")
+def verify_release_cmd(
+    folder: Annotated[Path, typer.Argument(help="Release folder from `export release`.")],
+    smoke: Annotated[bool, typer.Option(help="Also load each GGUF in llama.cpp and generate.")] = False,
+    data: Annotated[bool, typer.Option(help="Read tensor data (NaN/Inf/all-zero checks).")] = True,
+) -> None:
+    """Check a release folder: checksums, unlisted GGUFs, GGUF validation, Modelfile FROM, model card.
+
+    Exit code 0: clean; 1: findings.
+    """
+    from .package import verify_release
+
+    r = verify_release(folder, smoke=smoke, data=data)
+    for note in r.notes:
+        console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
+    for f in r.findings:
+        console.print(f"[red]{f.code}[/] {f.message}", highlight=False, soft_wrap=True)
+    if r.findings:
+        console.print(f"{r.folder}: {len(r.findings)} finding(s)", highlight=False)
+        sys.exit(1)
+    console.print(f"{r.folder}: clean ({len(r.checked)} checksums match)", highlight=False)
+
+
 def main() -> None:
     """Entry point: user errors print one line and exit 2, without a traceback."""
     try:

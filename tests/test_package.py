@@ -1,0 +1,674 @@
+"""Exports: Ollama Modelfile (TEMPLATE proven byte-identical with Go's text/template), LM Studio layout,
+model card, release folders and verify-release. Real GGUFs (the tiny model, and copies of it carrying
+real-world chat templates written with gguf-py), real Go, no mocks."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import gguf
+import pytest
+
+from cli_helpers import assert_one_line_error, run_cli
+from gguf_factory.doctor.template import render_chat
+from gguf_factory.errors import InputError
+from gguf_factory.package import (
+    TemplateExportError,
+    derive_ollama_template,
+    export_lmstudio,
+    export_ollama,
+    export_release,
+    parse_modelfile,
+    read_model_info,
+    verify_release,
+)
+from gguf_factory.package.ollama_template import render_probes
+
+# Chat templates as published with well-known models (Jinja, as in their tokenizer_config.json).
+LLAMA3 = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+    "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + "
+    "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+    "{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+PHI3 = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] "
+    "+ '<|end|>\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}"
+    "{% endif %}"
+)
+ZEPHYR = (
+    "{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + message['content'] "
+    "+ eos_token }}\n{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' + message['content'] + "
+    "eos_token }}\n{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\n'  + message['content'] + "
+    "eos_token }}\n{% endif %}\n{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n"
+    "{% endif %}\n{% endfor %}"
+)
+MISTRAL = (
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0)"
+    " %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}{% else %}"
+    "{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
+)
+GEMMA = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
+    "{{ raise_exception('System role not supported') }}{% endif %}{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}"
+    "{% set role = message['role'] %}{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | "
+    "trim + '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}"
+    "{% endif %}"
+)
+LLAMA2 = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = "
+    "messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% set system_message = false %}"
+    "{% endif %}{% for message in loop_messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0)"
+    " %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}{% if loop.index0 == 0 and system_message != false %}{% set content = '<<SYS>>\\n' + "
+    "system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}{% else %}{% set content = "
+    "message['content'] %}{% endif %}{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + "
+    "content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + "
+    "' ' + eos_token }}{% endif %}{% endfor %}"
+)
+GEMMA3 = """{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = "" -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif -%}
+    {%- if (message['role'] == 'assistant') -%}
+        {%- set role = "model" -%}
+    {%- else -%}
+        {%- set role = message['role'] -%}
+    {%- endif -%}
+    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else "") }}
+    {%- if message['content'] is string -%}
+        {{ message['content'] | trim }}
+    {%- endif -%}
+    {{ '<end_of_turn>\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{'<start_of_turn>model\n'}}
+{%- endif -%}
+"""
+QWEN25 = """{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] }}{%- endif %}
+    {{- "\n\n# Tools\n<tools>" }}{%- for tool in tools %}{{- "\n" }}{{- tool | tojson }}{%- endfor %}
+    {{- "\n</tools><|im_end|>\n" }}
+{%- else %}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}
+    {%- else %}
+        {{- '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. ' }}
+        {{- 'You are a helpful assistant.<|im_end|>\n' }}
+    {%- endif %}
+{%- endif %}
+{%- for message in messages %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == \
+"assistant" and not message.tool_calls) %}
+        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}
+    {%- elif message.role == "tool" %}
+        {{- '<|im_start|>user\n<tool_response>\n' + message.content + '\n</tool_response><|im_end|>\n' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+{%- endif %}
+"""
+# Literal text that needs quoting in Go templates and Modelfiles: quotes, braces, a non-breaking space.
+AWKWARD = (
+    "{% for m in messages %}{{ '\"' + m['role'] + '\" {{\u00a0' + m['content'] + ' }}\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '\"assistant\" {{\u00a0' }}{% endif %}"
+)
+
+# name -> (chat template, BOS text, EOS text, add_bos_token, system messages supported)
+STYLES: dict[str, tuple[str, str, str, bool, bool]] = {
+    "llama3": (LLAMA3, "<|begin_of_text|>", "<|eot_id|>", True, True),
+    "phi3": (PHI3, "<s>", "<|endoftext|>", False, True),
+    "zephyr": (ZEPHYR, "<s>", "</s>", True, True),
+    "mistral": (MISTRAL, "<s>", "</s>", True, False),
+    "gemma": (GEMMA, "<bos>", "<eos>", True, False),
+    "llama2": (LLAMA2, "<s>", "</s>", True, True),
+    "gemma3": (GEMMA3, "<bos>", "<eos>", True, True),
+    "qwen25": (QWEN25, "<|endoftext|>", "<|im_end|>", False, True),
+    "awkward": (AWKWARD, "<s>", "</s>", False, True),
+}
+
+CONVERSATION = [
+    {"role": "system", "content": "You are a terse assistant.\nAnswer in one line."},
+    {"role": "user", "content": 'What is "GGUF"?'},
+    {"role": "assistant", "content": "A file format for {{ llama.cpp }} models."},
+    {"role": "user", "content": "And Q4_K_M?\nBe brief."},
+    {"role": "assistant", "content": "A 4-bit k-quant — about 4.8 bits/weight."},
+    {"role": "user", "content": "Thanks! ¿Y en español?"},
+]
+
+
+def write_variant(
+    src: Path,
+    dest: Path,
+    template: str | None,
+    bos: str = "<s>",
+    eos: str = "</s>",
+    add_bos: bool = False,
+    extra: dict[str, tuple[gguf.GGUFValueType, object]] | None = None,
+) -> Path:
+    """A copy of ``src`` with another chat template (None: none) and special tokens 1/2 renamed to bos/eos."""
+    from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
+
+    vt = gguf.GGUFValueType
+    reader = gguf.GGUFReader(src)
+    arch = reader.get_field(gguf.Keys.General.ARCHITECTURE).contents()
+    tokens = reader.get_field(gguf.Keys.Tokenizer.LIST).contents()
+    tokens[1], tokens[2] = bos, eos
+    new = {
+        gguf.Keys.Tokenizer.LIST: MetadataDetails(vt.ARRAY, tokens, sub_type=vt.STRING),
+        gguf.Keys.Tokenizer.BOS_ID: MetadataDetails(vt.UINT32, 1),
+        gguf.Keys.Tokenizer.EOS_ID: MetadataDetails(vt.UINT32, 2),
+        gguf.Keys.Tokenizer.ADD_BOS: MetadataDetails(vt.BOOL, add_bos),
+    }
+    if template is not None:
+        new[gguf.Keys.Tokenizer.CHAT_TEMPLATE] = MetadataDetails(vt.STRING, template)
+    for key, (t, v) in (extra or {}).items():
+        new[key] = MetadataDetails(t, v)
+    remove = [gguf.Keys.Tokenizer.CHAT_TEMPLATE] if template is None else []
+    writer = gguf.GGUFWriter(dest, arch=arch, endianess=reader.endianess)
+    copy_with_new_metadata(reader, writer, new, remove)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def style_gguf(tiny_f16_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    root = tmp_path_factory.mktemp("styles")
+
+    def make(style: str) -> Path:
+        dest = root / f"tiny-{style}-F16.gguf"
+        if not dest.exists():
+            template, bos, eos, add_bos, _ = STYLES[style]
+            write_variant(tiny_f16_gguf, dest, template, bos, eos, add_bos)
+        return dest
+
+    return make
+
+
+GO_RENDER = r"""
+// Executes an Ollama TEMPLATE (Go text/template) on a JSON list of messages, with the data Ollama gives
+// it: .Messages after merging consecutive same-role messages, .System, the "json" function.
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"strings"
+	"text/template"
+)
+
+type Message struct {
+	Role    string `json:"role"`
+	Content string `json:"content"`
+}
+
+func fail(err error) {
+	fmt.Fprintln(os.Stderr, err)
+	os.Exit(1)
+}
+
+func main() {
+	src, err := os.ReadFile(os.Args[1])
+	if err != nil {
+		fail(err)
+	}
+	raw, err := os.ReadFile(os.Args[2])
+	if err != nil {
+		fail(err)
+	}
+	var in []Message
+	if err := json.Unmarshal(raw, &in); err != nil {
+		fail(err)
+	}
+	var systems []string
+	var msgs []*Message
+	for i := range in {
+		m := in[i]
+		if m.Role == "system" {
+			systems = append(systems, m.Content)
+		}
+		if n := len(msgs); n > 0 && msgs[n-1].Role == m.Role && m.Role != "tool" {
+			msgs[n-1].Content += "\n\n" + m.Content
+		} else {
+			msgs = append(msgs, &m)
+		}
+	}
+	funcs := template.FuncMap{"json": func(v any) string { b, _ := json.Marshal(v); return string(b) }}
+	tmpl, err := template.New("").Option("missingkey=zero").Funcs(funcs).Parse(string(src))
+	if err != nil {
+		fail(err)
+	}
+	data := map[string]any{"System": strings.Join(systems, "\n\n"), "Messages": msgs, "Response": ""}
+	if err := tmpl.Execute(os.Stdout, data); err != nil {
+		fail(err)
+	}
+}
+"""
+
+
+@pytest.fixture(scope="session")
+def go_render(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, list[dict[str, str]]], str]:
+    """Render a Go template on messages with a Go program built once per session."""
+    go = shutil.which("go")
+    if go is None:
+        pytest.skip("`go` not found (Debian package golang-go): cannot execute Ollama templates")
+    root = tmp_path_factory.mktemp("go")
+    (root / "render.go").write_text(GO_RENDER, encoding="utf-8")
+    env = {
+        **os.environ,
+        "GOCACHE": str(root / "cache"),
+        "GOPATH": str(root / "gopath"),
+        "GO111MODULE": "off",
+        "GOPROXY": "off",
+        "GOFLAGS": "",
+        "GOTOOLCHAIN": "local",
+        "CGO_ENABLED": "0",
+    }
+    exe = root / "render"
+    subprocess.run([go, "build", "-o", str(exe), "render.go"], cwd=root, env=env, check=True, timeout=300)
+    n = 0
+
+    def render(template: str, messages: list[dict[str, str]]) -> str:
+        nonlocal n
+        n += 1
+        t, m = root / f"t{n}.tmpl", root / f"m{n}.json"
+        t.write_text(template, encoding="utf-8")
+        m.write_text(json.dumps(messages), encoding="utf-8")
+        proc = subprocess.run([str(exe), str(t), str(m)], capture_output=True, check=False, timeout=60)
+        assert proc.returncode == 0, proc.stderr.decode()
+        return proc.stdout.decode("utf-8")
+
+    return render
+
+
+def modelfile_of(folder: Path) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for k, v in parse_modelfile((folder / "Modelfile").read_text(encoding="utf-8")):
+        out.setdefault(k, []).append(v)
+    return out
+
+
+def jinja_prompt(gguf_path: Path, messages: list[dict[str, str]]) -> str:
+    """The reference: the GGUF's own chat template, rendered in the doctor's sandbox, generation prompt on."""
+    info = read_model_info(gguf_path)
+    assert info.chat_template is not None
+    return render_chat(info.chat_template, messages, info.bos, info.eos)
+
+
+def assert_same_as_jinja(
+    gguf_path: Path, out_dir: Path, messages: list[dict[str, str]], go_render: Callable
+) -> str:
+    r = export_ollama(gguf_path, out_dir)
+    template = modelfile_of(out_dir)["template"][0]  # as Ollama's parser reads it back
+    assert template == r.template.template
+    expected = jinja_prompt(gguf_path, messages)
+    if r.template.strip_bos:  # Ollama adds BOS itself (add_bos_token): the TEMPLATE leaves it out
+        assert expected.startswith(r.template.bos)
+        expected = expected[len(r.template.bos) :]
+    got = go_render(template, messages)
+    assert got == expected
+    return got
+
+
+# ---------------------------------------------------------------------------------------------------
+# the proof: Go's text/template renders byte-identical prompts
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_chatml_template_renders_like_jinja_in_go(tiny_f16_gguf, tmp_path, go_render):
+    got = assert_same_as_jinja(tiny_f16_gguf, tmp_path / "ollama", CONVERSATION, go_render)
+    assert got.startswith("<|im_start|>system\nYou are a terse assistant.")
+    assert got.endswith("¿Y en español?<|im_end|>\n<|im_start|>assistant\n")
+    mf = modelfile_of(tmp_path / "ollama")
+    assert mf["from"] == ["./tiny-F16.gguf"]
+    assert (tmp_path / "ollama" / "tiny-F16.gguf").read_bytes() == tiny_f16_gguf.read_bytes()
+    assert mf["parameter stop"] == ["<|im_end|>"]  # end of turn, and the EOS token's text
+    assert mf["parameter num_ctx"] == ["128"]  # the model's trained context
+    assert "system" not in mf
+
+
+@pytest.mark.parametrize("style", ["llama3", "phi3", "zephyr", "llama2", "gemma3", "qwen25", "awkward"])
+def test_real_world_templates_render_like_jinja_in_go(style, style_gguf, tmp_path, go_render):
+    assert_same_as_jinja(style_gguf(style), tmp_path, CONVERSATION, go_render)
+    # without a system message, and a single turn
+    assert_same_as_jinja(style_gguf(style), tmp_path, CONVERSATION[1:], go_render)
+    assert_same_as_jinja(style_gguf(style), tmp_path, CONVERSATION[1:2], go_render)
+
+
+@pytest.mark.parametrize("style", ["mistral", "gemma"])
+def test_templates_without_system_role(style, style_gguf, tmp_path, go_render):
+    path = style_gguf(style)
+    assert_same_as_jinja(path, tmp_path / "a", CONVERSATION[1:], go_render)
+    r = export_ollama(path, tmp_path / "b")
+    assert r.template.system_note and "system" in r.template.system_note
+    assert any("renders no system messages" in w for w in r.warnings)
+    # a system prompt cannot be honoured: refused, not silently dropped
+    with pytest.raises(InputError, match="system prompt"):
+        export_ollama(path, tmp_path / "c", system="Be brief.")
+
+
+@pytest.mark.parametrize("style", ["chatml", *STYLES])
+def test_last_assistant_message_is_continued(style, style_gguf, tiny_f16_gguf, tmp_path, go_render):
+    """Ollama's convention: a trailing assistant message is left open (no end of turn) to be continued."""
+    path = tiny_f16_gguf if style == "chatml" else style_gguf(style)
+    msgs = CONVERSATION if style not in ("mistral", "gemma") else CONVERSATION[1:]
+    msgs = [*msgs, {"role": "assistant", "content": "Sure:"}]
+    r = export_ollama(path, tmp_path)
+    info = read_model_info(path)
+    # the Jinja render of the whole conversation without the generation prompt (sandboxed)
+    [(status, full)] = render_probes(info.chat_template, [(msgs, False)], info.bos, info.eos)
+    assert status == "ok"
+    if r.template.strip_bos:
+        full = full[len(r.template.bos) :]
+    got = go_render(r.template.template, msgs)
+    assert got.endswith("Sure:") and full.startswith(got)
+    assert full[len(got) :] == r.template.format.suffix["assistant"] + r.template.format.trailer
+
+
+@pytest.mark.parametrize("style", ["chatml", *STYLES])
+def test_go_template_matches_its_python_model(style, style_gguf, tiny_f16_gguf, tmp_path, go_render):
+    """Odd role orders (system mid-way, assistant first, tool): Go renders what ChatFormat predicts."""
+    path = tiny_f16_gguf if style == "chatml" else style_gguf(style)
+    fmt = export_ollama(path, tmp_path).template
+
+    def m(role: str, content: str) -> dict[str, str]:
+        return {"role": role, "content": content}
+
+    convs = [
+        [m("assistant", "a0"), m("user", "u1")],
+        [m("user", "u1"), m("system", "s1"), m("user", "u2")],
+        [m("system", "s0"), m("assistant", "a1")],
+        [m("user", "u1"), m("tool", "t1")],
+        [m("system", "only")],
+        [m("system", "s0"), m("user", "u1"), m("user", "u2"), m("assistant", "a1")],  # Ollama merges u1+u2
+    ]
+    for msgs in convs:
+        assert go_render(fmt.template, msgs) == fmt.format.ollama_equivalent(msgs), msgs
+
+
+def test_bos_left_to_ollama_only_when_the_model_adds_it(style_gguf, tmp_path):
+    r = export_ollama(style_gguf("llama3"), tmp_path / "a")
+    assert r.template.strip_bos and "<|begin_of_text|>" not in r.template.template
+    assert modelfile_of(tmp_path / "a")["parameter stop"] == ["<|eot_id|>"]
+    # same template, but the model does not add BOS: the TEMPLATE must write it
+    src = style_gguf("llama3")
+    no_bos = write_variant(
+        src, tmp_path / "nobos.gguf", LLAMA3, "<|begin_of_text|>", "<|end_of_text|>", False
+    )
+    r = export_ollama(no_bos, tmp_path / "b")
+    assert not r.template.strip_bos and r.template.template.startswith("<|begin_of_text|>")
+    assert modelfile_of(tmp_path / "b")["parameter stop"] == ["<|eot_id|>", "<|end_of_text|>"]
+
+
+def test_trimming_template_is_reported(style_gguf, tmp_path):
+    r = export_ollama(style_gguf("llama3"), tmp_path)
+    assert any("trims whitespace" in w for w in r.warnings)
+
+
+# ---------------------------------------------------------------------------------------------------
+# refusals: templates that a per-role Go template cannot reproduce
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_content_transforming_template_is_refused():
+    upper = "{% for m in messages %}<{{ m.role }}>{{ m.content | upper }}\n{% endfor %}"
+    with pytest.raises(TemplateExportError, match="transforms or repeats message content"):
+        derive_ollama_template(upper, "<s>", "</s>", False)
+
+
+def test_position_dependent_template_is_refused_with_the_mismatch():
+    third = (
+        "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% if loop.index0 == 3 %}[4th]{% endif %}"
+        "</{{ m.role }}>\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    with pytest.raises(TemplateExportError, match=r"cannot be expressed per role.*\[4th\]"):
+        derive_ollama_template(third, "<s>", "</s>", False)
+
+
+def test_unsafe_template_is_refused():
+    with pytest.raises(TemplateExportError, match="Python internals"):
+        derive_ollama_template("{{ messages.__class__ }}", "<s>", "</s>", False)
+
+
+@pytest.mark.parametrize("style", ["llama2", "gemma3"])
+def test_system_folded_into_first_user_turn(style, style_gguf, tmp_path):
+    r = export_ollama(style_gguf(style), tmp_path, system="Be brief.")
+    assert r.template.format.fold is not None and r.template.system_note is None
+    assert '"system" }}' not in r.template.template  # no system turn: it goes into the first user turn
+    assert modelfile_of(tmp_path)["system"] == ["Be brief."]
+
+
+def test_system_turn_that_varies_is_dropped_with_the_mismatch():
+    varies = (
+        "{% for m in messages %}<{{ m.role }}>{{ m.content }}</s>"
+        "{% if m.role == 'system' and messages | length > 2 %}[long]{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    t = derive_ollama_template(varies, "<s>", "</s>", False)
+    assert t.system_note and "[long]" in t.system_note and '"system"' not in t.template
+    assert any("renders no system messages" in w and "[long]" in w for w in t.warnings)
+
+
+def test_system_rendered_elsewhere_is_reported():
+    last = (
+        "{% for m in messages if m.role != 'system' %}<{{ m.role }}>{{ m.content }}</s>{% endfor %}"
+        "{% for m in messages if m.role == 'system' %}[SYS]{{ m.content }}{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    t = derive_ollama_template(last, "<s>", "</s>", False)
+    assert t.system_note and '"system"' not in t.template
+    assert any("renders no system messages" in w for w in t.warnings)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Modelfile parameters
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_modelfile_system_and_context(tiny_f16_gguf, tmp_path):
+    vt = gguf.GGUFValueType
+    rec = write_variant(
+        tiny_f16_gguf,
+        tmp_path / "rec.gguf",
+        read_model_info(tiny_f16_gguf).chat_template,
+        "<|endoftext|>",
+        "<|im_end|>",
+        extra={"gguf_factory.context_length": (vt.UINT32, 64)},
+    )
+    export_ollama(rec, tmp_path / "a", system='Answer "briefly".\nNo lists.')
+    mf = modelfile_of(tmp_path / "a")
+    assert mf["system"] == ['Answer "briefly".\nNo lists.']
+    assert mf["parameter num_ctx"] == ["64"]  # the recommended context wins over the trained one
+    big = write_variant(
+        tiny_f16_gguf,
+        tmp_path / "big.gguf",
+        read_model_info(tiny_f16_gguf).chat_template,
+        extra={"llama.context_length": (vt.UINT32, 131072)},
+    )
+    export_ollama(big, tmp_path / "b", num_ctx=None)
+    assert modelfile_of(tmp_path / "b")["parameter num_ctx"] == ["8192"]  # capped
+    export_ollama(big, tmp_path / "c", num_ctx=2048)
+    assert modelfile_of(tmp_path / "c")["parameter num_ctx"] == ["2048"]
+    with pytest.raises(InputError, match='"""'):
+        export_ollama(tiny_f16_gguf, tmp_path / "d", system='say """')
+
+
+def test_gguf_without_chat_template(tiny_f16_gguf, tmp_path):
+    plain = write_variant(tiny_f16_gguf, tmp_path / "plain.gguf", None, "<s>", "</s>")
+    r = export_ollama(plain, tmp_path / "out")
+    assert r.template is None and any("no chat template" in w for w in r.warnings)
+    mf = modelfile_of(tmp_path / "out")
+    assert "template" not in mf and "parameter stop" not in mf
+    assert mf["from"] == ["./plain.gguf"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# LM Studio
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_lmstudio_layout(tiny_f16_gguf, tmp_path):
+    r = export_lmstudio(tiny_f16_gguf, tmp_path / "models")
+    assert r.gguf == tmp_path / "models" / "gguf-factory" / "model-hf-GGUF" / "tiny-F16.gguf"
+    assert r.gguf.read_bytes() == tiny_f16_gguf.read_bytes()
+    r = export_lmstudio(tiny_f16_gguf, tmp_path / "models", publisher="acme labs", name="sub-ai", copy=True)
+    assert r.gguf == tmp_path / "models" / "acme-labs" / "sub-ai-GGUF" / "tiny-F16.gguf"
+    assert not os.path.samefile(r.gguf, tiny_f16_gguf)
+    proc = run_cli("export", "lmstudio", tiny_f16_gguf, "-o", tmp_path / "cli", "--publisher", "me")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "cli" / "me" / "model-hf-GGUF" / "tiny-F16.gguf").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------
+# release + verify-release
+# ---------------------------------------------------------------------------------------------------
+
+
+def ladder_json(tmp_path: Path, ref: Path, rung: Path) -> Path:
+    """A ladder.json written through ladder.py's own result classes."""
+    from gguf_factory.ladder import LadderResult, Rung
+
+    def r(p: Path, qtype: str, ppl: float, kld: float | None, top1: float | None) -> Rung:
+        return Rung(
+            qtype=qtype,
+            path=str(p),
+            size_bytes=p.stat().st_size,
+            bits_per_weight=8.0,
+            reduction=0.0,
+            tensor_types={},
+            perplexity=ppl,
+            kld_mean=kld,
+            top1=top1,
+        )
+
+    res = LadderResult(
+        reference=r(ref, "F32", 12.3456, None, None), rungs=[r(rung, "F16", 12.5, 0.0123, 0.975)]
+    )
+    path = tmp_path / "ladder.json"
+    path.write_text(json.dumps(res.to_json()), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def release(tiny_f16_gguf, tiny_f32_gguf, tmp_path) -> Path:
+    out = tmp_path / "release"
+    ladder = ladder_json(tmp_path, tiny_f32_gguf, tiny_f16_gguf)
+    r = export_release([tiny_f16_gguf, tiny_f32_gguf], out, ladder=ladder, system="Be kind.")
+    assert r.folder == out
+    return out
+
+
+def test_release_contents(release, tiny_f16_gguf, tiny_f32_gguf):
+    names = sorted(p.name for p in release.iterdir())
+    assert names == ["Modelfile", "README.md", "SHA256SUMS", "tiny-F16.gguf", "tiny-F32.gguf"]
+    assert not [p for p in release.parent.iterdir() if p.name.startswith(".release")]  # no temp left
+    sums = (release / "SHA256SUMS").read_text().splitlines()
+    assert len(sums) == 4
+    for line in sums:
+        digest, name = line.split("  ")
+        assert hashlib.sha256((release / name).read_bytes()).hexdigest() == digest
+    assert (release / "tiny-F32.gguf").read_bytes() == tiny_f32_gguf.read_bytes()
+    mf = modelfile_of(release)
+    assert mf["from"] == ["./tiny-F16.gguf"] and mf["system"] == ["Be kind."]
+    card = (release / "README.md").read_text()
+    assert "| `tiny-F16.gguf` | F16 |" in card and "| `tiny-F32.gguf` | F32 |" in card
+    assert "12.500" in card and "0.0123" in card and "97.5%" in card and "12.346 (reference)" in card
+    assert "`llama`" in card and "128 tokens" in card and "<|im_start|>" in card
+    assert "ollama create model-hf -f Modelfile" in card and "llama-cli -m tiny-F16.gguf" in card
+    assert ".lmstudio/models/gguf-factory/model-hf-GGUF/tiny-F16.gguf" in card
+    report = verify_release(release)
+    assert report.findings == [] and report.exit_code == 0
+    assert sorted(report.checked) == sorted(line.split("  ")[1] for line in sums)
+
+
+def test_release_refuses_non_empty_folder(tiny_f16_gguf, tmp_path):
+    out = tmp_path / "rel"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(InputError, match="not empty"):
+        export_release([tiny_f16_gguf], out)
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    proc = run_cli("export", "release", tiny_f16_gguf, "-o", out)
+    assert_one_line_error(proc, "not empty")
+
+
+def test_verify_release_corrupted_byte(release):
+    path = release / "tiny-F32.gguf"
+    data = bytearray(path.read_bytes())
+    data[len(data) - 100] ^= 0x01  # one bit in the last tensor's data
+    path.write_bytes(bytes(data))
+    report = verify_release(release)
+    assert [(f.code, f.file) for f in report.findings] == [("checksum-mismatch", "tiny-F32.gguf")]
+    proc = run_cli("verify-release", release)
+    assert proc.returncode == 1, proc.stdout
+    assert "tiny-F32.gguf" in proc.stdout and "checksum-mismatch" in proc.stdout
+
+
+def test_verify_release_corrupted_header(release):
+    path = release / "tiny-F16.gguf"
+    data = bytearray(path.read_bytes())
+    data[0:4] = b"GGUX"
+    path.write_bytes(bytes(data))
+    codes = {(f.code, f.file) for f in verify_release(release).findings}
+    assert ("checksum-mismatch", "tiny-F16.gguf") in codes and ("gguf-invalid", "tiny-F16.gguf") in codes
+
+
+def test_verify_release_missing_unlisted_and_dangling(release, tiny_f16_gguf):
+    (release / "tiny-F32.gguf").unlink()
+    shutil.copyfile(tiny_f16_gguf, release / "extra.gguf")
+    report = verify_release(release)
+    found = {(f.code, f.file) for f in report.findings}
+    assert found == {
+        ("missing-file", "tiny-F32.gguf"),
+        ("unlisted-gguf", "extra.gguf"),
+        ("card-missing-file", "README.md"),
+    }
+    proc = run_cli("verify-release", release)
+    assert proc.returncode == 1 and "tiny-F32.gguf" in proc.stdout and "extra.gguf" in proc.stdout
+
+
+def test_verify_release_modelfile_from(release):
+    mf = release / "Modelfile"
+    mf.write_text(mf.read_text().replace("FROM ./tiny-F16.gguf", "FROM ./gone.gguf"))
+    found = {f.code for f in verify_release(release).findings}
+    assert found == {"checksum-mismatch", "modelfile-from-missing"}
+
+
+def test_cli_export_ollama_and_release(tiny_f16_gguf, style_gguf, tmp_path):
+    proc = run_cli("export", "ollama", tiny_f16_gguf, "-o", tmp_path / "ol", "--system", "Hi there")
+    assert proc.returncode == 0, proc.stderr
+    assert modelfile_of(tmp_path / "ol")["system"] == ["Hi there"]
+    proc = run_cli("export", "ollama", style_gguf("gemma"), "-o", tmp_path / "g", "--system", "x")
+    assert_one_line_error(proc, "system prompt", "System role not supported")
+    proc = run_cli("export", "ollama", style_gguf("gemma"), "-o", tmp_path / "g2")
+    assert proc.returncode == 0 and "warning:" in proc.stderr and "no system messages" in proc.stderr
+    proc = run_cli("export", "release", tiny_f16_gguf, "-o", tmp_path / "rel")
+    assert proc.returncode == 0, proc.stderr
+    proc = run_cli("verify-release", tmp_path / "rel")
+    assert proc.returncode == 0 and "clean" in proc.stdout, proc.stdout
+    proc = run_cli("verify-release", tmp_path / "nope")
+    assert_one_line_error(proc, "nope")
