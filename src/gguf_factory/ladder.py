@@ -10,7 +10,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,7 +113,8 @@ def _f(v: float | None, scale: float, spec: str) -> str:
     return "–" if v is None else format(v * scale, spec)
 
 
-def _rung(qtype: str, path: Path, ref_bytes: int) -> Rung:
+def rung_of(qtype: str, path: Path, ref_bytes: int) -> Rung:
+    """A :class:`Rung` for a file: size, bits per weight, reduction, tensor types (no scores yet)."""
     info = read_gguf_info(path)
     size = path.stat().st_size
     return Rung(
@@ -179,7 +180,7 @@ def ladder(
     out = prepare_output_dir(out_dir)
     stem = re.sub(r"[-_.](F32|F16|BF16|f32|f16|bf16)$", "", src.stem)
     ref_label = _float_label(info.type_counts())
-    reference = _rung(ref_label, src, src.stat().st_size)
+    reference = rung_of(ref_label, src, src.stat().st_size)
     rungs: list[Rung] = []
     for name in names:
         path = out / f"{stem}-{name}.gguf"
@@ -187,7 +188,7 @@ def ladder(
             log.info("reusing %s", path)
         else:
             quantize(src, path, name, threads=threads, imatrix=imatrix)
-        rungs.append(_rung(name, path, reference.size_bytes))
+        rungs.append(rung_of(name, path, reference.size_bytes))
 
     result = LadderResult(reference=reference, rungs=rungs)
     if data is not None:
@@ -230,27 +231,43 @@ def _float_label(counts: dict[str, int]) -> str:
     return "F32"
 
 
-def write_plot(rungs: Sequence[Rung], path: Path, title: str = "") -> Path:
+def write_plot(
+    rungs: Sequence[Rung],
+    path: Path,
+    title: str = "",
+    *,
+    label: str | None = None,
+    others: Mapping[str, Sequence[Rung]] | None = None,
+) -> Path:
     """Size (MB) vs mean KLD (log scale), one labelled point per rung, written atomically.
+
+    ``others``: more series (label -> rungs) drawn on the same axes, e.g. imatrix or auto-quant variants
+    of the same levels; then ``label`` names the first series in the legend.
     """
-    pts = sorted((r for r in rungs if r.kld_mean is not None), key=lambda r: r.size_bytes)
-    xs = [r.size_bytes / 1e6 for r in pts]
-    ys = [max(r.kld_mean or 0.0, 1e-9) for r in pts]
     heading = f"{title}: size vs KLD" if title else "size vs KLD"
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
-    ax.plot(xs, ys, "o-", color="#3465a4")
-    for r, x, y in zip(pts, xs, ys, strict=True):
-        ax.annotate(r.qtype, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2) if not others else (7.2, 4.8), dpi=110)
+    series = [(label, rungs), *(others or {}).items()]
+    styles = ["o-", "s--", "^-", "d:", "v-."]
+    colors = ["#3465a4", "#f57900", "#4e9a06", "#75507b", "#cc0000"]
+    for k, (name, rs) in enumerate(series):
+        pts = sorted((r for r in rs if r.kld_mean is not None), key=lambda r: r.size_bytes)
+        xs = [r.size_bytes / 1e6 for r in pts]
+        ys = [max(r.kld_mean or 0.0, 1e-9) for r in pts]
+        ax.plot(xs, ys, styles[k % len(styles)], color=colors[k % len(colors)], label=name)
+        for r, x, y in zip(pts, xs, ys, strict=True):
+            ax.annotate(r.qtype, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_yscale("log")
     ax.set_xlabel("file size (MB)")
     ax.set_ylabel("mean KL divergence vs reference (nats, log)")
     ax.set_title(heading)
     ax.grid(True, which="both", alpha=0.3)
+    if others:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
