@@ -101,10 +101,29 @@ def train(
     ] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 1234,
     threads: Threads = None,
+    lora: Annotated[
+        bool, typer.Option("--lora", help="Train a PEFT LoRA adapter for --base instead of all its weights.")
+    ] = False,
+    lora_rank: Annotated[int | None, typer.Option(help="LoRA rank (default 8).")] = None,
+    lora_alpha: Annotated[
+        float | None, typer.Option(help="LoRA alpha; updates are scaled by alpha/rank (default 16).")
+    ] = None,
+    lora_targets: Annotated[
+        str | None, typer.Option(help="Comma list of module names (default: attention and MLP projections).")
+    ] = None,
+    lora_dropout: Annotated[float | None, typer.Option(help="LoRA dropout (default 0.05).")] = None,
 ) -> None:
-    """Train a small Llama chat model from scratch, or fine-tune a local HF causal LM."""
+    """Train a small Llama chat model from scratch, fine-tune a local HF causal LM, or train a LoRA for it."""
+    from .errors import TrainingError
+    from .train import LoraSettings
     from .train import train as do_train
 
+    lora_opts = {"rank": lora_rank, "alpha": lora_alpha, "dropout": lora_dropout}
+    if lora_targets is not None:
+        lora_opts["targets"] = tuple(t.strip() for t in lora_targets.split(",") if t.strip())
+    lora_opts = {k: v for k, v in lora_opts.items() if v is not None}
+    if lora_opts and not lora:
+        raise TrainingError(f"--lora-{next(iter(lora_opts))} needs --lora")
     r = do_train(
         data,
         output,
@@ -119,9 +138,11 @@ def train(
         keep=keep,
         seed=seed,
         threads=threads,
+        lora=LoraSettings(**lora_opts) if lora else False,
     )
+    what = "LoRA adapter" if lora else "M params"
     console.print(
-        f"saved {r.model_dir}: {r.n_params / 1e6:.2f} M params, {r.epochs_run} epochs, kept epoch "
+        f"saved {r.model_dir}: {r.n_params / 1e6:.2f} {what}, {r.epochs_run} epochs, kept epoch "
         f"{r.kept_epoch}; best by val {r.monitor}: epoch {r.best_epoch} (val loss {r.best_val_loss:.3f}, "
         f"val accuracy {r.best_val_accuracy:.1%}), {r.seconds:.0f} s"
     )
@@ -861,6 +882,32 @@ def verify_release_cmd(
         sys.exit(1)
     console.print(f"{r.folder}: clean ({len(r.checked)} checksums match)", highlight=False)
 
+
+@app.command("merge")
+def merge_cmd(
+    base: Annotated[Path, typer.Argument(help="The adapters' base Hugging Face model folder.")],
+    adapter: Annotated[
+        list[str], typer.Option("--adapter", "-a", help="PEFT LoRA adapter: DIR or DIR:WEIGHT (repeatable).")
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="New output folder (parent must exist).")],
+    gguf: Annotated[bool, typer.Option("--gguf", help="Also write OUTPUT/<name>-<OUTTYPE>.gguf.")] = False,
+    outtype: Annotated[str, typer.Option(help="GGUF type with --gguf: f32 | f16 | bf16 | q8_0.")] = "f16",
+    dtype: Annotated[
+        str, typer.Option(help="Saved weights: auto (the base's) | float32 | float16 | bfloat16.")
+    ] = "auto",
+    force: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+) -> None:
+    """Merge LoRA adapters (weighted) into their base: a HF model folder, optionally with its GGUF."""
+    from .merge import merge
+
+    r = merge(base, adapter, output, gguf=gguf, outtype=outtype, dtype=dtype, overwrite=force)
+    parts = ", ".join(f"{a.path.name}x{a.weight:g}" for a in r.adapters)
+    gguf_note = f"; {r.gguf}" if r.gguf else ""
+    console.print(
+        f"wrote {r.out_dir} ({parts}; {r.combination}, rank {r.rank}, {r.n_params / 1e6:.2f} M params"
+        f"{gguf_note}, {r.seconds:.1f} s)",
+        soft_wrap=True,
+    )
 
 def main() -> None:
     """Entry point: user errors print one line and exit 2, without a traceback."""

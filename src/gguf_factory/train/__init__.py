@@ -2,6 +2,7 @@
 
 >>> result = train("data/", "models/nano")                     # doctest: +SKIP
 >>> result = train("data/", "models/ft", base="models/smollm")  # doctest: +SKIP
+>>> result = train("data/", "adapters/food", base="models/smollm", lora=True)  # doctest: +SKIP
 
 The output is an ordinary Hugging Face model folder (safetensors, tokenizer with a chat template,
 generation config) plus ``training.json``; it is written beside ``out_dir`` and renamed into place at the
@@ -15,12 +16,23 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the implementations import torch: loaded on first use, not with the package
     from .loop import TrainResult
+    from .lora import LoraSettings
     from .scratch import ModelPreset
 
-__all__ = ["FINETUNE_DEFAULTS", "PRESETS", "ModelPreset", "TrainResult", "train"]
+__all__ = [
+    "FINETUNE_DEFAULTS",
+    "LORA_DEFAULTS",
+    "PRESETS",
+    "LoraSettings",
+    "ModelPreset",
+    "TrainResult",
+    "train",
+]
 
 _LAZY = {
     "FINETUNE_DEFAULTS": "finetune",
+    "LORA_DEFAULTS": "lora",
+    "LoraSettings": "lora",
     "PRESETS": "scratch",
     "ModelPreset": "scratch",
     "TrainResult": "loop",
@@ -52,6 +64,7 @@ def train(
     threads: int | None = None,
     progress: bool = True,
     max_steps: int | None = None,
+    lora: bool | LoraSettings = False,
 ) -> TrainResult:
     """Train on the prepared dataset in ``data_dir`` and write a HF model folder at ``out_dir``.
 
@@ -63,6 +76,10 @@ def train(
     tokens, or ``"loss"``); training stops after ``patience`` epochs without improvement or after
     ``max_steps`` optimizer steps. ``keep="last"`` saves the last epoch's weights instead of the best's.
     ``patience`` and ``keep`` default to the preset's (fine-tuning: 5 and ``"best"``).
+
+    ``lora=True`` (default :class:`LoraSettings`) or a :class:`LoraSettings` trains a PEFT LoRA adapter
+    for ``base`` instead of all its weights: ``out_dir`` is then an adapter folder (unset settings take
+    :data:`LORA_DEFAULTS`).
     """
     from .finetune import finetune
     from .scratch import train_scratch
@@ -71,6 +88,17 @@ def train(
         epochs=epochs, batch_size=batch_size, lr=lr, max_seq_len=max_seq_len, patience=patience,
         monitor=monitor, keep=keep, seed=seed, threads=threads, progress=progress, max_steps=max_steps,
     )
+    if lora is not False and lora is not None:
+        from ..errors import TrainingError
+        from .lora import LoraSettings, train_lora
+
+        if base is None:
+            raise TrainingError("LoRA training (--lora) needs a base model folder (--base)")
+        if lora is True:
+            lora = LoraSettings()
+        if not isinstance(lora, LoraSettings):
+            raise TrainingError(f"lora must be True or a LoraSettings, got {lora!r}")
+        return train_lora(data_dir, out_dir, base=base, lora=lora, **common)
     if base is None:
         return train_scratch(data_dir, out_dir, preset=preset, **common)
     return finetune(data_dir, out_dir, base=base, **common)

@@ -1,0 +1,279 @@
+"""LoRA fine-tuning (PEFT) of a local Hugging Face causal-LM folder on one prepared chat dataset.
+
+The base is loaded and made chat-ready exactly as for full fine-tuning (:mod:`.finetune`), its weights are
+frozen, and PEFT LoRA pairs are trained on the chosen linear layers with the shared loop (:mod:`.loop`).
+The output folder is a PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``) with the
+tokenizer files (carrying the chat template) and ``training.json``; it is written beside ``out_dir`` and
+renamed into place at the end. ``gguf-factory convert-lora`` turns it into a GGUF LoRA llama.cpp applies at
+load time; ``gguf-factory merge`` folds it into the base.
+
+A LoRA adapter cannot add tokens: a base without a chat template whose vocabulary lacks ChatML's
+``<|im_start|>`` / ``<|im_end|>`` is refused (fine-tune it fully first, or pick a chat base).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import files
+from ..errors import TrainingError
+from .finetune import _max_positions, _token_id, check_base_folder, load_base, prepare_chat
+from .loop import (
+    LoopSettings,
+    TrainResult,
+    check_out_dir,
+    count_params,
+    encode_splits,
+    evaluate,
+    load_splits,
+    quiet_hf_progress,
+    run_loop,
+    seed_everything,
+    set_threads,
+    time_now,
+    train_result,
+    training_record,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["LORA_DEFAULTS", "LoraSettings", "default_targets", "linear_modules", "train_lora"]
+
+
+@dataclass(frozen=True)
+class LoraDefaults:
+    """Loop settings a LoRA run takes when unset (LoRA wants a higher learning rate than full tuning)."""
+
+    epochs: int = 3
+    lr: float = 2e-4
+    batch_size: int = 8
+    max_seq_len: int = 512
+    patience: int = 5
+
+
+LORA_DEFAULTS = LoraDefaults()
+
+# Leaf names of MoE routers: linear layers inside the blocks that are not projections worth adapting.
+_ROUTERS = frozenset({"gate", "router"})
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """The adapter's shape. ``targets=None``: every attention and MLP projection of the architecture
+    (:func:`default_targets`). ``alpha / rank`` scales the update, as in PEFT."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] | None = None
+    dropout: float = 0.05
+    extra: dict[str, Any] = field(default_factory=dict)
+    """More ``peft.LoraConfig`` keyword arguments (e.g. ``use_rslora=True``), passed as they are."""
+
+    def check(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise TrainingError(f"LoRA rank (--lora-rank) must be a whole number >= 1, got {self.rank!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float):
+            raise TrainingError(f"LoRA alpha (--lora-alpha) must be a number, got {self.alpha!r}")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise TrainingError(f"LoRA alpha (--lora-alpha) must be a positive number, got {self.alpha!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, int | float):
+            raise TrainingError(f"LoRA dropout (--lora-dropout) must be a number, got {self.dropout!r}")
+        if not (0 <= self.dropout < 1):
+            raise TrainingError(f"LoRA dropout (--lora-dropout) must be in [0, 1), got {self.dropout!r}")
+        if self.targets is not None:
+            if isinstance(self.targets, str) or not self.targets:
+                raise TrainingError(
+                    f"LoRA targets (--lora-targets) must be a non-empty list of names, got {self.targets!r}"
+                )
+            for t in self.targets:
+                if not isinstance(t, str) or not re.fullmatch(r"[A-Za-z_][\w.]*", t):
+                    raise TrainingError(f"LoRA targets (--lora-targets): {t!r} is not a module name")
+
+
+def _is_linear(module: Any) -> bool:
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, torch.nn.Linear | Conv1D)
+
+
+def linear_modules(model: Any) -> list[str]:
+    """Full names of the linear layers (``nn.Linear`` and GPT-2's ``Conv1D``) inside repeated blocks:
+    the attention and MLP projections (not the embeddings, not ``lm_head``)."""
+    names = []
+    for name, module in model.named_modules():
+        parts = name.split(".")
+        if _is_linear(module) and any(p.isdigit() for p in parts[:-1]):
+            names.append(name)
+    return names
+
+
+def default_targets(model: Any) -> list[str]:
+    """The leaf names of :func:`linear_modules` (e.g. ``q_proj ... down_proj`` for Llama, ``c_attn c_proj
+    c_fc`` for GPT-2, ``qkv_proj o_proj gate_up_proj down_proj`` for Phi-3), MoE routers left out."""
+    leaves = {n.rsplit(".", 1)[-1] for n in linear_modules(model)}
+    return sorted(leaves - _ROUTERS)
+
+
+def _check_targets(model: Any, targets: list[str]) -> None:
+    """Each target must name (as PEFT matches it: the whole name or a dotted suffix) a linear layer."""
+    linear = linear_modules(model)
+    available = ", ".join(default_targets(model)) or "none"
+    for t in targets:
+        if not any(n == t or n.endswith("." + t) for n in linear):
+            other = any(n == t or n.endswith("." + t) for n, _ in model.named_modules())
+            why = "is not a linear layer inside the model's blocks" if other else "matches no module"
+            raise TrainingError(
+                f"LoRA targets (--lora-targets): {t!r} {why} of {type(model).__name__}; "
+                f"choose from: {available}"
+            )
+
+
+def train_lora(
+    data_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    base: str | os.PathLike[str],
+    lora: LoraSettings | None = None,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    max_seq_len: int | None = None,
+    patience: int | None = None,
+    monitor: str = "accuracy",
+    keep: str | None = None,
+    seed: int = 1234,
+    threads: int | None = None,
+    progress: bool = True,
+    max_steps: int | None = None,
+) -> TrainResult:
+    """Train a LoRA adapter for the HF model folder ``base`` on the dataset in ``data_dir``.
+
+    ``TrainResult.model_dir`` is the adapter folder and ``n_params`` the adapter's (trainable) parameters.
+    ``training.json`` also records the base's validation loss and accuracy before training.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    t0 = time_now()
+    lora = lora or LoraSettings()
+    lora.check()
+    d = LORA_DEFAULTS
+    settings = LoopSettings(
+        epochs=d.epochs if epochs is None else epochs,
+        batch_size=d.batch_size if batch_size is None else batch_size,
+        lr=d.lr if lr is None else lr,
+        patience=d.patience if patience is None else patience,
+        monitor=monitor,
+        keep="best" if keep is None else keep,
+        seed=seed,
+        max_steps=max_steps,
+        progress=progress,
+    )
+    settings.check()
+    base_dir = check_base_folder(base).resolve()
+    out = check_out_dir(out_dir)
+    if out.resolve() == base_dir:
+        raise TrainingError(f"the output folder is the base model folder: {out}")
+    splits = load_splits(data_dir)
+    n_threads = set_threads(threads)
+    seed_everything(seed)
+
+    model, tokenizer = load_base(base_dir)
+    n_emb = model.get_input_embeddings().weight.shape[0]
+    chat_info = prepare_chat(model, tokenizer)
+    if "resized_embeddings" in chat_info:
+        raise TrainingError(
+            f"{base_dir}: the base has no chat template and its vocabulary lacks "
+            f"{', '.join(chat_info['added_tokens'])}; "
+            f"a LoRA adapter cannot add tokens ({n_emb} embeddings): fine-tune the base fully first "
+            "(train --base without --lora) or use a base with a chat template"
+        )
+    limit = _max_positions(model.config)
+    seq = max_seq_len if max_seq_len is not None else d.max_seq_len
+    if limit is not None and seq > limit:
+        if max_seq_len is not None:
+            log.warning("max_seq_len %d is over the model's %d positions; using %d", seq, limit, limit)
+        seq = limit
+    tr, va = encode_splits(tokenizer, splits, seq)
+    pad_id = _token_id(tokenizer, tokenizer.pad_token)
+    base_params = count_params(model)
+    targets = list(lora.targets) if lora.targets is not None else default_targets(model)
+    if not targets:
+        raise TrainingError(f"{base_dir}: no linear layer to adapt was found; name them with --lora-targets")
+    _check_targets(model, targets)
+    base_loss, base_acc = evaluate(model, va.examples, max(1, settings.batch_size * 2), pad_id)
+    model.name_or_path = str(base_dir)  # PEFT records it as base_model_name_or_path
+    conv1d = any(not isinstance(m, torch.nn.Linear) for n, m in model.named_modules() if _is_linear(m))
+    config = LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=float(lora.dropout),
+        target_modules=targets,
+        bias="none",
+        task_type="CAUSAL_LM",
+        fan_in_fan_out=conv1d,  # GPT-2's Conv1D stores its weight transposed
+        **lora.extra,
+    )
+    try:
+        peft_model = get_peft_model(model, config)
+    except (ValueError, TypeError) as e:
+        raise TrainingError(f"cannot add LoRA to {base_dir} with targets {targets}: {e}") from None
+    n_params = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    log.info(
+        "LoRA on %s: rank %d, alpha %g, targets %s: %.3f M trainable of %.2f M parameters",
+        base_dir,
+        lora.rank,
+        lora.alpha,
+        ",".join(targets),
+        n_params / 1e6,
+        base_params / 1e6,
+    )
+
+    with files.atomic_path(out) as tmp:
+        tmp.mkdir()
+        outcome = run_loop(peft_model, tr.examples, va.examples, settings, pad_id=pad_id)
+        with quiet_hf_progress():
+            peft_model.save_pretrained(tmp, save_embedding_layers=False)
+        tokenizer.save_pretrained(tmp)
+        seconds = time_now() - t0
+        extra = {
+            "preset": None,
+            "base": str(base_dir),
+            "base_architecture": list(getattr(model.config, "architectures", None) or []),
+            "base_n_params": base_params,
+            "lora": {
+                "rank": lora.rank,
+                "alpha": lora.alpha,
+                "dropout": lora.dropout,
+                "targets": targets,
+                **({"extra": lora.extra} if lora.extra else {}),
+            },
+            "base_val_loss": base_loss if math.isfinite(base_loss) else None,
+            "base_val_accuracy": base_acc if math.isfinite(base_acc) else None,
+            "chat": chat_info,
+        }
+        record = training_record(
+            kind="lora",
+            settings=settings,
+            outcome=outcome,
+            n_params=n_params,
+            max_seq_len=seq,
+            threads=n_threads,
+            train=tr,
+            val=va,
+            seconds=seconds,
+            extra=extra,
+        )
+        (tmp / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+        readme = tmp / "README.md"  # PEFT's model-card stub: not ours to ship half-filled
+        if readme.is_file():
+            readme.unlink()
+
+    return train_result(out, n_params, settings, outcome, tr, va, seconds=time_now() - t0)
