@@ -637,7 +637,13 @@ def convert_lora_(
 
 @app.command()
 def serve(
-    model: Annotated[Path, typer.Argument(help="GGUF model file (its id is the file name without .gguf).")],
+    model: Annotated[
+        Path,
+        typer.Argument(
+            help="GGUF model file (its id is the file name without .gguf), or a router manifest (.yaml): "
+            "each domain is a model, and \"auto\" routes by intent."
+        ),
+    ],
     host: Annotated[str, typer.Option(help="Address to bind (0.0.0.0 exposes it to the network).")] = (
         "127.0.0.1"
     ),
@@ -908,6 +914,68 @@ def merge_cmd(
         f"{gguf_note}, {r.seconds:.1f} s)",
         soft_wrap=True,
     )
+
+router_app = typer.Typer(
+    help="Router manifests: fit the routing model, show decisions.", no_args_is_help=True
+)
+app.add_typer(router_app, name="router")
+
+
+@router_app.command("fit")
+def router_fit_cmd(
+    manifest: Annotated[Path, typer.Argument(help="Router manifest (router.yaml).")],
+    data: Annotated[
+        Path | None,
+        typer.Option(help="A `prepare` folder whose conversations carry domain tags (else each domain's)."),
+    ] = None,
+) -> None:
+    """Fit the routing model on each domain's training prompts; report held-out accuracy per domain."""
+    from rich.table import Table
+
+    from .router import accuracy_table, fit_router
+
+    r = fit_router(manifest, data=data)
+    table = Table(title=f"routing accuracy on held-out prompts ({r.manifest.name})")
+    for col in ("domain", "training texts", "held-out prompts", "accuracy"):
+        table.add_column(col, justify="right" if col != "domain" else "left")
+    for row in accuracy_table(r):
+        table.add_row(*map(str, row))
+    console.print(table)
+    console.print(
+        f"overall {100 * r.accuracy:.1f} %, lowest domain {100 * r.min_accuracy:.1f} %; wrote {r.classifier} "
+        f"and updated {r.manifest} ({r.seconds:.1f} s)",
+        soft_wrap=True,
+    )
+
+
+@app.command("route")
+def route_cmd(
+    manifest: Annotated[Path, typer.Argument(help="Router manifest (router.yaml).")],
+    text: Annotated[str, typer.Argument(help="A user message.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the decision as JSON.")] = False,
+) -> None:
+    """Which domain (GGUF + adapter) a message goes to, by which rule, with what confidence."""
+    import json
+
+    from .router import Router
+
+    router = Router(manifest, check_files=False)
+    d = router.route(text)
+    t = router.targets[d.domain]
+    if as_json:
+        doc = {
+            "domain": d.domain, "confidence": d.confidence, "rule": d.rule, "matched": list(d.matched),
+            "scores": d.scores, "model": str(t.model), "adapter": str(t.adapter) if t.adapter else None,
+        }  # fmt: skip
+        console.print_json(json.dumps(doc))
+        return
+    why = f"keywords {', '.join(d.matched)}" if d.rule == "keyword" else d.rule
+    console.print(f"[bold]{d.domain}[/bold] (confidence {d.confidence:.2f}, by {why})", highlight=False)
+    lora = f" + LoRA {t.adapter} (scale {t.adapter_scale:g})" if t.adapter else ""
+    console.print(f"  model {t.model}{lora}", soft_wrap=True, highlight=False)
+    for name, score in sorted(d.scores.items(), key=lambda kv: -kv[1]):
+        console.print(f"  {name:<20} {score:.3f}", highlight=False)
+
 
 def main() -> None:
     """Entry point: user errors print one line and exit 2, without a traceback."""

@@ -6,8 +6,10 @@ import logging
 import os
 from pathlib import Path
 
+from ..files import parse_size
+from ..router import Router
 from .app import create_app
-from .pool import ModelPool, PoolBusyError, UnknownModelError, parse_size
+from .pool import ModelPool, ModelSpec, PoolBusyError, UnknownModelError
 
 __all__ = ["ModelPool", "PoolBusyError", "UnknownModelError", "create_app", "parse_size", "run_server"]
 
@@ -28,12 +30,14 @@ def run_server(
     threads: int | None = None,
     queue_timeout: float = 60.0,
 ) -> None:
-    """Serve one GGUF (its id is the file stem) with uvicorn until interrupted."""
+    """Serve one GGUF (its id is the file stem), or a router manifest (``.yaml``: one id per domain, plus
+    ``auto``), with uvicorn until interrupted."""
     import uvicorn
 
     path = Path(model)
+    router, models = pool_models(path)
     pool = ModelPool(
-        {path.stem: path},
+        models,
         budget_bytes=parse_size(memory_budget) if memory_budget is not None else None,
         n_ctx=n_ctx,
         n_threads=threads,
@@ -41,11 +45,27 @@ def run_server(
     )
     key = api_key or os.environ.get(API_KEY_ENV) or None
     app = create_app(
-        pool, api_key=key, max_tokens_limit=max_tokens_limit, max_prompt_tokens=max_prompt_tokens
+        pool,
+        api_key=key,
+        max_tokens_limit=max_tokens_limit,
+        max_prompt_tokens=max_prompt_tokens,
+        router=router,
     )
     auth = " (API key required)" if key else ""
-    log.info("serving %s as %r on http://%s:%d/v1%s", path, path.stem, host, port, auth)
+    log.info("serving %s as %s on http://%s:%d/v1%s", path, ", ".join(models), host, port, auth)
     try:
         uvicorn.run(app, host=host, port=port, log_level="info")
     finally:
         pool.close()
+
+
+def pool_models(path: Path) -> tuple[Router | None, dict[str, ModelSpec]]:
+    """The pool's models for a GGUF file or a router manifest (and the router, for a manifest)."""
+    if path.suffix.lower() in (".yaml", ".yml"):
+        router = Router(path)
+        specs = {
+            name: ModelSpec(t.model, t.adapter, t.adapter_scale, t.context_length)
+            for name, t in router.targets.items()
+        }
+        return router, specs
+    return None, {path.stem: ModelSpec(path)}

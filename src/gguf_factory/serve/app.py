@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from ..errors import FactoryError
+from ..router import AUTO, RouteDecision, Router
 from ..runtime import ChatModel, GenerationSettings
 from .pool import Lease, ModelPool, PoolBusyError, UnknownModelError
 
@@ -153,6 +154,10 @@ def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
+ROUTE_HEADER = "X-Route"
+"""Response header naming the domain a routed request went to, the rule, and the confidence."""
+
+
 # --- the app --------------------------------------------------------------------------------------
 def create_app(
     pool: ModelPool,
@@ -160,8 +165,12 @@ def create_app(
     api_key: str | None = None,
     max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT,
     max_prompt_tokens: int | None = None,
+    router: Router | None = None,
 ) -> FastAPI:
     """The OpenAI-compatible app serving ``pool``'s models.
+
+    ``router``: the pool's ids are its domains; ``"model": "auto"`` routes each request by the text of its
+    last user message (or prompt), and every reply says where it went in the ``X-Route`` header.
 
     ``api_key``: when set, every ``/v1`` request must send ``Authorization: Bearer <api_key>``.
     ``max_tokens_limit``: largest ``max_tokens`` a request may ask for (also the default).
@@ -235,6 +244,14 @@ def create_app(
                 lease.release()
             raise
 
+    def pick_model(name: str | None, text: Callable[[], str]) -> tuple[str, RouteDecision | None]:
+        """The model a request names, or with a router and "auto" (or no name), the routed domain."""
+        if router is not None and name in (None, "", AUTO):
+            decision = router.route(text())
+            log.info("routed to %s (%s, %.2f)", decision.domain, decision.rule, decision.confidence)
+            return decision.domain, decision
+        return resolve_model(name), None
+
     def resolve_model(name: str | None) -> str:
         ids = pool.ids()
         if name in (None, "", "auto"):
@@ -305,10 +322,15 @@ def create_app(
 
     @app.get("/v1/models", dependencies=[Depends(check_key)])
     def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [_model_card(pool, i) for i in pool.ids()]}
+        cards = [_model_card(pool, i) for i in pool.ids()]
+        if router is not None:
+            cards.insert(0, {"id": AUTO, "object": "model", "created": 0, "owned_by": "gguf-factory"})
+        return {"object": "list", "data": cards}
 
     @app.get("/v1/models/{model_id}", dependencies=[Depends(check_key)])
     def get_model(model_id: str) -> dict[str, Any]:
+        if router is not None and model_id == AUTO:
+            return {"id": AUTO, "object": "model", "created": 0, "owned_by": "gguf-factory"}
         return _model_card(pool, resolve_model(model_id))
 
     def run_request(
@@ -355,20 +377,29 @@ def create_app(
         )
 
     async def serve_request(
-        req: ChatRequest | CompletionRequest, model_id: str, max_tokens: int, kind: _Kind
+        req: ChatRequest | CompletionRequest,
+        model_id: str,
+        max_tokens: int,
+        kind: _Kind,
+        decision: RouteDecision | None = None,
     ) -> JSONResponse | StreamingResponse:
         lease = await acquire(model_id)
         try:
-            return await anyio.to_thread.run_sync(run_request, req, lease, model_id, max_tokens, kind)
+            resp = await anyio.to_thread.run_sync(run_request, req, lease, model_id, max_tokens, kind)
         except BaseException:
             lease.release()
             raise
+        if decision is not None:
+            resp.headers[ROUTE_HEADER] = (
+                f"{decision.domain}; rule={decision.rule}; confidence={decision.confidence:.3f}"
+            )
+        return resp
 
     @app.post("/v1/chat/completions", dependencies=[Depends(check_key)], response_model=None)
     async def chat_completions(req: ChatRequest) -> JSONResponse | StreamingResponse:
-        model_id = resolve_model(req.model)
-        max_tokens = max_tokens_of(req, req.max_completion_tokens or req.max_tokens)
         messages = [m.as_dict() for m in req.messages]
+        model_id, decision = pick_model(req.model, lambda: _routing_text(messages))
+        max_tokens = max_tokens_of(req, req.max_completion_tokens or req.max_tokens)
         kind = _Kind(
             id_prefix="chatcmpl",
             object_name="chat.completion",
@@ -377,18 +408,18 @@ def create_app(
             events=_chat_events,
             reply=lambda c: {"message": {"role": "assistant", "content": c["message"].get("content") or ""}},
         )
-        return await serve_request(req, model_id, max_tokens, kind)
+        return await serve_request(req, model_id, max_tokens, kind, decision)
 
     @app.post("/v1/completions", dependencies=[Depends(check_key)], response_model=None)
     async def completions(req: CompletionRequest) -> JSONResponse | StreamingResponse:
-        model_id = resolve_model(req.model)
-        max_tokens = max_tokens_of(req, req.max_tokens)
         if isinstance(req.prompt, list):
             if len(req.prompt) != 1:
                 raise ApiError(400, "prompt: give one prompt per request", param="prompt")
             prompt = req.prompt[0]
         else:
             prompt = req.prompt
+        model_id, decision = pick_model(req.model, lambda: prompt or "")
+        max_tokens = max_tokens_of(req, req.max_tokens)
         kind = _Kind(
             id_prefix="cmpl",
             object_name="text_completion",
@@ -399,7 +430,7 @@ def create_app(
             events=_completion_events,
             reply=lambda c: {"text": c.get("text") or ""},
         )
-        return await serve_request(req, model_id, max_tokens, kind)
+        return await serve_request(req, model_id, max_tokens, kind, decision)
 
     return app
 
@@ -439,6 +470,12 @@ def _usage(out: dict[str, Any]) -> dict[str, int]:
     u = out.get("usage") or {}
     p, c = int(u.get("prompt_tokens", 0)), int(u.get("completion_tokens", 0))
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def _routing_text(messages: list[dict[str, str]]) -> str:
+    """What a chat request is about: its last user message (the whole conversation if it has none)."""
+    users = [m["content"] for m in messages if m.get("role") == "user" and m.get("content")]
+    return users[-1] if users else " ".join(m.get("content") or "" for m in messages)
 
 
 def _model_card(pool: ModelPool, model_id: str) -> dict[str, Any]:

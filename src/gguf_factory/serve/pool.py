@@ -8,7 +8,6 @@ context it is loaded with): what llama.cpp holds in memory for it, give or take 
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from collections import OrderedDict
@@ -34,27 +33,6 @@ class UnknownModelError(FactoryError):
 
 class PoolBusyError(FactoryError):
     """A request waited longer than the queue timeout for its model (or for memory to load it)."""
-
-
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4}
-
-
-def parse_size(text: str | int) -> int:
-    """'2GB' → 2_000_000_000, '512MiB' → 536_870_912, '1000' → 1000 bytes."""
-    if isinstance(text, int):
-        return text
-    m = _SIZE_RE.match(text)
-    if not m:
-        raise InputError(f"not a size: {text!r} (expected e.g. 2GB, 512MB, 1.5GiB or a number of bytes)")
-    number, unit = float(m.group(1)), (m.group(2) or "").lower()
-    binary = "i" in unit
-    letter = unit[:1] if unit[:1] in "kmgt" else ""
-    scale = 1024 ** ("kmgt".index(letter) + 1) if binary and letter else _UNITS[letter]
-    value = int(number * scale)
-    if value <= 0:
-        raise InputError(f"size must be positive: {text!r}")
-    return value
 
 
 def resolve_n_ctx(path: Path, n_ctx: int | None = None) -> int:
@@ -94,12 +72,24 @@ def model_cost(path: Path, n_ctx: int | None = None) -> int:
     return path.stat().st_size + kv_cache_bytes(path, resolve_n_ctx(path, n_ctx))
 
 
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the pool loads for one id: a GGUF, optionally a GGUF LoRA adapter applied on it, a context."""
+
+    path: str | Path
+    adapter: str | Path | None = None
+    adapter_scale: float = 1.0
+    n_ctx: int | None = None
+
+
 @dataclass
 class _Entry:
     id: str
     path: Path
     n_ctx: int
     cost: int
+    adapter: Path | None = None
+    adapter_scale: float = 1.0
     model: ChatModel | None = None
     busy: bool = False  # a request holds it (or is loading it)
     loads: int = 0
@@ -132,7 +122,7 @@ class ModelPool:
 
     def __init__(
         self,
-        models: Mapping[str, str | Path],
+        models: Mapping[str, str | Path | ModelSpec],
         *,
         budget_bytes: int | None = None,
         n_ctx: int | None = None,
@@ -147,19 +137,25 @@ class ModelPool:
         self._n_threads = n_threads
         self._loader: Callable[..., ChatModel] = loader or load
         self._entries: dict[str, _Entry] = {}
-        for model_id, p in models.items():
-            path = require_file(p, "model file")
-            with open(path, "rb") as f:
-                if f.read(4) != b"GGUF":
-                    raise ModelError(f"not a GGUF file: {path}")
-            ctx = resolve_n_ctx(path, n_ctx)
+        for model_id, item in models.items():
+            spec = item if isinstance(item, ModelSpec) else ModelSpec(item)
+            path = require_file(spec.path, "model file")
+            adapter = require_file(spec.adapter, "LoRA adapter") if spec.adapter is not None else None
+            for f_path in (path, adapter):
+                if f_path is None:
+                    continue
+                with open(f_path, "rb") as f:
+                    if f.read(4) != b"GGUF":
+                        raise ModelError(f"not a GGUF file: {f_path}")
+            ctx = resolve_n_ctx(path, spec.n_ctx or n_ctx)
             cost = path.stat().st_size + kv_cache_bytes(path, ctx)
+            cost += adapter.stat().st_size if adapter else 0
             if budget_bytes is not None and cost > budget_bytes:
                 raise InputError(
                     f"{path} needs about {human_size(cost)} (file + KV cache for {ctx} tokens), "
                     f"more than the memory budget of {human_size(budget_bytes)}"
                 )
-            self._entries[model_id] = _Entry(model_id, path, ctx, cost)
+            self._entries[model_id] = _Entry(model_id, path, ctx, cost, adapter, spec.adapter_scale)
         self._lru: OrderedDict[str, None] = OrderedDict()  # loaded ids, least recently used first
         self._used = 0
         self._cond = threading.Condition()
@@ -193,6 +189,7 @@ class ModelPool:
                 {
                     "id": e.id,
                     "path": str(e.path),
+                    "adapter": str(e.adapter) if e.adapter else None,
                     "loaded": e.model is not None,
                     "busy": e.busy,
                     "n_ctx": e.n_ctx,
@@ -231,8 +228,12 @@ class ModelPool:
                 self._used += entry.cost  # reserved while loading, outside the pool lock
         if entry.model is None:
             try:
-                log.info("loading %s (%s)", entry.path, human_size(entry.cost))
-                model = self._loader(entry.path, n_ctx=entry.n_ctx, n_threads=self._n_threads)
+                with_lora = f" + LoRA {entry.adapter.name}" if entry.adapter else ""
+                log.info("loading %s%s (%s)", entry.path, with_lora, human_size(entry.cost))
+                extra: dict[str, Any] = {}
+                if entry.adapter is not None:
+                    extra = {"lora_path": entry.adapter, "lora_scale": entry.adapter_scale}
+                model = self._loader(entry.path, n_ctx=entry.n_ctx, n_threads=self._n_threads, **extra)
             except BaseException:
                 with self._cond:
                     self._used -= entry.cost
