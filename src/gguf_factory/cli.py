@@ -641,7 +641,7 @@ def serve(
         Path,
         typer.Argument(
             help="GGUF model file (its id is the file name without .gguf), or a router manifest (.yaml): "
-            "each domain is a model, and \"auto\" routes by intent."
+            'each domain is a model, and "auto" routes by intent.'
         ),
     ],
     host: Annotated[str, typer.Option(help="Address to bind (0.0.0.0 exposes it to the network).")] = (
@@ -915,6 +915,7 @@ def merge_cmd(
         soft_wrap=True,
     )
 
+
 router_app = typer.Typer(
     help="Router manifests: fit the routing model, show decisions.", no_args_is_help=True
 )
@@ -975,6 +976,52 @@ def route_cmd(
     console.print(f"  model {t.model}{lora}", soft_wrap=True, highlight=False)
     for name, score in sorted(d.scores.items(), key=lambda kv: -kv[1]):
         console.print(f"  {name:<20} {score:.3f}", highlight=False)
+
+
+@app.command("build")
+def build_cmd(
+    manifest: Annotated[Path, typer.Argument(help="factory.yaml: base, domains (data, profile), outputs.")],
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Output folder (default: build/<name> beside it).")
+    ] = None,
+    executor: Annotated[str, typer.Option(help="local | ray (independent steps in parallel).")] = "local",
+    workers: Annotated[int, typer.Option(help="Ray: CPUs of the local Ray instance.")] = 2,
+    address: Annotated[
+        str | None, typer.Option(help="Ray: a cluster address instead of a local instance.")
+    ] = None,
+    threads: Threads = None,
+) -> None:
+    """Build everything a factory.yaml asks for: universal model, LoRA per (sub)domain, parent GGUFs per
+    domain quantized by profile, GGUF LoRAs, router; validated, cached by input hash, resumable."""
+    from rich.table import Table
+
+    from .factory import build
+    from .factory.graph import StepRecord
+    from .files import human_size
+
+    def show(rec: StepRecord) -> None:
+        mark = "[dim]cached[/dim]" if rec.status == "cached" else f"ran in {rec.seconds:.1f} s"
+        err_console.print(f"  {rec.name:<32} {mark}")
+
+    r = build(
+        manifest, output, executor=executor, workers=workers, address=address, threads=threads, on_step=show
+    )
+    table = Table(title=f"{r.out_dir}")
+    table.add_column("file")
+    table.add_column("size", justify="right")
+    for f, size in r.artifacts.items():
+        table.add_row(f, human_size(int(size)))
+    console.print(table)
+    if r.routing:
+        acc = ", ".join(f"{d} {100 * v['accuracy']:.0f} %" for d, v in r.routing["domains"].items())
+        console.print(f"routing accuracy on held-out prompts: {acc}", soft_wrap=True)
+    for note in r.notes:
+        console.print(f"note: {note}", soft_wrap=True)
+    console.print(
+        f"{len(r.steps)} steps: {r.ran} run, {r.cached} from cache, {r.seconds:.1f} s; "
+        f"report {r.report_path}",
+        soft_wrap=True,
+    )
 
 
 def main() -> None:
