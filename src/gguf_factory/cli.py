@@ -112,6 +112,14 @@ def train(
         str | None, typer.Option(help="Comma list of module names (default: attention and MLP projections).")
     ] = None,
     lora_dropout: Annotated[float | None, typer.Option(help="LoRA dropout (default 0.05).")] = None,
+    distill_from: Annotated[
+        Path | None,
+        typer.Option(help="Distil this teacher (HF folder or .gguf, same vocabulary) into the student."),
+    ] = None,
+    distill_temperature: Annotated[float, typer.Option(help="Distillation temperature.")] = 2.0,
+    distill_alpha: Annotated[
+        float, typer.Option(help="Weight of the teacher's KL term (the rest: cross-entropy on the data).")
+    ] = 0.5,
 ) -> None:
     """Train a small Llama chat model from scratch, fine-tune a local HF causal LM, or train a LoRA for it."""
     from .errors import TrainingError
@@ -139,6 +147,9 @@ def train(
         seed=seed,
         threads=threads,
         lora=LoraSettings(**lora_opts) if lora else False,
+        distill_from=distill_from,
+        temperature=distill_temperature,
+        alpha=distill_alpha,
     )
     what = "LoRA adapter" if lora else "M params"
     console.print(
@@ -146,6 +157,16 @@ def train(
         f"{r.kept_epoch}; best by val {r.monitor}: epoch {r.best_epoch} (val loss {r.best_val_loss:.3f}, "
         f"val accuracy {r.best_val_accuracy:.1%}), {r.seconds:.0f} s"
     )
+    d = getattr(r, "distill", None)
+    if d is not None:
+        console.print(
+            f"distilled from {d.teacher} (T={d.temperature:g}, alpha={d.alpha:g}) on {d.val_tokens} val "
+            f"tokens: student loss {d.student_val_loss:.3f}, accuracy {d.student_val_accuracy:.1%}; teacher "
+            f"loss {d.teacher_val_loss:.3f}, accuracy {d.teacher_val_accuracy:.1%}; KL(teacher||student) "
+            f"{d.kl_student_to_teacher:.4f}, top-1 agreement {d.top1_agreement:.1%}",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 @app.command()
@@ -1021,6 +1042,47 @@ def build_cmd(
         f"{len(r.steps)} steps: {r.ran} run, {r.cached} from cache, {r.seconds:.1f} s; "
         f"report {r.report_path}",
         soft_wrap=True,
+    )
+
+
+@app.command("bench")
+def bench_cmd(
+    data: Annotated[Path, typer.Option(help="A `prepare` folder: held-out prompts (test.jsonl).")],
+    ggufs: Annotated[list[Path] | None, typer.Argument(help="GGUF files (of the --hf model).")] = None,
+    hf: Annotated[Path | None, typer.Option(help="The original Hugging Face model folder.")] = None,
+    lstm: Annotated[Path | None, typer.Option(help="A trained Bi-LSTM seq2seq baseline folder.")] = None,
+    train_lstm: Annotated[
+        bool, typer.Option("--train-lstm", help="Train the Bi-LSTM baseline on --data (into OUTPUT/lstm).")
+    ] = False,
+    lstm_epochs: Annotated[int | None, typer.Option(help="--train-lstm: maximum epochs.")] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Report folder.")] = Path("bench-report"),
+    runs: Annotated[int, typer.Option(help="Fresh processes per system (medians).")] = 3,
+    prompts: Annotated[int, typer.Option(help="Held-out prompts timed per run.")] = 8,
+    max_tokens: Annotated[int, typer.Option(help="Reply length limit.")] = 48,
+    quality: Annotated[
+        int | None, typer.Option(help="Score at most N held-out prompts (default: all).")
+    ] = None,
+    threads: Threads = None,
+) -> None:
+    """HF model (transformers) vs its GGUFs (llama.cpp) vs a Bi-LSTM seq2seq: size, speed, memory, quality."""
+    from .bench import render_report_table, run_bench
+
+    config = None
+    if lstm_epochs is not None:
+        from .baseline.lstm import LSTMConfig
+
+        config = LSTMConfig(max_epochs=lstm_epochs)
+    r = run_bench(
+        ggufs or [], data, output, hf=hf, lstm=lstm, train_lstm=train_lstm, lstm_config=config, runs=runs,
+        n_prompts=prompts, max_tokens=max_tokens, max_quality=quality, threads=threads,
+    )  # fmt: skip
+    console.print(render_report_table(r))
+    console.print(
+        f"on topic: reference answers {r.reference_on_topic:.0%}, chance {r.chance_on_topic:.0%}",
+        soft_wrap=True,
+    )
+    console.print(
+        f"done in {r.seconds:.0f} s; wrote {r.md_path}, {r.json_path}, {r.png_path}", soft_wrap=True
     )
 
 

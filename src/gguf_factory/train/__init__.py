@@ -3,6 +3,7 @@
 >>> result = train("data/", "models/nano")                     # doctest: +SKIP
 >>> result = train("data/", "models/ft", base="models/smollm")  # doctest: +SKIP
 >>> result = train("data/", "adapters/food", base="models/smollm", lora=True)  # doctest: +SKIP
+>>> result = train("data/", "models/mini", preset="nano", distill_from="teacher.gguf")  # doctest: +SKIP
 
 The output is an ordinary Hugging Face model folder (safetensors, tokenizer with a chat template,
 generation config) plus ``training.json``; it is written beside ``out_dir`` and renamed into place at the
@@ -15,11 +16,13 @@ import os
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the implementations import torch: loaded on first use, not with the package
+    from .distill import DistillResult
     from .loop import TrainResult
     from .lora import LoraSettings
     from .scratch import ModelPreset
 
 __all__ = [
+    "DistillResult",
     "FINETUNE_DEFAULTS",
     "LORA_DEFAULTS",
     "PRESETS",
@@ -30,6 +33,7 @@ __all__ = [
 ]
 
 _LAZY = {
+    "DistillResult": "distill",
     "FINETUNE_DEFAULTS": "finetune",
     "LORA_DEFAULTS": "lora",
     "LoraSettings": "lora",
@@ -65,6 +69,9 @@ def train(
     progress: bool = True,
     max_steps: int | None = None,
     lora: bool | LoraSettings = False,
+    distill_from: str | os.PathLike[str] | None = None,
+    temperature: float = 2.0,
+    alpha: float = 0.5,
 ) -> TrainResult:
     """Train on the prepared dataset in ``data_dir`` and write a HF model folder at ``out_dir``.
 
@@ -80,6 +87,12 @@ def train(
     ``lora=True`` (default :class:`LoraSettings`) or a :class:`LoraSettings` trains a PEFT LoRA adapter
     for ``base`` instead of all its weights: ``out_dir`` is then an adapter folder (unset settings take
     :data:`LORA_DEFAULTS`).
+
+    ``distill_from`` = a teacher (local HF folder or GGUF with the same vocabulary) distils it into the
+    student (``preset`` from scratch, then with the teacher's tokenizer, or ``base``): the loss is
+    ``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE`` with ``T = temperature``; the result
+    is a :class:`~.distill.DistillResult` whose ``distill`` report compares student and teacher on the
+    validation split (see :mod:`.distill`).
     """
     from .finetune import finetune
     from .scratch import train_scratch
@@ -88,6 +101,22 @@ def train(
         epochs=epochs, batch_size=batch_size, lr=lr, max_seq_len=max_seq_len, patience=patience,
         monitor=monitor, keep=keep, seed=seed, threads=threads, progress=progress, max_steps=max_steps,
     )
+    if distill_from is not None:
+        from ..errors import TrainingError
+        from .distill import distill
+
+        if lora is not False and lora is not None:
+            raise TrainingError("--distill-from cannot be combined with --lora")
+        return distill(
+            data_dir,
+            out_dir,
+            teacher=distill_from,
+            preset=preset,
+            base=base,
+            temperature=temperature,
+            alpha=alpha,
+            **common,
+        )
     if lora is not False and lora is not None:
         from ..errors import TrainingError
         from .lora import LoraSettings, train_lora

@@ -13,7 +13,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -237,6 +237,10 @@ def collate(examples: Sequence[Example], batch: Sequence[int], pad_id: int) -> d
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor], list[int]], tuple[torch.Tensor, int]]
+"""A training objective for :func:`run_loop`: (model, batch, example indices) → (summed loss, count)."""
+
+
 def _loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over the target tokens, and their count."""
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
@@ -391,6 +395,8 @@ def run_loop(
     val_examples: Sequence[Example],
     settings: LoopSettings,
     pad_id: int,
+    *,
+    loss_fn: LossFn | None = None,
 ) -> LoopOutcome:
     """Train ``model`` in place and leave it holding the weights of its best epoch (``keep="best"``) or of
     its last epoch (``keep="last"``).
@@ -402,6 +408,10 @@ def run_loop(
     Why accuracy by default: on a small chat dataset the validation loss bottoms out early, while the
     model's greedy answers (what a chat shows) keep getting better for many epochs after it; the top-1
     accuracy on the held-out answers follows the greedy behaviour.
+
+    ``loss_fn(model, batch, indices)`` replaces the training objective (distillation): it returns a summed
+    loss over the batch's target tokens and their count, like the default cross-entropy; ``indices`` are
+    the positions in ``train_examples`` of the batch's rows. Validation stays cross-entropy.
     """
     s = settings
     s.check()
@@ -439,7 +449,7 @@ def run_loop(
             ep_loss, ep_tokens = 0.0, 0
             for b in make_batches(train_examples, s.batch_size, rng):
                 batch = collate(train_examples, b, pad_id)
-                loss_sum, n = _loss_sum(model, batch)
+                loss_sum, n = _loss_sum(model, batch) if loss_fn is None else loss_fn(model, batch, b)
                 if n == 0:
                     continue
                 loss = loss_sum / n
