@@ -166,6 +166,7 @@ def create_app(
     max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT,
     max_prompt_tokens: int | None = None,
     router: Router | None = None,
+    web_ui: bool = True,
 ) -> FastAPI:
     """The OpenAI-compatible app serving ``pool``'s models.
 
@@ -175,6 +176,7 @@ def create_app(
     ``api_key``: when set, every ``/v1`` request must send ``Authorization: Bearer <api_key>``.
     ``max_tokens_limit``: largest ``max_tokens`` a request may ask for (also the default).
     ``max_prompt_tokens``: longest prompt accepted, in tokens (the model's context always applies).
+    ``web_ui``: serve the chat page (serve/web) at ``/``.
     """
     app = FastAPI(title="gguf-factory", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.pool = pool
@@ -432,6 +434,11 @@ def create_app(
         )
         return await serve_request(req, model_id, max_tokens, kind, decision)
 
+    # --- web chat page (serve/web) ---
+    if web_ui:
+        from .web import add_web_routes
+
+        add_web_routes(app)
     return app
 
 
