@@ -687,8 +687,12 @@ def serve(
     queue_timeout: Annotated[
         float, typer.Option(help="Seconds a request waits for a busy model before a 503.")
     ] = 60.0,
+    web_ui: Annotated[
+        bool, typer.Option("--web-ui/--no-web-ui", help="Serve the chat page at / (it holds no data).")
+    ] = True,
 ) -> None:
-    """Serve a GGUF over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, ...)."""
+    """Serve a GGUF or a router manifest over an OpenAI-compatible HTTP API (/v1/chat/completions,
+    /v1/completions, ...), with a web chat page at /."""
     from .serve import run_server
 
     run_server(
@@ -702,6 +706,7 @@ def serve(
         n_ctx=ctx,
         threads=threads,
         queue_timeout=queue_timeout,
+        web_ui=web_ui,
     )
 
 

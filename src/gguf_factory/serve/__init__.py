@@ -29,6 +29,7 @@ def run_server(
     n_ctx: int | None = None,
     threads: int | None = None,
     queue_timeout: float = 60.0,
+    web_ui: bool = True,
 ) -> None:
     """Serve one GGUF (its id is the file stem), or a router manifest (``.yaml``: one id per domain, plus
     ``auto``), with uvicorn until interrupted."""
@@ -50,9 +51,12 @@ def run_server(
         max_tokens_limit=max_tokens_limit,
         max_prompt_tokens=max_prompt_tokens,
         router=router,
+        web_ui=web_ui,
     )
     auth = " (API key required)" if key else ""
     log.info("serving %s as %s on http://%s:%d/v1%s", path, ", ".join(models), host, port, auth)
+    if web_ui:
+        log.info("chat page: http://%s:%d/", host, port)
     try:
         uvicorn.run(app, host=host, port=port, log_level="info")
     finally:
