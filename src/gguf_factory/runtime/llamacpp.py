@@ -1,7 +1,4 @@
-"""Load a GGUF into llama.cpp (through llama-cpp-python) behind one small ChatModel interface.
-
-This module imports neither torch nor transformers: a process that only chats stays small.
-"""
+"""The llama.cpp backend (through llama-cpp-python): a GGUF file behind the ChatModel interface."""
 
 from __future__ import annotations
 
@@ -9,27 +6,17 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError, ModelError
-from .files import require_file
+import numpy as np
+
+from ..errors import InputError, ModelError
+from .base import DEFAULT_CTX, ChatModel, GenerationSettings, Messages, check_messages
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CTX = 2048
-Messages = Sequence[dict[str, str]]
-
-
-@dataclass
-class GenerationSettings:
-    max_tokens: int = 128
-    temperature: float = 0.0  # greedy by default: small chat models babble when sampled hot
-    top_p: float = 0.95
-    top_k: int = 40
-    repeat_penalty: float = 1.1
-    seed: int | None = None
+RECOMMENDED_CTX_KEY = "gguf_factory.context_length"  # written by quantize (profiles, --ctx)
 
 
 @contextlib.contextmanager
@@ -49,30 +36,21 @@ def _quiet_stderr() -> Iterator[None]:
         os.close(fd)
 
 
-class ChatModel:
-    """A GGUF model loaded in llama.cpp. Use :func:`load` to make one."""
+class LlamaCppChatModel(ChatModel):
+    """A GGUF model loaded in llama.cpp."""
+
+    backend = "llama.cpp"
 
     def __init__(self, path: Path, llm: Any, n_ctx: int):
         self.path = path
         self.llm = llm
         self.n_ctx = n_ctx
         self.metadata: dict[str, str] = dict(getattr(llm, "metadata", {}) or {})
-
-    @property
-    def name(self) -> str:
-        return self.metadata.get("general.name") or self.path.stem
-
-    @property
-    def chat_template(self) -> str | None:
-        return self.metadata.get("tokenizer.chat_template")
+        self._formatter: Any = None
 
     # --- chat -------------------------------------------------------------------------------------
     def chat(self, messages: Messages, *, stream: bool = False, **settings: Any) -> str | Iterator[str]:
-        """Answer ``messages`` (OpenAI-style dicts) with the GGUF's own chat template.
-
-        Returns the reply text, or an iterator of text pieces when ``stream=True``.
-        """
-        _check_messages(messages)
+        check_messages(messages)
         s = GenerationSettings(**settings)
         out = self.llm.create_chat_completion(
             messages=[dict(m) for m in messages],
@@ -80,6 +58,7 @@ class ChatModel:
             temperature=s.temperature,
             top_p=s.top_p,
             top_k=s.top_k,
+            min_p=s.min_p,
             repeat_penalty=s.repeat_penalty,
             seed=s.seed,
             stream=stream,
@@ -90,7 +69,6 @@ class ChatModel:
 
     # --- raw completion ---------------------------------------------------------------------------
     def generate(self, prompt: str, *, stream: bool = False, **settings: Any) -> str | Iterator[str]:
-        """Continue ``prompt`` as plain text (no chat template)."""
         s = GenerationSettings(**settings)
         out = self.llm.create_completion(
             prompt=prompt,
@@ -98,6 +76,7 @@ class ChatModel:
             temperature=s.temperature,
             top_p=s.top_p,
             top_k=s.top_k,
+            min_p=s.min_p,
             repeat_penalty=s.repeat_penalty,
             seed=s.seed,
             stream=stream,
@@ -105,6 +84,52 @@ class ChatModel:
         if stream:
             return (chunk["choices"][0]["text"] for chunk in out)
         return out["choices"][0]["text"]
+
+    def prompt_ids(self, messages: Messages) -> list[int]:
+        """Rendered as llama-cpp-python's chat handler renders it (the GGUF's template, its BOS/EOS text)."""
+        check_messages(messages)
+        if self._formatter is None:
+            template = self.chat_template
+            if not template:
+                raise ModelError(f"{self.path} has no chat template (tokenizer.chat_template)")
+            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+            def text(token: int) -> str:
+                return self.llm._model.token_get_text(token) if token >= 0 else ""
+
+            self._formatter = Jinja2ChatFormatter(
+                template=template, eos_token=text(self.llm.token_eos()), bos_token=text(self.llm.token_bos())
+            )
+        rendered = self._formatter(messages=[dict(m) for m in messages]).prompt
+        return self.tokenize(rendered, special=True, add_bos=False)
+
+    def generate_tokens(self, ids: Sequence[int], **settings: Any) -> Iterator[int]:
+        s = GenerationSettings(**settings)
+        ids = list(ids)
+        if len(ids) >= self.n_ctx:
+            raise InputError(f"prompt of {len(ids)} tokens does not fit the context of {self.n_ctx}")
+        budget = min(s.max_tokens, self.n_ctx - len(ids))
+        if budget <= 0:
+            return
+        if s.seed is not None:
+            self.llm.set_seed(s.seed)
+        self.llm.reset()
+        sampled = self.llm.generate(
+            ids,
+            top_k=s.top_k,
+            top_p=s.top_p,
+            min_p=s.min_p,
+            temp=s.temperature,
+            repeat_penalty=s.repeat_penalty,
+        )
+        n = 0
+        for tok in sampled:
+            if self.is_end_of_generation(tok):
+                return
+            yield int(tok)
+            n += 1
+            if n >= budget:
+                return
 
     def tokenize(self, text: str, *, special: bool = False, add_bos: bool = False) -> list[int]:
         return list(self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special))
@@ -119,16 +144,33 @@ class ChatModel:
     def detokenize(self, ids: Sequence[int]) -> str:
         return self.llm.detokenize(list(ids)).decode("utf-8", errors="replace")
 
+    def logits(self, text_or_ids: str | Sequence[int], *, add_bos: bool = False) -> np.ndarray:
+        ids = self._ids_for_logits(text_or_ids, add_bos)
+        llm = self.llm
+        n_vocab = llm.n_vocab()
+        if max(ids) >= n_vocab or min(ids) < 0:
+            raise InputError(f"logits: token ids must be in [0, {n_vocab})")
+        out = np.empty((len(ids), n_vocab), dtype=np.float32)
+        # The Llama object keeps logits of the last position only (unless built with logits_all), so decode
+        # batches that ask llama.cpp for every position's logits, then leave the context empty again.
+        llm.reset()
+        llm._ctx.kv_cache_clear()
+        try:
+            for start in range(0, len(ids), llm.n_batch):
+                chunk = ids[start : start + llm.n_batch]
+                llm._batch.set_batch(batch=chunk, n_past=start, logits_all=True)
+                llm._ctx.decode(llm._batch)
+                rows = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(chunk) * n_vocab,))
+                out[start : start + len(chunk)] = rows.reshape(len(chunk), n_vocab)
+        finally:
+            llm._ctx.kv_cache_clear()
+            llm.reset()
+        return out
+
     def close(self) -> None:
         close = getattr(self.llm, "close", None)
         if close is not None:
             close()
-
-    def __enter__(self) -> ChatModel:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _chat_pieces(chunks: Any) -> Iterator[str]:
@@ -138,43 +180,44 @@ def _chat_pieces(chunks: Any) -> Iterator[str]:
             yield piece
 
 
-def _check_messages(messages: Messages) -> None:
-    if not messages:
-        raise InputError("no messages to answer")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise InputError(f"message {i} must be a dict with 'role' and 'content'")
-        if m["role"] not in ("system", "user", "assistant"):
-            raise InputError(f"message {i}: unknown role {m['role']!r}")
-
-
-def load(
-    path: str | os.PathLike[str],
+def load_gguf(
+    p: Path,
     *,
     n_ctx: int | None = None,
-    n_threads: int | None = None,
+    threads: int | None = None,
     n_gpu_layers: int = 0,
     seed: int = 1234,
     verbose: bool = False,
-) -> ChatModel:
+    lora_path: str | os.PathLike[str] | None = None,
+    lora_scale: float = 1.0,
+) -> LlamaCppChatModel:
     """Load a GGUF file into llama.cpp.
 
     ``n_ctx`` defaults to the recommended context stored by ``quantize`` (``gguf_factory.context_length``,
-    set by a use-case profile), else to min(the model's trained context, 2048).
+    set by a use-case profile), else to min(the model's trained context, 2048). ``lora_path``: a GGUF LoRA
+    adapter (``convert-lora``) applied on top, scaled by ``lora_scale``.
     """
     import llama_cpp
 
-    p = require_file(path, "model file")
     with open(p, "rb") as f:
         if f.read(4) != b"GGUF":
             raise ModelError(f"not a GGUF file: {p}")
-    threads = n_threads or os.cpu_count() or 1
+    threads = threads or os.cpu_count() or 1
     if n_ctx is None:
         recommended, trained = read_context_lengths(p)
         if recommended:
             n_ctx = recommended
         else:
             n_ctx = min(trained, DEFAULT_CTX) if trained else DEFAULT_CTX
+    lora: dict[str, Any] = {}
+    if lora_path is not None:
+        lp = Path(lora_path)
+        if not lp.is_file():
+            raise InputError(f"LoRA adapter not found: {lp}")
+        with open(lp, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise ModelError(f"not a GGUF LoRA adapter: {lp} (convert a PEFT adapter with convert-lora)")
+        lora = {"lora_path": str(lp), "lora_scale": float(lora_scale)}
     quiet = contextlib.nullcontext() if verbose else _quiet_stderr()
     try:
         with quiet:
@@ -186,13 +229,12 @@ def load(
                 n_gpu_layers=n_gpu_layers,
                 seed=seed,
                 verbose=verbose,
+                **lora,
             )
     except ValueError as e:  # llama-cpp-python raises ValueError when llama.cpp fails to load
-        raise ModelError(f"llama.cpp could not load {p}: {e}") from e
-    return ChatModel(p, llm, llm.n_ctx())
-
-
-RECOMMENDED_CTX_KEY = "gguf_factory.context_length"  # written by quantize (profiles, --ctx)
+        with_lora = f" with the LoRA adapter {lora_path}" if lora_path else ""
+        raise ModelError(f"llama.cpp could not load {p}{with_lora}: {e}") from e
+    return LlamaCppChatModel(p, llm, llm.n_ctx())
 
 
 def read_context_length(path: Path) -> int | None:
@@ -202,7 +244,7 @@ def read_context_length(path: Path) -> int | None:
 
 def read_context_lengths(path: Path) -> tuple[int | None, int | None]:
     """(recommended ``gguf_factory.context_length``, trained ``<arch>.context_length``); None if absent."""
-    from .quantize import scan_gguf_header  # header only: fast even with a 262 k-token vocabulary
+    from ..quantize import scan_gguf_header  # header only: fast even with a 262 k-token vocabulary
 
     try:
         meta, _ = scan_gguf_header(path)

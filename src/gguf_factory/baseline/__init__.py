@@ -1,0 +1,1 @@
+"""Baselines that GGUF chat models are measured against (see ``gguf-factory bench``)."""
