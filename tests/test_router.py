@@ -159,3 +159,50 @@ def test_serve_routes_auto_requests(routed: Path, tiny_data_dir: Path) -> None:
         )
     finally:
         pool.close()
+
+
+def test_serve_applies_a_domains_lora_adapter(
+    tiny_hf_model: Path, tiny_f16_gguf: Path, tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    """A domain with an adapter is the base GGUF + that GGUF LoRA in llama.cpp: what the server answers
+    is what runtime.load(model, lora_path=...) answers, and the adapter really changes the logits."""
+    import numpy as np
+
+    from gguf_factory.convert.lora import convert_lora
+    from gguf_factory.runtime import load
+    from gguf_factory.train import train
+    from gguf_factory.train.lora import LoraSettings
+
+    train(
+        tiny_data_dir, tmp_path / "adapter", base=tiny_hf_model, lora=LoraSettings(rank=4, alpha=8),
+        epochs=2, lr=2e-2, threads=2, progress=False,
+    )  # fmt: skip
+    convert_lora(tmp_path / "adapter", tmp_path / "tuned.gguf", base=tiny_hf_model)
+    shutil.copy(tiny_f16_gguf, tmp_path / "base.gguf")
+    manifest = make_manifest(
+        tmp_path / "r.yaml",
+        {"plain": {"model": "base.gguf"}, "tuned": {"model": "base.gguf", "adapter": "tuned.gguf"}},
+        default="plain",
+    )
+    router, specs = pool_models(manifest)
+    messages = [{"role": "user", "content": "What is your favorite food?"}]
+    with (
+        load(tmp_path / "base.gguf") as plain,
+        load(tmp_path / "base.gguf", lora_path=tmp_path / "tuned.gguf") as tuned,
+    ):
+        text = "user\nWhat is your favorite food?"
+        assert np.abs(plain.logits(text) - tuned.logits(text)).max() > 1e-2
+        expected = tuned.chat(messages, max_tokens=12, temperature=0.0)
+    pool = ModelPool(specs, n_threads=2)
+    try:
+        with running(create_app(pool, router=router)) as url:
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="none")
+            got = client.chat.completions.create(
+                model="tuned", messages=messages, max_tokens=12, temperature=0
+            )
+            assert got.choices[0].message.content == expected
+        status = {s["id"]: s for s in pool.status()}
+        assert status["tuned"]["adapter"].endswith("tuned.gguf") and status["tuned"]["loaded"]
+        assert not status["plain"]["loaded"]  # loads only what a request needs
+    finally:
+        pool.close()
