@@ -163,3 +163,18 @@ def test_bad_manifests(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="not a build output"):
         build(m, out)
     assert json.loads(json.dumps({"ok": (out / "precious.txt").read_text()}))["ok"] == "keep"
+
+
+def test_ray_executor_runs_the_same_graph(built, tmp_path: Path) -> None:
+    """Independent steps as Ray tasks on a local 2-CPU Ray instance: a finished cache is reused whatever
+    the executor, and a fresh build gives the same artifacts."""
+    pytest.importorskip("ray")
+    root, first = built
+    cached = build(
+        root / "factory.yaml", tmp_path / "again", executor="ray", workers=2, cache_dir=root / ".cache"
+    )
+    assert cached.executor == "ray" and cached.ran == 0 and cached.cached == len(first.steps)
+    (tmp_path / "factory.yaml").write_text(TINY.replace("epochs: 2,", "epochs: 1,"))
+    fresh = build(tmp_path / "factory.yaml", tmp_path / "out", executor="ray", workers=2)
+    assert fresh.ran == len(first.steps) and set(fresh.artifacts) == set(first.artifacts)
+    assert Router(tmp_path / "out" / "router.yaml").route("hello").domain == "greetings"
