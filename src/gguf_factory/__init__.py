@@ -14,9 +14,12 @@ __version__ = "0.1.0"
 # that importing e.g. ``gguf_factory.train.scratch`` later cannot replace the function
 # ``gguf_factory.train`` with its module. Reach such submodules with ``from gguf_factory.train import
 # scratch``; ``import gguf_factory.train.scratch as scratch`` resolves ``train`` to the function.
+from .autoquant import autoquant  # noqa: E402
 from .convert import convert  # noqa: E402
 from .evaluate import evaluate  # noqa: E402
 from .ladder import ladder  # noqa: E402
+from .merge import merge  # noqa: E402
+from .prune import prune  # noqa: E402
 from .quantize import quantize  # noqa: E402
 from .train import train  # noqa: E402
 from .verify import verify  # noqa: E402
@@ -27,10 +30,29 @@ _EXPORTS = {
     "convert_lora": ("convert.lora", "convert_lora"),
     "compute_imatrix": ("imatrix", "compute_imatrix"),
     "run_demo": ("demo", "run_demo"),
+    "AutoQuantizer": ("autoquant", "AutoQuantizer"),
+    "build": ("factory", "build"),
+    "Router": ("router", "Router"),
+    "fit_router": ("router", "fit_router"),
+    "run_bench": ("bench", "run_bench"),
+    "export_ollama": ("package", "export_ollama"),
+    "export_release": ("package", "export_release"),
+    "verify_release": ("package", "verify_release"),
     "FactoryError": ("errors", "FactoryError"),
 }
 
-__all__ = ["convert", "evaluate", "ladder", "quantize", "train", "verify", *_EXPORTS]
+__all__ = [
+    "autoquant",
+    "convert",
+    "evaluate",
+    "ladder",
+    "merge",
+    "prune",
+    "quantize",
+    "train",
+    "verify",
+    *_EXPORTS,
+]
 
 
 def __getattr__(name: str) -> Any:
