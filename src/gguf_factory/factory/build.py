@@ -43,6 +43,8 @@ class BuildResult:
     executor: str
     report_path: Path | None = None
     notes: list[str] = field(default_factory=list)
+    executor_stats: dict[str, float] = field(default_factory=dict)
+    """Ray: ``warm_up_s`` (workers and their imports) and ``graph_s`` (the steps)."""
 
     @property
     def ran(self) -> int:
@@ -264,6 +266,7 @@ def build(
     artifacts = _package(m, graph, records, out)
     routing = next((r.summary for r in records if r.name == "router"), None)
     result = BuildResult(out, records, artifacts, routing, time.perf_counter() - t0, ex.name)
+    result.executor_stats = dict(getattr(ex, "stats", {}))
     if routing and routing.get("min_accuracy", 1.0) < 0.9:
         result.notes.append(
             f"routing accuracy of the weakest domain is {100 * routing['min_accuracy']:.0f} % (< 90 %): give "
