@@ -105,7 +105,8 @@ def main() -> None:
     md = [
         "# Build benchmark: examples/domains.yaml",
         "",
-        f"{os.cpu_count()} CPU cores, {platform.platform()}, {time.strftime('%Y-%m-%d')}; one run.",
+        f"{os.cpu_count()} CPU cores, {platform.platform()}, {time.strftime('%Y-%m-%d')}; "
+        "all figures from one invocation.",
         "",
         "| figure | measured | goal |",
         "|---|---:|---:|",

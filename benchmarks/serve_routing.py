@@ -87,7 +87,7 @@ def main() -> None:
         "accuracy": correct / total,
         "requests": total,
         "latency_p50_ms": 1000 * statistics.median(latencies),
-        "latency_p95_ms": 1000 * percentile(latencies, 95),
+        "latency_p95_ms": 1000 * percentile(latencies, 0.95),
         "loaded": [m["id"] for m in health["models"] if m["loaded"]],
         "models": [m["id"] for m in health["models"]],
     }
