@@ -64,7 +64,12 @@ def test_build_produces_every_artifact(built) -> None:
         "build.json",
         "build-report.md",
     } - {"build.json", "build-report.md"}
-    assert (out / "build.json").is_file() and "Routing accuracy" in (out / "build-report.md").read_text()
+    report = (out / "build-report.md").read_text()
+    assert (out / "build.json").is_file() and "Routing accuracy" in report and "mean KLD" in report
+    evals = {s.name: s.summary for s in r.steps if s.kind == "eval"}
+    assert set(evals) == {"eval:greetings", "eval:food", "eval:humor"}
+    # each parent measured against its own F16: the Q2_K (mobile) parent loses more than the Q5_K_M one
+    assert 0 <= evals["eval:food"]["kld_mean"] < evals["eval:humor"]["kld_mean"]
     # every parent and every LoRA (on the universal base) was loaded by llama.cpp and generated
     validated = {s.name for s in r.steps if s.kind == "validate"}
     assert validated == {
@@ -108,6 +113,7 @@ def test_rebuild_is_cached_and_a_change_redoes_only_what_depends_on_it(built) ->
     assert {s.name for s in changed.steps if s.status == "ran"} == {
         "quantize:food",
         "validate:food",
+        "eval:food",
         "router",
     }
     assert "models/food-Q8_0.gguf" in changed.artifacts and "models/food-Q5_K_M.gguf" not in changed.artifacts

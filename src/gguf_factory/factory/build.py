@@ -5,6 +5,7 @@ The graph, for domains D (each with adapters A: its subdomains, or the domain it
     prepare:all ─ train:universal ─ convert:universal ─ quantize:universal ─ validate:universal
     prepare:D.A ─ lora:D.A (on the universal model) ─ lora_gguf:D.A ─ validate:D.A (universal + LoRA)
     merge:D (universal + D's adapters, weighted) ─ convert:D ─ quantize:D (D's profile) ─ validate:D
+    quantize:D + convert:D + prepare:D ─ eval:D (PPL, KLD, top-1 of the parent vs its F16, held-out data)
     prepare:D ─ router (fitted on each domain's training prompts; accuracy on its held-out prompts)
 
 The package (``OUT/``): ``models/`` (the universal model and one parent per domain, quantized),
@@ -163,6 +164,19 @@ def plan(m: FactoryManifest, root: Path, threads: int | None) -> list[Step]:
         steps.append(
             Step(f"validate:{name}", "validate", {"gguf": f"quantize:{name}"}, (f"quantize:{name}",))
         )
+        steps.append(
+            Step(
+                f"eval:{name}",
+                "eval",
+                {
+                    "gguf": f"quantize:{name}",
+                    "ref": f"convert:{name}",
+                    "data": f"prepare:{name}",
+                    "threads": threads,
+                },
+                (f"quantize:{name}", f"convert:{name}", f"prepare:{name}"),
+            )
+        )
         qtype = PROFILES[d.profile].qtype
         router_domains[name] = {
             "model": f"models/{name}-{qtype}.gguf",
@@ -313,6 +327,20 @@ def _report(m: FactoryManifest, r: BuildResult) -> str:
             "",
             f"Overall {100 * r.routing['accuracy']:.1f} %, "
             f"weakest domain {100 * r.routing['min_accuracy']:.1f} %.",
+            "",
+        ]
+    evals = [(s.name.split(":", 1)[1], s.summary) for s in r.steps if s.kind == "eval"]
+    if evals:
+        lines += [
+            "## Quality of each parent GGUF against its F16 (the domain's held-out test conversations)",
+            "",
+            "| domain | file | PPL | ΔPPL % | mean KLD | top-1 % |",
+            "|---|---|---:|---:|---:|---:|",
+            *(
+                f"| {d} | {e['model']} | {e['perplexity']:.3f} | {100 * (e['delta_ppl'] or 0):+.2f} | "
+                f"{e['kld_mean']:.4g} | {100 * (e['top1'] or 0):.1f} |"
+                for d, e in evals
+            ),
             "",
         ]
     lines += ["## Steps", "", "| step | status | seconds |", "|---|---|---:|"]

@@ -207,3 +207,23 @@ def router_step(settings: Mapping[str, Any], deps: Mapping[str, Path], out: Path
         "min_accuracy": r.min_accuracy,
         "domains": {d.domain: {"accuracy": d.accuracy, "prompts": d.test_prompts} for d in r.domains},
     }
+
+
+@step_kind("eval")
+def eval_step(settings: Mapping[str, Any], deps: Mapping[str, Path], out: Path) -> dict[str, Any]:
+    """A domain's quantized parent against its F16 on the domain's held-out test conversations."""
+    import json
+
+    from ..evaluate import evaluate
+
+    quant = next(iter(sorted(deps[settings["gguf"]].glob("*.gguf"))))
+    ref = deps[settings["ref"]] / "model-F16.gguf"
+    r = evaluate(quant, deps[settings["data"]] / "data", ref=ref, threads=_threads(settings))
+    m = r.models[0]
+    summary = {
+        "model": quant.name, "conversations": r.n_conversations, "tokens": r.n_tokens,
+        "perplexity": m.perplexity, "ref_perplexity": r.reference.perplexity if r.reference else None,
+        "delta_ppl": m.delta_ppl, "kld_mean": m.kld_mean, "top1": m.top1,
+    }  # fmt: skip
+    (out / "eval.json").write_text(json.dumps(summary, indent=2))
+    return summary
