@@ -46,6 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import DataError, InputError
 from .files import atomic_write_json, atomic_write_text, require_file
+from .schema import read_yaml_model, validation_message
 
 log = logging.getLogger(__name__)
 
@@ -103,32 +104,9 @@ class RouterManifest(BaseModel):
         return self
 
 
-def _validation_message(path: Path, e: ValidationError) -> str:
-    parts = []
-    for err in e.errors():
-        loc = ".".join(str(x) for x in err.get("loc", ()))
-        msg = err.get("msg", "invalid")
-        if err.get("type") == "extra_forbidden":
-            msg = "unknown field"
-        parts.append(f"{loc}: {msg}" if loc else msg)
-    return f"{path}: " + "; ".join(parts)
-
-
 def read_manifest(path: str | os.PathLike[str]) -> RouterManifest:
     """Parse and validate a router manifest; errors name the file and the field path."""
-    import yaml
-
-    p = require_file(path, "router manifest")
-    try:
-        doc = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise InputError(f"{p}: not valid YAML: {e}") from None
-    if not isinstance(doc, dict):
-        raise InputError(f"{p}: a router manifest is a YAML mapping with a 'domains' mapping")
-    try:
-        return RouterManifest.model_validate(doc)
-    except ValidationError as e:
-        raise InputError(_validation_message(p, e)) from None
+    return read_yaml_model(path, RouterManifest, "router manifest", "a 'domains' mapping")
 
 
 def write_manifest(manifest: RouterManifest, path: str | os.PathLike[str]) -> Path:
@@ -511,7 +489,7 @@ def make_manifest(
             {"name": name, "default": default, "threshold": threshold, "domains": dict(domains)}
         )
     except ValidationError as e:
-        raise InputError(_validation_message(Path(path), e)) from None
+        raise InputError(validation_message(path, e)) from None
     return write_manifest(m, path)
 
 

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..errors import InputError
 from ..files import require_file
+from ..schema import read_yaml_model
 
 Profile = Literal["production", "mobile", "quality", "development"]
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,47}$")
@@ -130,31 +130,10 @@ class FactoryManifest(_Strict):
         return self
 
 
-def _message(path: Path, e: ValidationError) -> str:
-    parts = []
-    for err in e.errors():
-        loc = ".".join(str(x) for x in err.get("loc", ()))
-        msg = "unknown field" if err.get("type") == "extra_forbidden" else err.get("msg", "invalid")
-        msg = msg.removeprefix("Value error, ")
-        parts.append(f"{loc}: {msg}" if loc else msg)
-    return f"{path}: " + "; ".join(parts)
-
-
 def read_factory(path: str | os.PathLike[str]) -> FactoryManifest:
     """Parse and validate ``factory.yaml``; data files must exist (paths relative to the manifest)."""
-    import yaml
-
     p = require_file(path, "factory manifest")
-    try:
-        doc = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise InputError(f"{p}: not valid YAML: {e}") from None
-    if not isinstance(doc, dict):
-        raise InputError(f"{p}: a factory manifest is a YAML mapping with a 'domains' mapping")
-    try:
-        m = FactoryManifest.model_validate(doc)
-    except ValidationError as e:
-        raise InputError(_message(p, e)) from None
+    m = read_yaml_model(p, FactoryManifest, "factory manifest", "a 'domains' mapping")
     for dname, d in m.domains.items():
         for where, spec in [(f"domains.{dname}", d), *((f"domains.{dname}.subdomains.{s}", x)
                                                         for s, x in d.subdomains.items())]:  # fmt: skip
