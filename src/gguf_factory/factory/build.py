@@ -269,7 +269,7 @@ def build(
         if workers < 1:
             raise InputError(f"--workers must be at least 1, got {workers}")
         ex = RayExecutor(address, workers)
-        threads = threads or max(1, (os.cpu_count() or 1) // workers)
+        threads = threads or 1  # a Ray task holds one CPU (Ray also sets OMP_NUM_THREADS to it)
     else:
         raise InputError(f"unknown executor {executor!r}: local or ray")
     graph = Graph(plan(m, root, threads), cache, __version__)

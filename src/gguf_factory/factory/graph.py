@@ -201,7 +201,8 @@ class LocalExecutor:
 
 class RayExecutor:
     """Runs independent steps at the same time as Ray tasks (``address=None``: a local Ray instance with
-    ``workers`` CPUs; else a cluster address such as ``ray://head:10001``). Each task gets one CPU."""
+    ``workers`` CPUs; else a cluster address such as ``ray://head:10001``). Each task holds one CPU and
+    runs single-threaded unless the build asks for more threads."""
 
     name = "ray"
 
