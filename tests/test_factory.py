@@ -119,6 +119,23 @@ def test_rebuild_is_cached_and_a_change_redoes_only_what_depends_on_it(built) ->
     assert "models/food-Q8_0.gguf" in changed.artifacts and "models/food-Q5_K_M.gguf" not in changed.artifacts
 
 
+def test_router_to_adapters_shares_the_universal_model(built) -> None:
+    """`router_to: adapters`: one route per adapter, each the universal GGUF + its GGUF LoRA; only the
+    router step is new (everything else comes from the cache)."""
+    root, first = built
+    m = root / "adapters.yaml"
+    m.write_text(TINY + "outputs: {router_to: adapters}\n")
+    r = build(m, root / "out-adapters", threads=2, cache_dir=root / ".cache")
+    assert {s.name for s in r.steps if s.status == "ran"} == {"router"}
+    router = Router(root / "out-adapters" / "router.yaml")
+    assert set(router.targets) == {"greetings", "food", "humor.jokes", "humor.films"}
+    for name, t in router.targets.items():
+        assert t.model.name == "universal-Q4_K_M.gguf" and t.adapter is not None and t.adapter.is_file()
+        assert t.adapter.name == f"{name}.gguf"
+    assert router.route("hello").domain == "greetings"
+    assert set(r.routing["domains"]) == set(router.targets)
+
+
 def test_a_killed_build_resumes(tmp_path: Path) -> None:
     (tmp_path / "factory.yaml").write_text(TINY)
     code = (
@@ -152,6 +169,8 @@ def test_bad_manifests(tmp_path: Path) -> None:
         "domains:\n  a: {categories: [food]}\n": "at least two domains",
         "base: {preset: nano, model: x}\ndomains:\n  a: {categories: [food]}\n" + two: "exactly one",
         "domains:\n  a: {categories: [food], profile: tiny}\n" + two: "domains.a.profile",
+        "outputs: {router_to: adapters, lora_gguf: false}\ndomains:\n  a: {categories: [food]}\n"
+        + two: "router_to: adapters needs",
     }
     for text, needle in cases.items():
         m.write_text(text)

@@ -178,22 +178,30 @@ def plan(m: FactoryManifest, root: Path, threads: int | None) -> list[Step]:
             )
         )
         qtype = PROFILES[d.profile].qtype
-        router_domains[name] = {
-            "model": f"models/{name}-{qtype}.gguf",
-            "profile": d.profile,
-            "quantize": f"quantize:{name}",
-            "keywords": d.keywords,
-            "description": d.description,
-            "data": f"prepare:{name}",
-        }
+        if m.outputs.router_to == "parents":
+            router_domains[name] = {
+                "model": f"models/{name}-{qtype}.gguf",
+                "profile": d.profile,
+                "quantize": f"quantize:{name}",
+                "keywords": d.keywords,
+                "description": d.description,
+                "data": f"prepare:{name}",
+            }
+        else:  # one route per adapter, on the shared universal model
+            for aname in adapters:
+                router_domains[aname] = {
+                    "model": "models/universal-Q4_K_M.gguf",
+                    "adapter": f"adapters/{aname}.gguf",
+                    "profile": "production",
+                    "quantize": "quantize:universal",
+                    "keywords": d.keywords,
+                    "description": d.description,
+                    "data": f"prepare:{aname}",
+                }
     if m.outputs.router:
+        deps = {s for r in router_domains.values() for s in (r["data"], r["quantize"])}
         steps.append(
-            Step(
-                "router",
-                "router",
-                {"name": m.name, "domains": router_domains},
-                tuple(f"{kind}:{n}" for n in m.domains for kind in ("prepare", "quantize")),
-            )
+            Step("router", "router", {"name": m.name, "domains": router_domains}, tuple(sorted(deps)))
         )
     return steps
 

@@ -102,6 +102,9 @@ class OutputsSpec(_Strict):
     universal: bool = True
     lora_gguf: bool = True
     router: bool = True
+    router_to: Literal["parents", "adapters"] = "parents"
+    """``parents``: one route per domain family, to its merged parent GGUF. ``adapters``: one route per
+    adapter (each subdomain, or the domain), to the universal GGUF + that GGUF LoRA (one shared base)."""
 
 
 class FactoryManifest(_Strict):
@@ -127,6 +130,9 @@ class FactoryManifest(_Strict):
     def _router(self) -> FactoryManifest:
         if self.outputs.router and len(self.domains) < 2:
             raise ValueError("outputs.router needs at least two domains (or set outputs.router: false)")
+        if self.outputs.router and self.outputs.router_to == "adapters":
+            if not (self.outputs.universal and self.outputs.lora_gguf):
+                raise ValueError("outputs.router_to: adapters needs outputs.universal and outputs.lora_gguf")
         return self
 
 

@@ -187,6 +187,7 @@ def router_step(settings: Mapping[str, Any], deps: Mapping[str, Path], out: Path
     domains = {
         name: {
             "model": d["model"],
+            "adapter": d.get("adapter"),
             "profile": d["profile"],
             "context_length": _step_summary(deps[d["quantize"]]).get("context_length"),
             "keywords": d["keywords"],
