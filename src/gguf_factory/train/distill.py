@@ -489,23 +489,13 @@ def distill(
     t0 = time_now()
     ds = DistillSettings(temperature=temperature, alpha=alpha, top_k=top_k)
     ds.check()
-    if base is None:
-        p = get_preset(preset)
-        defaults = dict(epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, patience=p.patience, keep=p.keep)
-        default_seq = p.max_seq_len
-    else:
-        d = FINETUNE_DEFAULTS
-        defaults = dict(epochs=d.epochs, batch_size=d.batch_size, lr=d.lr, patience=d.patience, keep="best")
-        default_seq = d.max_seq_len
-    given = dict(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, keep=keep)
-    settings = LoopSettings(
-        **{k: defaults[k] if v is None else v for k, v in given.items()},
-        monitor=monitor,
-        seed=seed,
-        max_steps=max_steps,
-        progress=progress,
-    )
-    settings.check()
+    p = get_preset(preset) if base is None else None
+    defaults: Any = p if p is not None else FINETUNE_DEFAULTS
+    default_seq = defaults.max_seq_len
+    settings = LoopSettings.with_defaults(
+        defaults, epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, keep=keep,
+        monitor=monitor, seed=seed, max_steps=max_steps, progress=progress,
+    )  # fmt: skip
     out = check_out_dir(out_dir)
     for other, what in ((teacher, "teacher"), (base, "base model")):
         if other is not None and out.resolve() == Path(other).resolve():

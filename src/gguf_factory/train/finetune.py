@@ -66,9 +66,7 @@ def check_base_folder(base: str | os.PathLike[str]) -> Path:
             f"{folder} has no weights: expected model.safetensors (or model-*.safetensors, pytorch_model.bin)"
         )
     if not any((folder / f).is_file() for f in _TOKENIZER_FILES):
-        raise ModelError(
-            f"{folder} has no tokenizer: expected one of {', '.join(_TOKENIZER_FILES)}"
-        )
+        raise ModelError(f"{folder} has no tokenizer: expected one of {', '.join(_TOKENIZER_FILES)}")
     return folder
 
 
@@ -192,18 +190,10 @@ def finetune(
 ) -> TrainResult:
     t0 = time_now()
     d = FINETUNE_DEFAULTS
-    settings = LoopSettings(
-        epochs=d.epochs if epochs is None else epochs,
-        batch_size=d.batch_size if batch_size is None else batch_size,
-        lr=d.lr if lr is None else lr,
-        patience=d.patience if patience is None else patience,
-        monitor=monitor,
-        keep="best" if keep is None else keep,
-        seed=seed,
-        max_steps=max_steps,
-        progress=progress,
-    )
-    settings.check()
+    settings = LoopSettings.with_defaults(
+        d, epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, keep=keep, monitor=monitor,
+        seed=seed, max_steps=max_steps, progress=progress,
+    )  # fmt: skip
     check_base_folder(base)
     out = check_out_dir(out_dir)
     if out.resolve() == Path(base).resolve():
@@ -233,8 +223,15 @@ def finetune(
         tokenizer.save_pretrained(tmp)
         seconds = time_now() - t0
         record = training_record(
-            kind="finetune", settings=settings, outcome=outcome, n_params=n_params, max_seq_len=seq,
-            threads=n_threads, train=tr, val=va, seconds=seconds,
+            kind="finetune",
+            settings=settings,
+            outcome=outcome,
+            n_params=n_params,
+            max_seq_len=seq,
+            threads=n_threads,
+            train=tr,
+            val=va,
+            seconds=seconds,
             extra={"preset": None, "base": str(Path(base).resolve()), "chat": chat_info},
         )
         (tmp / "training.json").write_text(json.dumps(record, indent=2) + "\n")

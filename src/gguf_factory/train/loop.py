@@ -313,6 +313,19 @@ class LoopSettings:
     monitor: str = "accuracy"
     keep: str = "best"
 
+    @classmethod
+    def with_defaults(cls, defaults: Any, *, keep: str | None = None, **given: Any) -> LoopSettings:
+        """Settings from the options a user gave (``None``: not given), the rest from ``defaults`` (a
+        preset or a defaults record: ``epochs``, ``batch_size``, ``lr``, ``patience`` and maybe
+        ``keep``), checked."""
+        for name in ("epochs", "batch_size", "lr", "patience"):
+            if given.get(name) is None:
+                given[name] = getattr(defaults, name)
+        keep = keep if keep is not None else getattr(defaults, "keep", "best")
+        settings = cls(keep=keep, **given)
+        settings.check()
+        return settings
+
     def check(self) -> None:
         if self.epochs < 1:
             raise TrainingError(f"epochs must be at least 1, got {self.epochs}")

@@ -165,18 +165,10 @@ def train_lora(
     lora = lora or LoraSettings()
     lora.check()
     d = LORA_DEFAULTS
-    settings = LoopSettings(
-        epochs=d.epochs if epochs is None else epochs,
-        batch_size=d.batch_size if batch_size is None else batch_size,
-        lr=d.lr if lr is None else lr,
-        patience=d.patience if patience is None else patience,
-        monitor=monitor,
-        keep="best" if keep is None else keep,
-        seed=seed,
-        max_steps=max_steps,
-        progress=progress,
-    )
-    settings.check()
+    settings = LoopSettings.with_defaults(
+        d, epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, keep=keep, monitor=monitor,
+        seed=seed, max_steps=max_steps, progress=progress,
+    )  # fmt: skip
     base_dir = check_base_folder(base).resolve()
     out = check_out_dir(out_dir)
     if out.resolve() == base_dir:

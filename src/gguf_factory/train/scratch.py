@@ -53,8 +53,18 @@ class ModelPreset:
     keep: str = "best"
 
     def check(self) -> None:
-        for f in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-                  "vocab_size", "max_seq_len", "epochs", "batch_size", "patience"):
+        for f in (
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "vocab_size",
+            "max_seq_len",
+            "epochs",
+            "batch_size",
+            "patience",
+        ):
             if getattr(self, f) < 1:
                 raise TrainingError(f"preset {self.name!r}: {f} must be at least 1, got {getattr(self, f)}")
         if self.hidden_size % self.num_heads:
@@ -80,13 +90,33 @@ PRESETS: dict[str, ModelPreset] = {
     # prompt's domain) went from 23 % keeping epoch 16 to 54 % keeping epoch 28 (references: 40 %, chance:
     # 12 %). So nano keeps its last epoch, with a patience that only stops a run going nowhere.
     "nano": ModelPreset(
-        name="nano", hidden_size=256, intermediate_size=768, num_layers=4, num_heads=4, num_kv_heads=4,
-        vocab_size=2048, max_seq_len=256, epochs=30, lr=2e-3, batch_size=8, patience=10, keep="last",
+        name="nano",
+        hidden_size=256,
+        intermediate_size=768,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=4,
+        vocab_size=2048,
+        max_seq_len=256,
+        epochs=30,
+        lr=2e-3,
+        batch_size=8,
+        patience=10,
+        keep="last",
     ),
     # ~31 M parameters.
     "small": ModelPreset(
-        name="small", hidden_size=512, intermediate_size=1536, num_layers=8, num_heads=8, num_kv_heads=8,
-        vocab_size=8192, max_seq_len=512, epochs=8, lr=1e-3, batch_size=16,
+        name="small",
+        hidden_size=512,
+        intermediate_size=1536,
+        num_layers=8,
+        num_heads=8,
+        num_kv_heads=8,
+        vocab_size=8192,
+        max_seq_len=512,
+        epochs=8,
+        lr=1e-3,
+        batch_size=16,
     ),
 }
 
@@ -164,18 +194,10 @@ def train_scratch(
     if max_seq_len is not None:
         p = replace(p, max_seq_len=max_seq_len)
         p.check()
-    settings = LoopSettings(
-        epochs=p.epochs if epochs is None else epochs,
-        batch_size=p.batch_size if batch_size is None else batch_size,
-        lr=p.lr if lr is None else lr,
-        patience=p.patience if patience is None else patience,
-        monitor=monitor,
-        keep=p.keep if keep is None else keep,
-        seed=seed,
-        max_steps=max_steps,
-        progress=progress,
-    )
-    settings.check()
+    settings = LoopSettings.with_defaults(
+        p, epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, keep=keep, monitor=monitor,
+        seed=seed, max_steps=max_steps, progress=progress,
+    )  # fmt: skip
     out = check_out_dir(out_dir)
     splits = load_splits(data_dir)
     n_threads = set_threads(threads)
@@ -203,8 +225,15 @@ def train_scratch(
             model.save_pretrained(tmp)
         seconds = time_now() - t0
         record = training_record(
-            kind="scratch", settings=settings, outcome=outcome, n_params=n_params, max_seq_len=p.max_seq_len,
-            threads=n_threads, train=tr, val=va, seconds=seconds,
+            kind="scratch",
+            settings=settings,
+            outcome=outcome,
+            n_params=n_params,
+            max_seq_len=p.max_seq_len,
+            threads=n_threads,
+            train=tr,
+            val=va,
+            seconds=seconds,
             extra={"preset": {**asdict(p), "vocab_size_trained": vocab}, "base": None},
         )
         (tmp / "training.json").write_text(json.dumps(record, indent=2) + "\n")
