@@ -250,7 +250,7 @@ def solve(
                     lo = mid
                 else:
                     hi = mid
-            choice = _greedy_up(tensors, opts, ev(pick(hi)), max_size, ev)
+            choice = _greedy(tensors, opts, ev(pick(hi)), ev, _upgrade_gain(max_size))
         if max_kld is not None and choice.kld > max_kld:
             return None
         return choice
@@ -271,59 +271,56 @@ def solve(
             lo = mid
         else:
             hi = mid
-    return _greedy_down(tensors, opts, ev(pick(lo)), max_kld, ev)
+    return _greedy(tensors, opts, ev(pick(lo)), ev, _downgrade_gain(max_kld))
 
 
-def _greedy_up(
+def _greedy(
     tensors: Sequence[TensorCosts],
     opts: Sequence[list[Option]],
     choice: Choice,
-    max_size: int,
     ev: Callable[[Sequence[Option]], Choice],
+    gain: Callable[[Choice, TensorCosts, Option, Option], float | None],
 ) -> Choice:
+    """Make the single-tensor move with the best ``gain(current, tensor, its pick, option)`` (None: not
+    allowed) until no move is left."""
+    picks = list(choice.picks)
+    while True:
+        cur = ev(picks)
+        best: tuple[float, int, Option] | None = None
+        for i, (tc, os_) in enumerate(zip(tensors, opts, strict=True)):
+            for o in os_:
+                g = gain(cur, tc, picks[i], o)
+                if g is not None and (best is None or g > best[0]):
+                    best = (g, i, o)
+        if best is None:
+            return cur
+        picks[best[1]] = best[2]
+
+
+def _upgrade_gain(max_size: int) -> Callable[[Choice, TensorCosts, Option, Option], float | None]:
     """Spend the bytes left on the upgrades that buy the most KLD per byte."""
-    picks = list(choice.picks)
-    while True:
-        cur = ev(picks)
-        best: tuple[float, int, Option] | None = None
-        for i, (tc, os_) in enumerate(zip(tensors, opts, strict=True)):
-            for o in os_:
-                db = o.nbytes - picks[i].nbytes
-                dk = tc.sensitivity * (o.error - picks[i].error)
-                if db <= 0 or dk >= 0 or cur.nbytes + db > max_size:
-                    continue
-                gain = -dk / db
-                if best is None or gain > best[0]:
-                    best = (gain, i, o)
-        if best is None:
-            return cur
-        picks[best[1]] = best[2]
+
+    def gain(cur: Choice, tc: TensorCosts, pick: Option, o: Option) -> float | None:
+        db = o.nbytes - pick.nbytes
+        dk = tc.sensitivity * (o.error - pick.error)
+        if db <= 0 or dk >= 0 or cur.nbytes + db > max_size:
+            return None
+        return -dk / db
+
+    return gain
 
 
-def _greedy_down(
-    tensors: Sequence[TensorCosts],
-    opts: Sequence[list[Option]],
-    choice: Choice,
-    max_kld: float,
-    ev: Callable[[Sequence[Option]], Choice],
-) -> Choice:
+def _downgrade_gain(max_kld: float) -> Callable[[Choice, TensorCosts, Option, Option], float | None]:
     """Spend the KLD left on the downgrades that save the most bytes per unit of KLD."""
-    picks = list(choice.picks)
-    while True:
-        cur = ev(picks)
-        best: tuple[float, int, Option] | None = None
-        for i, (tc, os_) in enumerate(zip(tensors, opts, strict=True)):
-            for o in os_:
-                db = picks[i].nbytes - o.nbytes
-                dk = tc.sensitivity * (o.error - picks[i].error)
-                if db <= 0 or cur.kld + max(dk, 0.0) > max_kld:
-                    continue
-                gain = db / max(dk, 1e-30)
-                if best is None or gain > best[0]:
-                    best = (gain, i, o)
-        if best is None:
-            return cur
-        picks[best[1]] = best[2]
+
+    def gain(cur: Choice, tc: TensorCosts, pick: Option, o: Option) -> float | None:
+        db = pick.nbytes - o.nbytes
+        dk = tc.sensitivity * (o.error - pick.error)
+        if db <= 0 or cur.kld + max(dk, 0.0) > max_kld:
+            return None
+        return db / max(dk, 1e-30)
+
+    return gain
 
 
 # --------------------------------------------------------------------------------------------- driver
