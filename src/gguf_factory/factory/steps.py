@@ -146,7 +146,6 @@ def validate_step(settings: Mapping[str, Any], deps: Mapping[str, Path], out: Pa
     import json
 
     from ..doctor.validate import validate
-    from ..runtime import _quiet_stderr
 
     def one(step: str) -> Path:
         found = sorted((deps[step]).glob("*.gguf"))
@@ -161,19 +160,11 @@ def validate_step(settings: Mapping[str, Any], deps: Mapping[str, Path], out: Pa
         raise FactoryError(f"{model} failed validation: {problems}")
     checked = {"model": model.name, "findings": len(report.findings)}
     if settings.get("adapter"):
-        import llama_cpp
+        from ..runtime import load
 
         adapter = deps[settings["adapter"]] / "adapter.gguf"
-        with _quiet_stderr():
-            llm = llama_cpp.Llama(
-                model_path=str(model), lora_path=str(adapter), n_ctx=256, n_threads=1, verbose=False
-            )
-        try:
-            out_text = llm.create_chat_completion(
-                messages=[{"role": "user", "content": "hello"}], max_tokens=8, temperature=0.0
-            )["choices"][0]["message"]["content"]
-        finally:
-            llm.close()
+        with load(model, n_ctx=256, threads=1, lora_path=adapter) as m:
+            out_text = m.chat([{"role": "user", "content": "hello"}], max_tokens=8, temperature=0.0)
         checked["adapter"] = adapter.name
         checked["adapter_reply"] = out_text
     (out / "validation.json").write_text(json.dumps({**checked, "report": report.to_dict()}, default=str))
