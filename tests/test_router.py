@@ -21,8 +21,7 @@ from gguf_factory.router import (
     make_manifest,
     read_manifest,
 )
-from gguf_factory.serve import ModelPool, create_app
-from gguf_factory.serve.__init__ import pool_models
+from gguf_factory.serve import ModelPool, create_app, pool_models
 from test_serve import running
 
 DOMAINS = ("greetings", "humor", "food")  # the tiny dataset's chatterbot categories
