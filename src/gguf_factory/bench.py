@@ -353,6 +353,7 @@ def run_bench(
     baseline on ``data_dir`` into ``out_dir/lstm``; ``lstm`` uses an already trained one. Writes
     ``bench-report.json``, ``.md`` and ``.png`` into ``out_dir`` (created; its parent must exist).
     """
+    from .bases import resolve_path
     from .data import load_dataset
     from .demo import held_out_prompts
     from .errors import DataError, InputError
@@ -368,7 +369,7 @@ def run_bench(
     if n_prompts < 1 or max_tokens < 1:
         raise InputError("the number of prompts and max_tokens must be at least 1")
     check_output_dir(out_dir)
-    hf_dir = _check_hf_dir(Path(hf)) if hf is not None else None
+    hf_dir = _check_hf_dir(resolve_path(hf, what="--hf model")) if hf is not None else None
     gguf_paths = [_check_gguf(Path(g)) for g in ggufs]
     if len({p.resolve() for p in gguf_paths}) != len(gguf_paths):
         raise InputError("the same GGUF is given twice")

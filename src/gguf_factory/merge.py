@@ -284,7 +284,8 @@ def merge(
     dtype: str = "auto",
     overwrite: bool = False,
 ) -> MergeResult:
-    """Merge ``adapters`` (``AdapterSpec`` or ``"DIR[:WEIGHT]"``) into the HF model folder ``base`` and
+    """Merge ``adapters`` (``AdapterSpec`` or ``"DIR[:WEIGHT]"``) into ``base`` (a HF model folder, a GGUF,
+    a named base or a Hub id: :func:`gguf_factory.bases.resolve_path`) and
     write a HF model folder at ``out_dir``; ``gguf=True`` also converts it to
     ``out_dir/<name>-<OUTTYPE>.gguf``. ``dtype``: the saved weights' type (``auto``: the base's).
     """
@@ -307,7 +308,9 @@ def merge(
         raise InputError(f"unknown outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
     if dtype not in DTYPES:
         raise InputError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    base_dir = check_base_folder(base)
+    from .bases import resolve_path
+
+    base_dir = check_base_folder(resolve_path(base, what="base model"))
     if out.resolve() == base_dir.resolve():
         raise InputError(f"the output folder is the base model folder: {out}")
     base_config = _read_json(base_dir / "config.json")

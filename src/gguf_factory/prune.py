@@ -550,7 +550,9 @@ def prune(
     against the original converted to F16 in a temporary folder.
     """
     t0 = time.perf_counter()
-    model_dir, data_dir = Path(model_dir), Path(data_dir)
+    from .bases import resolve_path
+
+    model_dir, data_dir = resolve_path(model_dir), Path(data_dir)
     ffn = _check_fraction("ffn", ffn)
     heads = _check_fraction("heads", heads)
     if ffn == 0.0 and heads == 0.0:

@@ -518,7 +518,9 @@ def verify(
 
     t0 = time.perf_counter()
     gguf_path = require_file(gguf_path, "GGUF file")
-    hf_dir = require_dir(hf_dir, "Hugging Face model folder")
+    from .bases import resolve_path
+
+    hf_dir = resolve_path(hf_dir, what="--against model")
     if not (hf_dir / "config.json").is_file():
         raise ModelError(f"not a Hugging Face model folder: {hf_dir / 'config.json'} is missing")
     gtype = gguf_main_type(gguf_path)

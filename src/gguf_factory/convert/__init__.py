@@ -120,7 +120,8 @@ def _write_metadata(
 def convert(
     hf_dir: str | Path, out_path: str | Path, *, outtype: str = "f16", name: str | None = None
 ) -> ConvertResult:
-    """Convert a Hugging Face model folder to a GGUF file at ``out_path``.
+    """Convert a Hugging Face model folder (or any model source: :func:`gguf_factory.bases.resolve_path`)
+    to a GGUF file at ``out_path``.
 
     ``outtype``: f32 | f16 | bf16 | q8_0 (1-D tensors such as norms always stay F32).
     ``name``: ``general.name`` (default: the folder name).
@@ -131,6 +132,10 @@ def convert(
         raise InputError(f"unknown outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
     out = check_output_path(out_path)
     model_dir = Path(hf_dir)
+    if not model_dir.is_dir():  # a GGUF, a named base or a Hub id: the HF folder it leads to
+        from ..bases import resolve_path
+
+        model_dir = resolve_path(hf_dir)
     config = _read_config(model_dir)
     cls = converter_for(config, str(model_dir / "config.json"))
     weights = open_weights(model_dir)

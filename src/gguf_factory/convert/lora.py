@@ -217,7 +217,9 @@ def convert_lora(
     out = check_output_path(out_path)
     adapter_dir = require_dir(adapter_dir, "adapter folder")
     cfg = _read_adapter_config(adapter_dir)
-    base_dir = Path(base)
+    from ..bases import resolve_path
+
+    base_dir = resolve_path(base, what="base model")
     config = _read_config(base_dir)
     cls = converter_for(config, str(base_dir / "config.json"))
     where = adapter_dir / "adapter_model.safetensors"

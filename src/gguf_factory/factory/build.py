@@ -28,7 +28,7 @@ from typing import Any
 from ..errors import InputError
 from ..files import atomic_write_json, atomic_write_text, human_size, sha256_file
 from .graph import Graph, LocalExecutor, RayExecutor, Step, StepRecord
-from .manifest import DataSpec, FactoryManifest, read_factory
+from .manifest import DataSpec, FactoryManifest, base_model_source, read_factory
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def plan(m: FactoryManifest, root: Path, threads: int | None) -> list[Step]:
     steps: list[Step] = []
     domain_data = {name: _union(d, *d.subdomains.values()) for name, d in m.domains.items()}
     steps.append(Step("prepare:all", "prepare", _data_settings(_union(*domain_data.values()), m, root)))
-    base = None if m.base.model is None else str((root / m.base.model).resolve())
+    base = None if m.base.model is None else base_model_source(root, m.base.model)
     steps.append(
         Step(
             "train:universal",

@@ -4,7 +4,8 @@ version: 1
 name: assistants
 base:
   preset: nano               # train the universal model from scratch (a preset name or its fields),
-  # model: models/base       # or fine-tune a local Hugging Face model folder on all the domains
+  # model: smollm2-135m-instruct  # or fine-tune a model on all the domains: a HF folder or .gguf
+  #                               # (relative to this file), a named base or a Hub id[@revision]
 language: english            # chatterbot-corpus language for `categories`
 train: {epochs: 10}          # the universal model's training settings (unset: the preset's)
 lora: {rank: 8, alpha: 16, epochs: 3}
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -72,7 +74,8 @@ class BaseSpec(_Strict):
     def _one(self) -> BaseSpec:
         if (self.preset is None) == (self.model is None):
             raise ValueError(
-                "give exactly one of 'preset' (train from scratch) or 'model' (a local HF folder)"
+                "give exactly one of 'preset' (train from scratch) or 'model' (a HF folder, a .gguf, a "
+                "named base or a Hub id)"
             )
         return self
 
@@ -146,6 +149,35 @@ def read_factory(path: str | os.PathLike[str]) -> FactoryManifest:
             for i, f in enumerate(spec.files):
                 if not (p.parent / f).is_file():
                     raise InputError(f"{p}: {where}.files[{i}]: file not found: {p.parent / f}")
-    if m.base.model is not None and not (p.parent / m.base.model / "config.json").is_file():
-        raise InputError(f"{p}: base.model: not a Hugging Face model folder: {p.parent / m.base.model}")
+    if m.base.model is not None:
+        _check_base_model(p, m.base.model)
     return m
+
+
+def base_model_source(root: Path, model: str) -> str:
+    """``base.model`` as a model source: a path relative to the manifest's folder when one exists there (or
+    it is written as a path), else the named base or Hub id as written."""
+    from ..bases import classify
+
+    local = root / model
+    if local.exists() or classify(model) in ("folder", "gguf"):
+        return str(local.resolve())
+    return model
+
+
+def _check_base_model(p: Path, model: str) -> None:
+    from ..bases import classify, named_base, parse_hub_id
+
+    source = base_model_source(p.parent, model)
+    kind = classify(source)
+    try:
+        if kind == "folder" and not (Path(source) / "config.json").is_file():
+            raise InputError(f"not a Hugging Face model folder: {source}")
+        if kind == "gguf" and not Path(source).is_file():
+            raise InputError(f"GGUF file not found: {source}")
+        if kind == "named":
+            named_base(source)
+        if kind == "hub":
+            parse_hub_id(source)
+    except InputError as e:
+        raise InputError(f"{p}: base.model: {e}") from None

@@ -76,9 +76,10 @@ def train(
     """Train on the prepared dataset in ``data_dir`` and write a HF model folder at ``out_dir``.
 
     ``base=None`` trains ``preset`` (a name in :data:`PRESETS` or a :class:`ModelPreset`) from scratch,
-    with a byte-level BPE tokenizer learnt from the training split. ``base`` = a local HF causal-LM folder
-    fine-tunes all of its weights; ``preset`` is then ignored and unset settings take
-    :data:`FINETUNE_DEFAULTS`. The loss is on assistant turns only; the weights kept are those of the
+    with a byte-level BPE tokenizer learnt from the training split. ``base`` = a model source (a local HF
+    causal-LM folder, a GGUF, a named base such as ``smollm2-135m-instruct`` or a Hub id; see
+    :mod:`gguf_factory.bases`) fine-tunes all of its weights; ``preset`` is then ignored and unset settings
+    take :data:`FINETUNE_DEFAULTS`. The loss is on assistant turns only; the weights kept are those of the
     epoch with the best validation score (``monitor``: top-1 ``"accuracy"`` on the held-out assistant
     tokens, or ``"loss"``); training stops after ``patience`` epochs without improvement or after
     ``max_steps`` optimizer steps. ``keep="last"`` saves the last epoch's weights instead of the best's.
@@ -94,9 +95,14 @@ def train(
     is a :class:`~.distill.DistillResult` whose ``distill`` report compares student and teacher on the
     validation split (see :mod:`.distill`).
     """
+    from ..bases import resolve_gguf_or_folder, resolve_path
     from .finetune import finetune
     from .scratch import train_scratch
 
+    if base is not None:  # a folder, a GGUF, a named base or a Hub id -> a HF folder
+        base = resolve_path(base, what="base model")
+    if distill_from is not None:  # GGUF teachers run in llama.cpp as they are
+        distill_from = resolve_gguf_or_folder(distill_from, what="teacher")
     common = dict(
         epochs=epochs, batch_size=batch_size, lr=lr, max_seq_len=max_seq_len, patience=patience,
         monitor=monitor, keep=keep, seed=seed, threads=threads, progress=progress, max_steps=max_steps,
