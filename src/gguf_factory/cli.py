@@ -827,6 +827,30 @@ def imatrix_cmd(
     )
 
 
+@app.command("trim-vocab")
+def trim_vocab_cmd(
+    model: Annotated[str, typer.Argument(help="A BPE model: HF folder, .gguf, named base or Hub id.")],
+    data: Annotated[Path, typer.Option("--data", help="Folder written by `prepare` (train/val/test.jsonl).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="New model folder (its parent must exist).")],
+    vocab_size: Annotated[
+        int, typer.Option(help="Tokens to keep (more if your data alone uses more).")
+    ] = 16384,
+) -> None:
+    """Keep only the vocabulary your data and common text use: smaller embeddings, same tokens for your
+    data, same logits for kept tokens."""
+    from .trim import trim_vocab
+
+    r = trim_vocab(model, data, output, vocab_size=vocab_size)
+    console.print(
+        f"wrote {r.out_dir}: vocabulary {r.vocab_before:,} -> {r.vocab_after:,} tokens "
+        f"({r.data_tokens:,} used by your data), parameters {r.params_before / 1e6:.1f} M -> "
+        f"{r.params_after / 1e6:.1f} M; held-out texts tokenized identically: {r.heldout_identical:.0%}, "
+        f"tokens x{r.heldout_token_ratio:.3f} "
+        f"({r.seconds:.1f} s)",
+        soft_wrap=True,
+    )
+
+
 @app.command("prune")
 def prune_cmd(
     model_dir: Annotated[
