@@ -184,3 +184,37 @@ def test_factory_manifest_base_model_sources(tmp_path: Path) -> None:
         with pytest.raises(InputError) as e:
             read_factory(manifest(bad))
         assert "base.model" in str(e.value) and needle in str(e.value)
+
+
+def test_a_gguf_source_is_rebuilt_once_and_cached(
+    tiny_f32_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gguf_factory.bases import SOURCE_FILE
+
+    monkeypatch.setenv("GGUF_FACTORY_CACHE", str(tmp_path / "cache"))
+    first = resolve_model(tiny_f32_gguf)
+    assert first.kind == "gguf" and first.gguf == tiny_f32_gguf
+    assert first.path.parent == tmp_path / "cache" / "from-gguf"
+    assert json.loads((first.path / SOURCE_FILE).read_text())["gguf"] == str(tiny_f32_gguf.resolve())
+    stamp = (first.path / "model.safetensors").stat().st_mtime_ns
+    again = resolve_model(str(tiny_f32_gguf))
+    assert again.path == first.path and (again.path / "model.safetensors").stat().st_mtime_ns == stamp
+    assert [p.name for p in (tmp_path / "cache" / "from-gguf").iterdir()] == [first.path.name]
+
+
+def test_cli_convert_direction_comes_from_the_input(tiny_f32_gguf: Path, tmp_path: Path) -> None:
+    out = tmp_path / "rebuilt"
+    proc = run_cli("convert", tiny_f32_gguf, "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
+    back = tmp_path / "back-F32.gguf"
+    proc = run_cli("convert", out, "-o", back, "--outtype", "f32")
+    assert proc.returncode == 0, proc.stderr
+    ours, ref = gguf.GGUFReader(back), gguf.GGUFReader(tiny_f32_gguf)
+    for a, b in zip(ours.tensors, ref.tensors, strict=True):
+        assert a.name == b.name and np.array_equal(np.asarray(a.data), np.asarray(b.data)), a.name
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"GGUF" + b"\x00" * 64)
+    proc = run_cli("convert", junk, "-o", tmp_path / "junk-hf")
+    assert_one_line_error(proc, "junk.gguf")
+    assert not (tmp_path / "junk-hf").exists()
