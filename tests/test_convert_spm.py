@@ -38,7 +38,8 @@ import pytest
 
 from gguf_factory.convert import convert
 from gguf_factory.errors import ConversionError, ModelError
-from test_convert_archs import CHAT_PROMPTS, ENGLISH, GEMMA, PARITY_TEXTS, _save_model, corpus_lines
+from model_builders import CHAT_PROMPTS, ENGLISH, GEMMA, PARITY_TEXTS, corpus_lines
+from model_builders import save_model as _save_model
 
 SPM_SPACE = "\u2581"
 TRAIN_TEXTS = ENGLISH[::2] + [t for lang in ("spanish", "german", "russian") for t in corpus_lines(lang)[::4]]

@@ -5,9 +5,14 @@ is computed from shapes only (no tensor data is read), so the GGUF header, key/v
 can be written first; each tensor is then loaded, converted and written one at a time and dropped.
 
 Adding an architecture: subclass :class:`ArchConverter` in ``archs/<name>.py``, set
-``hf_architectures`` and ``gguf_arch``, implement :meth:`ArchConverter.set_gguf_parameters` (and
+``hf_architectures`` and ``gguf_arch``, implement :meth:`ArchConverter.set_gguf_parameters` (most write
+:meth:`ArchConverter.write_common_hparams` and a few keys of their own; and
 :meth:`ArchConverter.modify_tensor` if weights need a layout change), decorate it with
-:func:`gguf_factory.convert.archs.register`, and import it in ``archs/__init__.py``.
+:func:`gguf_factory.convert.archs.register`, and import it in ``archs/__init__.py``. Tensor names come from
+gguf-py's ``TensorNameMap`` for the architecture; ``stack_experts`` stacks per-expert MoE weights into
+llama.cpp's 3-D expert tensors, ``output_required`` writes ``output.weight`` for tied embeddings where
+llama.cpp's graph needs it. Add the family to :mod:`gguf_factory.convert.families` with a fixture in
+tests/model_builders.py: its parity test then runs.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -278,6 +284,47 @@ def open_weights(model_dir: Path) -> WeightSource:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Rope parameters (transformers 5 ``rope_parameters`` or 4.x keys)
+# ---------------------------------------------------------------------------------------------------
+
+
+def rope_config(config: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+    """(rope theta, scaling parameters) from transformers 5 ``rope_parameters`` or 4.x ``rope_theta``/
+    ``rope_scaling``; the scaling dict has a ``rope_type`` key (``default`` when unscaled)."""
+    params = config.get("rope_parameters")
+    if isinstance(params, dict) and ("rope_theta" in params or "rope_type" in params):
+        theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
+        scaling = dict(params)
+    else:
+        theta = config.get("rope_theta", 10000.0)
+        scaling = dict(config.get("rope_scaling") or {})
+    scaling["rope_type"] = scaling.get("rope_type") or scaling.get("type") or "default"
+    return float(theta), scaling
+
+
+def llama3_rope_factors(scaling: dict[str, Any], theta: float, head_dim: int) -> np.ndarray:
+    """Per-frequency divisors for Llama 3.x rope scaling, as llama.cpp's ``rope_freqs`` tensor wants.
+
+    transformers scales each inverse frequency by ``s`` (1 for high frequencies, 1/factor for low ones,
+    interpolated in between); llama.cpp divides the frequency by the stored value, i.e. stores ``1/s``.
+    """
+    factor = float(scaling["factor"])
+    low = float(scaling.get("low_freq_factor", 1.0))
+    high = float(scaling.get("high_freq_factor", 4.0))
+    old_ctx = float(scaling.get("original_max_position_embeddings", 8192))
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen = 2 * math.pi / inv_freq
+    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    scale = np.where(
+        wavelen < high_wavelen,
+        1.0,
+        np.where(wavelen > low_wavelen, 1.0 / factor, (1 - smooth) / factor + smooth),
+    )
+    return (1.0 / scale).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------------
 # The plan and the converter base class
 # ---------------------------------------------------------------------------------------------------
 
@@ -341,6 +388,11 @@ class ArchConverter(ABC):
     gguf_arch: ClassVar[gguf.MODEL_ARCH]
     # HF tensors that carry no weights llama.cpp needs (recomputed buffers).
     skip_suffixes: ClassVar[tuple[str, ...]] = (".rotary_emb.inv_freq", ".attn.masked_bias", ".attn.bias")
+    # Mixture of experts: per-expert HF tensors (``...experts.<i>.<name>.weight``) are stacked into one 3-D
+    # GGUF tensor per name (``...experts.<name>``, which gguf.TensorNameMap knows), one expert at a time.
+    stack_experts: ClassVar[bool] = False
+    # The architecture's llama.cpp graph reads output.weight even when the embeddings are tied: write a copy.
+    output_required: ClassVar[bool] = False
 
     def __init__(self, model_dir: Path, config: dict[str, Any], weights: WeightSource, outtype: str):
         self.model_dir = model_dir
@@ -372,6 +424,109 @@ class ArchConverter(ABC):
         if default is not ...:
             return default
         raise ModelError(f"config.json in {self.model_dir} lacks {' / '.join(keys)}")
+
+    # ---- the hyperparameters most decoders share -------------------------------------------------
+
+    @cached_property
+    def n_embd(self) -> int:
+        return int(self.hparam("hidden_size", "n_embd", "d_model"))
+
+    @cached_property
+    def n_head(self) -> int:
+        return int(self.hparam("num_attention_heads", "n_head"))
+
+    @cached_property
+    def n_head_kv(self) -> int:
+        return int(self.hparam("num_key_value_heads", "num_kv_heads", default=self.n_head))
+
+    @cached_property
+    def head_dim(self) -> int:
+        return int(self.hparam("head_dim", default=self.n_embd // self.n_head))
+
+    @cached_property
+    def rope(self) -> tuple[float, dict[str, Any]]:
+        """(rope theta, scaling parameters with a ``rope_type``), see :func:`rope_config`."""
+        return rope_config(self.config)
+
+    @cached_property
+    def rope_dims(self) -> int:
+        """Rotary dimensions per head: all of them, or the config's partial rotary fraction."""
+        scaling = self.rope[1]
+        frac = scaling.get("partial_rotary_factor")
+        if frac is None:
+            frac = self.hparam("partial_rotary_factor", "rotary_pct", "rope_pct", default=1.0)
+        return int(float(frac) * self.head_dim)
+
+    def write_common_hparams(self, writer: gguf.GGUFWriter, *, norm: str = "rms") -> None:
+        """The keys every decoder writes: context, widths, layers, heads (key/value length when head_dim
+        is not hidden / heads), rope dimensions, base and scaling, the norm epsilon (``rms`` or ``layer``)."""
+        writer.add_context_length(int(self.hparam("max_position_embeddings", "n_positions", "n_ctx")))
+        writer.add_embedding_length(self.n_embd)
+        writer.add_block_count(self.block_count)
+        n_ff = self.hparam("intermediate_size", "n_inner", "ffn_hidden_size", default=None)
+        writer.add_feed_forward_length(int(n_ff) if n_ff is not None else 4 * self.n_embd)
+        writer.add_head_count(self.n_head)
+        writer.add_head_count_kv(self.n_head_kv)
+        if self.head_dim != self.n_embd // self.n_head:
+            writer.add_key_length(self.head_dim)
+            writer.add_value_length(self.head_dim)
+        writer.add_rope_dimension_count(self.rope_dims)
+        writer.add_rope_freq_base(self.rope[0])
+        if norm == "rms":
+            writer.add_layer_norm_rms_eps(float(self.hparam("rms_norm_eps", "norm_eps", default=1e-6)))
+        else:
+            eps = self.hparam("layer_norm_eps", "layer_norm_epsilon", "norm_eps", default=1e-5)
+            writer.add_layer_norm_eps(float(eps))
+        self.write_rope_scaling(writer)
+
+    def write_rope_scaling(
+        self, writer: gguf.GGUFWriter, *, allowed: tuple[str, ...] = ("linear", "yarn")
+    ) -> None:
+        """linear and YaRN rope scaling as llama.cpp keys; ``llama3`` is the caller's (a tensor); anything
+        else is refused rather than written unscaled."""
+        kind, scaling = self.rope[1]["rope_type"], self.rope[1]
+        if kind == "default" or kind == "llama3" and "llama3" in allowed:
+            return
+        if kind not in allowed:
+            raise ConversionError(
+                f"{self.model_dir}/config.json: rope scaling {kind!r} is not supported for llama.cpp's "
+                f"{self.arch_name} (supported: {', '.join(allowed)})"
+            )
+        writer.add_rope_scaling_type(
+            gguf.RopeScalingType.LINEAR if kind == "linear" else gguf.RopeScalingType.YARN
+        )
+        writer.add_rope_scaling_factor(float(scaling["factor"]))
+        if kind == "yarn":
+            orig = scaling.get("original_max_position_embeddings") or self.config.get(
+                "original_max_position_embeddings"
+            )
+            if orig:
+                writer.add_rope_scaling_orig_ctx_len(int(orig))
+            for key, add in (
+                ("attention_factor", writer.add_rope_scaling_yarn_attn_factor),
+                ("beta_fast", writer.add_rope_scaling_yarn_beta_fast),
+                ("beta_slow", writer.add_rope_scaling_yarn_beta_slow),
+            ):
+                if scaling.get(key) is not None:
+                    add(float(scaling[key]))
+
+    def write_expert_hparams(self, writer: gguf.GGUFWriter, *, norm_topk: bool | None) -> None:
+        """Expert counts and widths. ``norm_topk``: whether llama.cpp's graph for this architecture
+        renormalizes the chosen experts' weights (no GGUF key there), checked against norm_topk_prob."""
+        writer.add_expert_count(int(self.hparam("num_local_experts", "num_experts")))
+        writer.add_expert_used_count(int(self.hparam("num_experts_per_tok")))
+        n_ff_exp = self.hparam("moe_intermediate_size", default=None)
+        if n_ff_exp is not None:
+            writer.add_expert_feed_forward_length(int(n_ff_exp))
+        n_ff_shexp = self.hparam("shared_expert_intermediate_size", default=None)
+        if n_ff_shexp is not None:
+            writer.add_expert_shared_feed_forward_length(int(n_ff_shexp))
+        cfg_norm = self.config.get("norm_topk_prob")
+        if norm_topk is not None and cfg_norm is not None and bool(cfg_norm) != norm_topk:
+            raise ConversionError(
+                f"{self.model_dir}/config.json: norm_topk_prob={str(bool(cfg_norm)).lower()} but llama.cpp's "
+                f"{self.arch_name} always uses {str(norm_topk).lower()}"
+            )
 
     # ---- hooks ----------------------------------------------------------------------------------
 
@@ -420,7 +575,8 @@ class ArchConverter(ABC):
     def tensor_plan(self) -> list[PlannedTensor]:
         plan: list[PlannedTensor] = []
         seen: dict[str, str] = {}
-        for hf_name in self.weights.names():
+        names, expert_groups = self._split_expert_tensors(self.weights.names())
+        for hf_name in names:
             gguf_name = self.map_tensor_name(hf_name)
             if gguf_name is None:
                 continue
@@ -440,10 +596,76 @@ class ArchConverter(ABC):
                     produce_rows=self._row_producer(gguf_name, hf_name, shape),
                 )
             )
+        for merged, members in expert_groups.items():
+            plan.append(self._stacked_expert_tensor(merged, members, seen))
+        plan.extend(self._tied_output_copy(plan))
         plan.extend(self.extra_tensors())
         self.check_plan(plan)  # the architecture's own checks first: their messages are the most specific
         self.check_shapes(plan)
         return plan
+
+    _EXPERT = re.compile(r"^(?P<head>.+\.experts)\.(?P<xid>\d+)\.(?P<tail>.+)\.weight$")
+
+    def _split_expert_tensors(self, names: list[str]) -> tuple[list[str], dict[str, list[str]]]:
+        """(tensors that are not per-expert, merged HF name -> the per-expert tensors in expert order)."""
+        if not self.stack_experts:
+            return names, {}
+        rest: list[str] = []
+        groups: dict[str, dict[int, str]] = {}
+        for n in names:
+            m = self._EXPERT.match(n)
+            if m:
+                groups.setdefault(f"{m['head']}.{m['tail']}.weight", {})[int(m["xid"])] = n
+            else:
+                rest.append(n)
+        n_expert = self.hparam("num_local_experts", "num_experts", default=None)
+        ordered: dict[str, list[str]] = {}
+        for merged, by_id in groups.items():
+            if sorted(by_id) != list(range(len(by_id))) or (n_expert is not None and len(by_id) != n_expert):
+                raise ModelError(
+                    f"the weights in {self.model_dir} have experts {sorted(by_id)[:8]} for {merged}, but "
+                    f"config.json says num_experts = {n_expert}"
+                )
+            ordered[merged] = [by_id[i] for i in range(len(by_id))]
+        return rest, ordered
+
+    def _stacked_expert_tensor(self, merged: str, members: list[str], seen: dict[str, str]) -> PlannedTensor:
+        gguf_name = self.map_tensor_name(merged)
+        if gguf_name is None:
+            raise ConversionError(f"{self.model_dir}: expert tensors {merged} have no llama.cpp name")
+        shapes = {tuple(self.weights.shape(m)) for m in members}
+        if len(shapes) != 1:
+            raise ModelError(
+                f"{self.model_dir}: the experts of {merged} have different shapes {sorted(shapes)}"
+            )
+        seen[gguf_name] = merged
+        shape = (len(members), *self.tensor_shape(gguf_name, members[0], shapes.pop()))
+
+        def rows(start: int, stop: int) -> np.ndarray:
+            return np.stack(
+                [self.modify_tensor(gguf_name, m, self.weights.load(m)) for m in members[start:stop]]
+            )
+
+        return PlannedTensor(
+            name=gguf_name,
+            shape=shape,
+            qtype=self.tensor_qtype(gguf_name, shape),
+            produce=lambda: rows(0, len(members)),
+            source=merged,
+            produce_rows=rows,
+        )
+
+    def _tied_output_copy(self, plan: list[PlannedTensor]) -> list[PlannedTensor]:
+        out = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.OUTPUT] + ".weight"
+        embd = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.TOKEN_EMBD] + ".weight"
+        if not self.output_required or any(p.name == out for p in plan):
+            return []
+        src = next((p for p in plan if p.name == embd), None)
+        if src is None:
+            return []
+        return [
+            PlannedTensor(out, src.shape, src.qtype, src.produce, src.source, produce_rows=src.produce_rows)
+        ]
 
     def check_plan(self, plan: list[PlannedTensor]) -> None:
         names = {p.name for p in plan}

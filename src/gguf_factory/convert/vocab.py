@@ -1,13 +1,19 @@
 """Tokenizer -> GGUF ``tokenizer.ggml.*``: tokens, types, scores/merges, special ids, chat template.
 
-Three kinds of tokenizer.json are supported:
+Three kinds of tokenizer.json are supported, in the layouts real checkpoints ship:
 
-* byte-level BPE (``tokenizer.ggml.model = "gpt2"``) with a pre-tokenizer llama.cpp knows: GPT-2's
-  (``ByteLevel(use_regex=True)``), Llama 3's and Qwen2's (a ``Split`` regex followed by
-  ``ByteLevel(use_regex=False)``). The pre-tokenizer is identified from tokenizer.json's own regex.
-* SentencePiece-style BPE with byte fallback (Llama 2, Mistral, Phi-3, Gemma: ``"▁"`` for spaces and
-  ``<0xXX>`` byte tokens) -> llama.cpp's ``"llama"`` (SPM) tokenizer. llama.cpp merges by token score,
-  so each token's score is minus the rank of the first merge that creates it (the merge order).
+* byte-level BPE (``tokenizer.ggml.model = "gpt2"``). llama.cpp splits the text with a fixed list of regexes
+  per pre-tokenizer name (src/llama-vocab.cpp); the tokenizer.json's own ``pre_tokenizer`` steps
+  (``Split(Regex, Isolated)``, ``ByteLevel(use_regex)``, ``Digits``, ``Punctuation``) are turned into the
+  regexes they apply and looked up in :data:`PRE_TOKENIZERS` together with the BPE ``ignore_merges`` flag
+  (GPT-2, Llama 3, Qwen2/3, StarCoder/Granite, Falcon, OLMo 2's cl100k "dbrx", GPT-4o, Tekken, DeepSeek V3
+  and more). A list llama.cpp does not have is refused, naming the closest one; ``NFC`` is the only
+  normalizer let through (llama.cpp does not normalize: ids match on NFC text).
+* SentencePiece-style BPE with byte fallback (Llama 1/2, Mistral, Mixtral, Phi-3, Gemma 1/2/3: ``"▁"`` for
+  spaces and ``<0xXX>`` byte tokens) -> llama.cpp's ``"llama"`` (SPM) tokenizer. llama.cpp merges by token
+  score, so each token's score is minus the rank of the first merge that creates it (the merge order). The
+  space handling comes from the legacy ``Prepend("▁") + Replace(" ", "▁")`` normalizer, ``Replace`` alone,
+  Gemma 3's ``Split(" ", MergedWithPrevious)`` after it (a no-op) or a ``Metaspace`` pre-tokenizer.
 * SentencePiece-style Unigram (``model.type == "Unigram"``), scores = the unigram log-probabilities:
   - without byte fallback -> llama.cpp's unigram tokenizer (``"t5"``, UGM): the same Viterbi search as
     SentencePiece, the normalization table (``precompiled_charsmap``) and whitespace options passed through;
@@ -41,17 +47,228 @@ from ..errors import ConversionError, ModelError
 
 log = logging.getLogger(__name__)
 
-# tokenizer.json pre-tokenizer regexes (as written by HF) -> llama.cpp's ``tokenizer.ggml.pre`` name.
-# The names are the strings llama.cpp's llama-vocab.cpp matches to pick its own copy of the regex.
+# ---------------------------------------------------------------------------------------------------
+# Byte-level BPE pre-tokenizers: tokenizer.json's own split steps -> llama.cpp's ``tokenizer.ggml.pre``
+# ---------------------------------------------------------------------------------------------------
+# llama.cpp (src/llama-vocab.cpp, llm_tokenizer_bpe) keeps, for each pre-tokenizer name, the list of regexes
+# it splits the text with, in order, before byte-level BPE. A tokenizer.json describes the same thing as its
+# ``pre_tokenizer`` steps. Each step is turned into the regex it applies (``Split(Regex, Isolated)`` as is,
+# ``ByteLevel(use_regex=true)`` as GPT-2's regex, ``Digits`` as ``\p{N}`` / ``\p{N}+``, ``Punctuation`` as its
+# character class) and the list is looked up below, with the BPE flags llama.cpp sets for that name
+# (``ignore_merges``: a word found whole in the vocabulary is one token; ``clean_spaces``: detokenizer only).
+# The regexes are written as tokenizer.json has them (llama.cpp sometimes keeps an equivalent rewrite: e.g.
+# ``(?i:'s|...)`` becomes ``(?:'[sS]|...)`` because its regex engine has no inline flags).
+
+GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+LLAMA3_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+QWEN2_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+QWEN35_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_CASED_WORDS = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+{c}"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*{c}"
+)
+GPT4O_REGEX = (
+    _CASED_WORDS.replace("{c}", r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?")
+    + r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+TEKKEN_REGEX = _CASED_WORDS.replace("{c}", "") + r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+SEED_CODER_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1}| ?[^\s\p{L}\p{N}\r\n]+|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+EXAONE_MOE_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?(?:\p{L}\p{M}*(?: \p{L}\p{M}*)*)+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n/]?|\s*[\r\n]|\s+(?!\S)|\s+"
+)
+JAIS2_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s{512}(?!\S)|\s{256}(?!\S)|\s{128}(?!\S)|\s{64}(?!\S)|\s{32}(?!\S)|\s{16}(?!\S)|\s{8}(?!\S)"
+    r"|\s{4}(?!\S)|\s{1,2}(?!\S)|\s{1}"
+)
+MINICPM5_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}+| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+UFAKZEKA_REGEX = r"[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+BLOOM_REGEX = r" ?[^(\s|.,!?…。，、।۔،)]+"
+DEEPSEEK3_REGEXES = (
+    r"\p{N}{1,3}",
+    r"[一-龥぀-ゟ゠-ヿ]+",
+    r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"
+    r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+)
+SPARK2_5_REGEXES = (
+    r"\p{N}{1,3}",
+    r"[一-龥぀-ゟ゠-ヿ]+",
+    r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"
+    r"| ?[\p{P}\p{S}]+|[\r\n]|\s+(?!\S)|\s+",
+    r"\p{N}",
+)
+DEEPSEEK_CODER_REGEXES = (r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", r"[一-龥ࠀ-一가-퟿]+", r"\p{N}")
+# tokenizers' Digits(individual_digits) / Punctuation(contiguous) steps, as regexes
+DIGIT = r"\p{N}"
+DIGITS = r"\p{N}+"
+PUNCTUATION_RUN = r"[\p{P}\$\+<=>\^~\|`]+"  # Unicode punctuation plus the ASCII symbols Rust counts as such
 GPT2_PRE = "gpt-2"
-_SPLIT_REGEX_PRE = {
-    # Llama 3 / 3.x
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "llama-bpe",
-    # Qwen2 / Qwen2.5
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "qwen2",
-}
+
+
+@dataclass(frozen=True)
+class PreTokenizer:
+    """One llama.cpp BPE pre-tokenizer: its name and what a tokenizer.json must split with to be it."""
+
+    name: str
+    regexes: tuple[str, ...]  # tokenizer.json's split steps, in order, as regexes
+    ignore_merges: bool = False  # llama.cpp's ignore_merges for this name
+    clean_spaces: bool = True  # llama.cpp's clean_spaces (detokenization only)
+    # tokenizer.json steps missing from llama.cpp's list for this name: each must be a no-op for the
+    # vocabulary at hand (checked from its merges, see :func:`_check_omitted_digit_split`).
+    llama_cpp_omits: tuple[str, ...] = ()
+
+
+PRE_TOKENIZERS: tuple[PreTokenizer, ...] = (
+    PreTokenizer("gpt-2", (GPT2_REGEX,)),
+    PreTokenizer("llama-bpe", (LLAMA3_REGEX,), ignore_merges=True),
+    PreTokenizer("dbrx", (LLAMA3_REGEX,)),
+    PreTokenizer("jais-2", (JAIS2_REGEX,)),
+    PreTokenizer("qwen2", (QWEN2_REGEX,), clean_spaces=False),
+    PreTokenizer("stablelm2", (QWEN2_REGEX,)),
+    PreTokenizer("qwen35", (QWEN35_REGEX,), clean_spaces=False),
+    PreTokenizer("starcoder", (DIGIT, GPT2_REGEX)),
+    PreTokenizer("smollm", (DIGIT, GPT2_REGEX), clean_spaces=False),
+    PreTokenizer(
+        "falcon", (PUNCTUATION_RUN, GPT2_REGEX, DIGITS, "[0-9][0-9][0-9]"), llama_cpp_omits=(DIGITS,)
+    ),
+    PreTokenizer("gpt-4o", (GPT4O_REGEX,), clean_spaces=False),
+    PreTokenizer("tekken", (TEKKEN_REGEX,), ignore_merges=True, clean_spaces=False),
+    PreTokenizer("seed-coder", (SEED_CODER_REGEX,), clean_spaces=False),
+    PreTokenizer("exaone-moe", (EXAONE_MOE_REGEX,)),
+    PreTokenizer("minicpm5", (r"\p{N}{1,3}", MINICPM5_REGEX), ignore_merges=True),
+    PreTokenizer("ufakzeka", (UFAKZEKA_REGEX,), clean_spaces=False),
+    PreTokenizer("bloom", (BLOOM_REGEX,)),
+    PreTokenizer("poro-chat", (BLOOM_REGEX,), clean_spaces=False),
+    PreTokenizer("viking", (BLOOM_REGEX, DIGIT), clean_spaces=False),
+    PreTokenizer("deepseek-v3", DEEPSEEK3_REGEXES, clean_spaces=False),
+    PreTokenizer("deepseek-coder", DEEPSEEK_CODER_REGEXES, clean_spaces=False),
+    PreTokenizer("spark2_5", SPARK2_5_REGEXES, clean_spaces=False),
+    PreTokenizer("laguna", (r"[^\n]+|[\n]+", QWEN2_REGEX), clean_spaces=False),
+    PreTokenizer("tiny_aya", (r"\d{1,3}(?=(?:\d{3})*\b)", GPT4O_REGEX), clean_spaces=False),
+)
+# Kept for callers of the previous API: the single-regex Split+ByteLevel forms.
+_SPLIT_REGEX_PRE = {LLAMA3_REGEX: "llama-bpe", QWEN2_REGEX: "qwen2"}
+
+
+def _canonical_regex(pattern: str) -> str:
+    """A regex as tokenizer.json writes it, with control characters spelled as escapes (``\\r``, ``\\n``)."""
+    return pattern.replace("\r", r"\r").replace("\n", r"\n").replace("\t", r"\t")
+
+
+def pre_tokenizer_regexes(tok_json: dict[str, Any], where: str) -> list[str]:
+    """The regexes a byte-level tokenizer.json's pre-tokenizer splits with, in order; a ConversionError for a
+    step that has none (or is not a plain isolating split)."""
+    pre = tok_json.get("pre_tokenizer") or {}
+    steps = _steps(pre)
+    regexes: list[str] = []
+    for i, step in enumerate(steps):
+        kind = step.get("type")
+        if kind == "ByteLevel":
+            if any(s.get("type") == "ByteLevel" for s in steps[i + 1 :]):
+                raise ConversionError(f"{where}: more than one ByteLevel pre-tokenizer step")
+            if step.get("add_prefix_space"):
+                raise ConversionError(
+                    f"{where}: ByteLevel(add_prefix_space=true) is not supported by llama.cpp (a space "
+                    "before every text)"
+                )
+            if step.get("use_regex", True):
+                regexes.append(GPT2_REGEX)
+        elif kind == "Split":
+            pattern = step.get("pattern") or {}
+            behavior = str(step.get("behavior", "")).lower()
+            if "Regex" not in pattern or behavior != "isolated" or step.get("invert"):
+                raise ConversionError(
+                    f"{where}: pre-tokenizer step {json.dumps(step)[:200]} is not supported by llama.cpp "
+                    "(its splits keep each match as its own piece: Split(Regex, Isolated, invert=false))"
+                )
+            regexes.append(_canonical_regex(str(pattern["Regex"])))
+        elif kind == "Digits":
+            regexes.append(DIGIT if step.get("individual_digits") else DIGITS)
+        elif kind == "Punctuation" and str(step.get("behavior", "isolated")).lower() == "contiguous":
+            regexes.append(PUNCTUATION_RUN)
+        else:
+            raise ConversionError(
+                f"{where}: pre-tokenizer step {json.dumps(step)[:200]} has no llama.cpp equivalent"
+            )
+    if not any(s.get("type") == "ByteLevel" for s in steps):
+        raise ConversionError(f"{where}: a byte-level BPE tokenizer needs a ByteLevel pre-tokenizer step")
+    return regexes
+
+
+def detect_pre_tokenizer(tok_json: dict[str, Any], where: str, *, clean_up_spaces: bool | None = None) -> str:
+    """llama.cpp's pre-tokenizer name for a byte-level BPE tokenizer.json, or a ConversionError saying why
+    there is none: the split regexes (in order) and the BPE ``ignore_merges`` flag must be llama.cpp's.
+
+    ``clean_up_spaces`` (tokenizer_config.json's ``clean_up_tokenization_spaces``) picks between names that
+    differ only in that detokenizer setting.
+    """
+    regexes = tuple(pre_tokenizer_regexes(tok_json, where))
+    model = tok_json.get("model") or {}
+    ignore_merges = bool(model.get("ignore_merges", False))
+    same_regexes = [p for p in PRE_TOKENIZERS if p.regexes == regexes]
+    same_flags = [p for p in same_regexes if p.ignore_merges == ignore_merges]
+    if same_flags:
+        if clean_up_spaces is not None:
+            same_flags.sort(key=lambda p: p.clean_spaces != clean_up_spaces)
+        chosen = same_flags[0]
+        if chosen.llama_cpp_omits:
+            _check_omitted_digit_split(model, where, chosen)
+        return chosen.name
+    if same_regexes:
+        raise ConversionError(
+            f"{where}: model.ignore_merges={str(ignore_merges).lower()} but llama.cpp's "
+            f"{same_regexes[0].name!r} pre-tokenizer (the one with these split regexes) uses "
+            f"ignore_merges={str(same_regexes[0].ignore_merges).lower()}: words would split differently"
+        )
+    shown = json.dumps(tok_json.get("pre_tokenizer"))[:300]
+    hint = ""
+    if regexes:
+        joined = "|".join(regexes)
+        closest = max(
+            PRE_TOKENIZERS, key=lambda p: difflib.SequenceMatcher(None, "|".join(p.regexes), joined).ratio()
+        )
+        hint = f"; its split regexes are closest to llama.cpp's {closest.name!r}"
+    raise ConversionError(
+        f"{where}: pre-tokenizer not supported by llama.cpp: {shown}: no llama.cpp pre-tokenizer splits with "
+        f"these regexes{hint}"
+    )
+
+
+def _is_numeric(ch: str) -> bool:
+    import unicodedata
+
+    return unicodedata.category(ch) in ("Nd", "Nl", "No")  # Rust's char::is_numeric (tokenizers' Digits)
+
+
+def _check_omitted_digit_split(model: dict[str, Any], where: str, pre: PreTokenizer) -> None:
+    """tokenizer.json splits digit runs from what surrounds them (``Digits`` after ``ByteLevel``);
+    llama.cpp's ``pre.name`` does not. That changes nothing iff no merge joins a digit to a non-digit (BPE
+    then never forms a token across that boundary), which holds for a vocabulary trained with the split."""
+    for merge in model.get("merges") or []:
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        if left and right and _is_numeric(left[-1]) != _is_numeric(right[0]):
+            raise ConversionError(
+                f"{where}: the merge {left!r} + {right!r} joins a digit and a non-digit, which the "
+                f"tokenizer's Digits step forbids; llama.cpp's {pre.name!r} pre-tokenizer has no such step, "
+                "so its ids would differ"
+            )
+
 
 SPECIAL_KINDS = ("bos", "eos", "pad", "unk")
 
@@ -110,31 +327,6 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ModelError(f"{path} is not a JSON object")
     return data
-
-
-def detect_pre_tokenizer(tok_json: dict[str, Any], where: str) -> str:
-    """llama.cpp's pre-tokenizer name for a byte-level BPE tokenizer.json, or a ConversionError."""
-    pre = tok_json.get("pre_tokenizer") or {}
-    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
-    types = [s.get("type") for s in steps]
-    if types == ["ByteLevel"]:
-        if steps[0].get("add_prefix_space"):
-            raise ConversionError(f"{where}: ByteLevel(add_prefix_space=True) is not supported by llama.cpp")
-        if steps[0].get("use_regex", True):
-            return GPT2_PRE
-    if types == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
-        pattern = (steps[0].get("pattern") or {}).get("Regex")
-        if pattern in _SPLIT_REGEX_PRE:
-            return _SPLIT_REGEX_PRE[pattern]
-    hint = ""
-    pattern = next((((s.get("pattern") or {}).get("Regex")) for s in steps if s.get("type") == "Split"), None)
-    if isinstance(pattern, str):
-        closest = max(_SPLIT_REGEX_PRE, key=lambda p: difflib.SequenceMatcher(None, p, pattern).ratio())
-        hint = f"; its split regex is closest to llama.cpp's {_SPLIT_REGEX_PRE[closest]!r}"
-    raise ConversionError(
-        f"{where}: pre-tokenizer not supported by llama.cpp: {json.dumps(pre)[:300]}; known: GPT-2 "
-        f"ByteLevel, Llama-3 and Qwen2 Split+ByteLevel{hint}"
-    )
 
 
 def _token_text(value: Any) -> str | None:
@@ -205,8 +397,11 @@ def _is_spm_bpe(tok_json: dict[str, Any]) -> bool:
 def spm_space_prefix(tok_json: dict[str, Any], where: str) -> bool:
     """Whether a SentencePiece-style tokenizer.json prepends "▁" to the text (llama.cpp add_space_prefix).
 
-    Accepted shapes: the legacy normalizer ``Sequence[Prepend("▁"), Replace(" ", "▁")]`` (Llama 2, Phi-3),
-    ``Replace(" ", "▁")`` alone (Gemma, no prefix), or a ``Metaspace("▁")`` pre-tokenizer.
+    Accepted shapes, as real checkpoints ship them: the legacy normalizer ``Sequence[Prepend("▁"),
+    Replace(" ", "▁")]`` (Llama 1/2, Mistral, Mixtral, Phi-3), ``Replace(" ", "▁")`` alone (Gemma 1/2, no
+    prefix), the same with a ``Split(" ", MergedWithPrevious)`` pre-tokenizer (Gemma 3 and transformers 5's
+    GemmaTokenizer: a no-op, as the normalizer has already replaced every space), or a ``Metaspace("▁")``
+    pre-tokenizer (transformers 5's LlamaTokenizer).
     """
     norm = _steps(tok_json.get("normalizer"))
     pre = _steps(tok_json.get("pre_tokenizer"))
@@ -228,19 +423,25 @@ def spm_space_prefix(tok_json: dict[str, Any], where: str) -> bool:
                 "(supported: Prepend('▁'), Replace(' ', '▁'))"
             )
     for step in pre:
-        if step.get("type") != "Metaspace" or step.get("replacement", SPM_SPACE) != SPM_SPACE:
+        kind = step.get("type")
+        if kind == "Split" and (step.get("pattern") or {}).get("String") == " " and replaces_space:
+            continue  # splits on spaces the normalizer has already replaced: nothing left to split
+        if kind != "Metaspace" or step.get("replacement", SPM_SPACE) != SPM_SPACE:
             raise ConversionError(
                 f"{where}: pre-tokenizer {json.dumps(step)[:200]} is not supported for a SentencePiece-style "
-                "tokenizer (supported: none, or Metaspace('▁'))"
+                "tokenizer (supported: none, Metaspace('▁'), or Split(' ') after a Replace(' ', '▁') "
+                "normalizer)"
             )
         replaces_space = True
+        if step.get("split", True):
+            _check_metaspace_split(tok_json, where)
         scheme = step.get("prepend_scheme")
         if scheme is None:  # tokenizers < 0.14
             scheme = "always" if step.get("add_prefix_space", True) else "never"
         if scheme == "first":
             log.warning(
                 "%s: Metaspace(prepend_scheme='first') adds '▁' only at the start of the input; llama.cpp "
-                "also adds it after special tokens, so ids can differ right after them",
+                "(like SentencePiece) also adds it after special tokens, so ids can differ right after them",
                 where,
             )
         prefix = prefix or scheme in ("always", "first")
@@ -249,6 +450,19 @@ def spm_space_prefix(tok_json: dict[str, Any], where: str) -> bool:
             f"{where}: a byte-fallback BPE tokenizer without Replace(' ', '▁') or Metaspace is not supported"
         )
     return prefix
+
+
+def _check_metaspace_split(tok_json: dict[str, Any], where: str) -> None:
+    """``Metaspace(split=true)`` cuts the text before every "▁", so no token can hold a "▁" after its first
+    character; llama.cpp does not cut, which is the same only if the vocabulary has no such token."""
+    vocab = (tok_json.get("model") or {}).get("vocab") or {}
+    pieces = vocab if isinstance(vocab, dict) else [v[0] for v in vocab]
+    bad = next((t for t in pieces if SPM_SPACE in t[1:]), None)
+    if bad is not None:
+        raise ConversionError(
+            f"{where}: Metaspace(split=true) never lets a token hold '▁' after its first character, but the "
+            f"vocabulary has {bad!r}; llama.cpp would use it, so ids would differ"
+        )
 
 
 def _spm_scores(vocab: dict[str, int], merges: list[Any], n_vocab: int) -> list[float]:
@@ -339,7 +553,9 @@ def unigram_normalization(tok_json: dict[str, Any], where: str) -> tuple[bool, b
     return spm_space_prefix(stripped, where), collapse, charsmap or None
 
 
-def _from_tokenizer_json(tj_path: Path, tok_json: dict[str, Any]) -> _Base:
+def _from_tokenizer_json(
+    tj_path: Path, tok_json: dict[str, Any], tok_config: dict[str, Any] | None = None
+) -> _Base:
     where = str(tj_path)
     model = tok_json.get("model") or {}
     normal = int(gguf.TokenType.NORMAL)
@@ -403,7 +619,13 @@ def _from_tokenizer_json(tj_path: Path, tok_json: dict[str, Any]) -> _Base:
             f"{tj_path}: unsupported tokenizer (model type {model.get('type')!r}); supported: "
             "byte-level BPE, SentencePiece-style BPE with byte fallback and SentencePiece-style Unigram"
         )
-    pre = None if spm else detect_pre_tokenizer(tok_json, where)
+    pre = None
+    if not spm:
+        _check_byte_level_bpe(tok_json, where)
+        clean_up = (tok_config or {}).get("clean_up_tokenization_spaces")
+        pre = detect_pre_tokenizer(
+            tok_json, where, clean_up_spaces=clean_up if isinstance(clean_up, bool) else None
+        )
     vocab: dict[str, int] = dict(model.get("vocab") or {})
     by_id = {}
     for t, i in vocab.items():
@@ -416,7 +638,7 @@ def _from_tokenizer_json(tj_path: Path, tok_json: dict[str, Any]) -> _Base:
         by_id[vocab[model["unk_token"]]] = (model["unk_token"], int(gguf.TokenType.UNKNOWN))
     if spm:
         _check_byte_tokens(set(vocab), where)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    merges = [] if spm else [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
     scores_by_id = None
     if spm:
         n = max(by_id, default=-1) + 1
@@ -425,13 +647,39 @@ def _from_tokenizer_json(tj_path: Path, tok_json: dict[str, Any]) -> _Base:
         model="llama" if spm else "gpt2",
         pre=pre,
         by_id=by_id,
-        merges=[] if spm else merges,
+        merges=merges,
         scores_by_id=scores_by_id,
         add_space_prefix=spm_space_prefix(tok_json, where) if spm else None,
         where=where,
         post_json=tok_json,
         default_special={"unk": vocab[model["unk_token"]]} if spm and model.get("unk_token") in vocab else {},
     )
+
+
+def _check_byte_level_bpe(tok_json: dict[str, Any], where: str) -> None:
+    """What llama.cpp's byte-level BPE ("gpt2") does besides its pre-tokenizer: no normalization (NFC is let
+    through, see below), plain merges (no dropout, no subword prefix or suffix, no byte fallback)."""
+    model = tok_json.get("model") or {}
+    for key in ("continuing_subword_prefix", "end_of_word_suffix"):
+        if model.get(key):
+            raise ConversionError(f"{where}: model.{key}={model[key]!r} is not supported by llama.cpp")
+    if model.get("dropout"):
+        raise ConversionError(f"{where}: model.dropout={model['dropout']} (BPE dropout) is not supported")
+    if model.get("byte_fallback"):
+        raise ConversionError(f"{where}: byte_fallback=true with a byte-level pre-tokenizer is not supported")
+    for step in _steps(tok_json.get("normalizer")):
+        if step.get("type") == "NFC":
+            # Qwen2/3, GPT-NeoX: llama.cpp applies no Unicode normalization. Text that is already NFC (what
+            # keyboards, editors and the web produce) gets the same ids; decomposed text does not.
+            log.info(
+                "%s: NFC normalizer: llama.cpp does not normalize, ids match on NFC text (decomposed "
+                "accents such as 'e' + U+0301 tokenize differently)",
+                where,
+            )
+            continue
+        raise ConversionError(
+            f"{where}: normalizer {json.dumps(step)[:200]} has no llama.cpp equivalent for byte-level BPE"
+        )
 
 
 # sentencepiece_model.proto's piece types have the same numbers as gguf.TokenType (NORMAL=1 ... BYTE=6).
@@ -535,7 +783,7 @@ def load_vocab(model_dir: Path, config: dict[str, Any], n_vocab: int) -> Vocab:
     tok_config = _read_json(tc_path) if tc_path.is_file() else {}
     stm = _read_json(stm_path) if stm_path.is_file() else {}
     if tj_path.is_file():
-        base = _from_tokenizer_json(tj_path, _read_json(tj_path))
+        base = _from_tokenizer_json(tj_path, _read_json(tj_path), tok_config)
     elif sp_path.is_file():
         base = _from_sentencepiece_model(sp_path, tok_config)
     else:
@@ -562,12 +810,18 @@ def load_vocab(model_dir: Path, config: dict[str, Any], n_vocab: int) -> Vocab:
         scores = [base.scores_by_id.get(i, floor) for i in range(n_vocab)]
 
     # Special tokens: tokenizer_config.json, then special_tokens_map.json, then config.json ids.
-    if spm and base.add_space_prefix and tok_config.get("legacy") is False:
-        # transformers' LlamaTokenizer(legacy=False) then adds "▁" only at the very start of the input;
-        # llama.cpp adds it after every special token too.
+    # (transformers 5 loads mistral / mixtral / phi3 checkpoints with the tokenizer.json as it is)
+    llama_class = str(tok_config.get("tokenizer_class") or "").removesuffix("Fast") == "LlamaTokenizer" and (
+        config.get("model_type") in (None, "llama")
+    )
+    if spm and base.add_space_prefix and llama_class and tok_config.get("legacy") is not True:
+        # transformers' LlamaTokenizer class (legacy=false, its default) runs its own Metaspace pipeline
+        # instead of the file's: "▁" only at the very start of the input. llama.cpp, like SentencePiece and
+        # the legacy normalizer in tokenizer.json, also prefixes the text after each special token.
         log.warning(
-            "%s: legacy=false: transformers prefixes '▁' only at the start of the input, llama.cpp also "
-            "after special tokens; ids can differ right after them (e.g. in chat templates)",
+            "%s: tokenizer_class LlamaTokenizer with legacy=false: transformers then prefixes '▁' only at "
+            "the start of the input; llama.cpp, like SentencePiece and this tokenizer.json, also after "
+            "special tokens inside the text (e.g. '<s>[INST]') and before a leading space: ids differ there",
             tc_path,
         )
     text_to_id = {t: i for i, (t, _) in sorted(by_id.items(), reverse=True)}

@@ -1,19 +1,23 @@
-"""LLaMA-architecture models (Llama 1/2/3, Mistral-style configs, TinyLlama, SmolLM, our scratch models)."""
+"""LLaMA-architecture models (Llama 1/2/3, Mistral-style configs, TinyLlama, SmolLM, our scratch models).
+
+``rope_config`` and ``llama3_rope_factors`` live in :mod:`..base` (re-exported here for older imports).
+"""
 
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
 
 import gguf
 import numpy as np
 
 from ...errors import ConversionError
-from ..base import QT, ArchConverter, PlannedTensor
+from ..base import QT, ArchConverter, PlannedTensor, llama3_rope_factors, rope_config
 from . import register
 
 log = logging.getLogger(__name__)
+
+__all__ = ["LlamaConverter", "permute_rotary_rows", "rope_config", "llama3_rope_factors"]
 
 
 def permute_rotary_rows(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -27,42 +31,6 @@ def permute_rotary_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     if rows % (2 * n_head) != 0:
         raise ConversionError(f"cannot permute {rows} rows over {n_head} heads (not a multiple of 2*heads)")
     return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def rope_config(config: dict[str, Any]) -> tuple[float, dict[str, Any]]:
-    """(rope theta, scaling parameters) from transformers 5 ``rope_parameters`` or 4.x ``rope_theta``/
-    ``rope_scaling``; the scaling dict has a ``rope_type`` key (``default`` when unscaled)."""
-    params = config.get("rope_parameters")
-    if isinstance(params, dict) and ("rope_theta" in params or "rope_type" in params):
-        theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
-        scaling = dict(params)
-    else:
-        theta = config.get("rope_theta", 10000.0)
-        scaling = dict(config.get("rope_scaling") or {})
-    scaling["rope_type"] = scaling.get("rope_type") or scaling.get("type") or "default"
-    return float(theta), scaling
-
-
-def llama3_rope_factors(scaling: dict[str, Any], theta: float, head_dim: int) -> np.ndarray:
-    """Per-frequency divisors for Llama 3.x rope scaling, as llama.cpp's ``rope_freqs`` tensor wants.
-
-    transformers scales each inverse frequency by ``s`` (1 for high frequencies, 1/factor for low ones,
-    interpolated in between); llama.cpp divides the frequency by the stored value, i.e. stores ``1/s``.
-    """
-    factor = float(scaling["factor"])
-    low = float(scaling.get("low_freq_factor", 1.0))
-    high = float(scaling.get("high_freq_factor", 4.0))
-    old_ctx = float(scaling.get("original_max_position_embeddings", 8192))
-    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-    wavelen = 2 * math.pi / inv_freq
-    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
-    smooth = (old_ctx / wavelen - low) / (high - low)
-    scale = np.where(
-        wavelen < high_wavelen,
-        1.0,
-        np.where(wavelen > low_wavelen, 1.0 / factor, (1 - smooth) / factor + smooth),
-    )
-    return (1.0 / scale).astype(np.float32)
 
 
 @register
@@ -108,22 +76,8 @@ class LlamaConverter(ArchConverter):
         self._set_rope_scaling(writer)
 
     def _set_rope_scaling(self, writer: gguf.GGUFWriter) -> None:
-        kind = self.rope_scaling["rope_type"]
-        if kind in ("default", "llama3"):  # llama3: the rope_freqs tensor (extra_tensors)
-            return
-        if kind == "linear":
-            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-            writer.add_rope_scaling_factor(float(self.rope_scaling["factor"]))
-        elif kind == "yarn":
-            writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
-            writer.add_rope_scaling_factor(float(self.rope_scaling["factor"]))
-            orig = self.rope_scaling.get("original_max_position_embeddings")
-            if orig:
-                writer.add_rope_scaling_orig_ctx_len(int(orig))
-        elif kind == "dynamic":
-            log.warning("dynamic NTK rope scaling has no llama.cpp equivalent; written unscaled")
-        else:
-            raise ConversionError(f"{self.model_dir}/config.json: rope scaling {kind!r} is not supported yet")
+        # llama3: the rope_freqs tensor (extra_tensors); dynamic NTK and others: refused (no llama.cpp key)
+        self.write_rope_scaling(writer, allowed=("linear", "yarn", "llama3"))
 
     def modify_tensor(self, gguf_name: str, hf_name: str, data: np.ndarray) -> np.ndarray:
         if ".attn_q." in gguf_name:
