@@ -35,6 +35,8 @@ from gguf_factory.doctor import GGUFFormatError, Severity, read_gguf, validate
 from gguf_factory.doctor.reader import read_gguf_bytes
 from gguf_factory.doctor.repair import RepairError, repair
 from gguf_factory.doctor.validate import check_metadata, check_structure
+from gguf_factory.errors import InputError
+from gguf_factory.quantize import scan_gguf_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
@@ -292,6 +294,7 @@ def fuzz(base: Path, cases: int, seed: int, full_every: int, work: Path) -> dict
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
     resource.setrlimit(resource.RLIMIT_AS, (LIMIT_AS, hard))
     outcomes: Counter[str] = Counter()
+    scan_outcomes: Counter[str] = Counter()
     escaped: list[dict[str, Any]] = []
     times: list[float] = []
     slowest = {"seconds": 0.0}
@@ -303,6 +306,15 @@ def fuzz(base: Path, cases: int, seed: int, full_every: int, work: Path) -> dict
         rng = random.Random(case_seed)
         m = mutate(data, rng, header_end)
         t0 = time.perf_counter()
+        try:  # the header scan that quantize, runtime, serve and verify use: only InputError may escape
+            scan_gguf_bytes(m, f"case-{case_seed}")
+            scan_outcomes["parsed"] += 1
+        except InputError:
+            scan_outcomes["refused"] += 1
+        except BaseException as e:  # noqa: BLE001 - recorded like the doctor's escapes
+            scan_outcomes["ESCAPED"] += 1
+            escaped.append({"seed": case_seed, "reader": "scan_gguf_header", "type": type(e).__name__,
+                            "message": str(e)[:200]})  # fmt: skip
         try:
             g = read_gguf_bytes(m, f"case-{case_seed}")
             check_structure(g)
@@ -316,13 +328,16 @@ def fuzz(base: Path, cases: int, seed: int, full_every: int, work: Path) -> dict
             outcomes[e.code] += 1
         except BaseException as e:  # noqa: BLE001 - the point: record anything that escapes
             outcomes["ESCAPED"] += 1
-            escaped.append({"seed": case_seed, "type": type(e).__name__, "message": str(e)[:200]})
+            escaped.append(
+                {"seed": case_seed, "reader": "doctor", "type": type(e).__name__, "message": str(e)[:200]}
+            )
         dt = time.perf_counter() - t0
         times.append(dt)
         if dt > slowest["seconds"]:
             slowest = {"seconds": dt, "seed": case_seed, "size": len(m)}
         if (i + 1) % 10000 == 0:
-            print(f"  {i + 1}/{cases} cases, {outcomes['ESCAPED']} escaped", flush=True)
+            n_out = outcomes["ESCAPED"] + scan_outcomes["ESCAPED"]
+            print(f"  {i + 1}/{cases} cases, {n_out} escaped", flush=True)
     total = time.perf_counter() - t_all
     resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
     times.sort()
@@ -331,8 +346,9 @@ def fuzz(base: Path, cases: int, seed: int, full_every: int, work: Path) -> dict
         "seed": seed,
         "full_validate_runs": full_runs,
         "outcomes": dict(outcomes.most_common()),
+        "header_scan_outcomes": dict(scan_outcomes.most_common()),
         "escaped": escaped[:20],
-        "n_escaped": outcomes["ESCAPED"],
+        "n_escaped": outcomes["ESCAPED"] + scan_outcomes["ESCAPED"],
         "mean_ms": round(statistics.fmean(times) * 1000, 3),
         "p99_ms": round(times[int(0.99 * (len(times) - 1))] * 1000, 3),
         "slowest": {**slowest, "seconds": round(slowest["seconds"], 4)},
@@ -472,7 +488,10 @@ def markdown(res: dict[str, Any]) -> str:
         "",
         f"- {f['cases']:,} mutated inputs (seed {f['seed']}), {f['full_validate_runs']} of them also "
         "through the full `validate` (data + template).",
-        f"- Exceptions other than GGUFFormatError that escaped: **{f['n_escaped']}**.",
+        f"- Exceptions other than GGUFFormatError (the doctor's reader) or InputError (the header scan of "
+        f"quantize, runtime, serve and verify) that escaped: **{f['n_escaped']}**. Header scan: "
+        + ", ".join(f"{k} {v:,}" for k, v in f.get("header_scan_outcomes", {}).items())
+        + ".",
         f"- Per case: mean {f['mean_ms']} ms, p99 {f['p99_ms']} ms, "
         f"slowest {f['slowest']['seconds'] * 1000:.1f} ms "
         f"(seed {f['slowest'].get('seed')}); total {f['total_seconds']} s; peak RSS {f['max_rss_mb']} MB.",

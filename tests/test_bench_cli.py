@@ -132,11 +132,25 @@ def test_bench_end_to_end(
     assert hf["measurement"]["quality_replies"] == f32["measurement"]["quality_replies"]
     assert (hf["on_topic"], hf["similarity"]) == (f32["on_topic"], f32["similarity"])
     assert 0 < doc["reference_on_topic"] <= 1
+    # bits per byte of the same held-out reference replies, every system under its own tokenizer: the HF
+    # model and its F32 GGUF agree (same weights, two engines), the F16 nearly; the LSTM pays in full
+    bpb = {name: s["bits_per_byte_detail"] for name, s in systems.items()}
+    assert len({(b["bytes"], b["n_replies"]) for b in bpb.values()}) == 1
+    assert all(b["skipped_replies"] == 0 and 0 < b["bpb"] < 12 for b in bpb.values())
+    assert {name: b["kind"] for name, b in bpb.items()} == {n: s["kind"] for n, s in systems.items()}
+    assert bpb["model-hf"]["bpb"] == pytest.approx(bpb["tiny-F32"]["bpb"], rel=1e-5)
+    assert systems["model-hf"]["bits_per_byte"] == bpb["model-hf"]["bpb"]
+    assert bpb["tiny-F16"]["bpb"] == pytest.approx(bpb["tiny-F32"]["bpb"], rel=2e-3)
+    lstm_bpb = bpb["lstm"]
+    assert lstm_bpb["n_words"] > 0 and lstm_bpb["n_tokens"] == lstm_bpb["n_words"] + lstm_bpb["n_replies"]
     md = (out / "bench-report.md").read_text()
     assert all(name in md for name in paths) and "Seed targets" in md and "bench-report.png" in md
+    assert "| bits/byte |" in md and f"| {bpb['tiny-F32']['bpb']:.3f} |" in md and "p(<unk>)" in md
+    assert f"{bpb['lstm']['n_oov']} of its {bpb['lstm']['n_words']} reply words" in md
     png = (out / "bench-report.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
     assert "bench-report.md" in proc.stdout and "on topic: reference answers" in proc.stdout
+    assert "bits/B" in proc.stdout
 
 
 def test_bench_trains_the_lstm(tiny_data_dir: Path, tmp_path: Path) -> None:
@@ -149,6 +163,9 @@ def test_bench_trains_the_lstm(tiny_data_dir: Path, tmp_path: Path) -> None:
     assert r.lstm_training and 1 <= r.lstm_training["best_epoch"] <= r.lstm_training["epochs"] <= 3
     assert json.loads(r.json_path.read_text())["lstm_training"]["vocab_size"] > 50
     assert "LSTM baseline" in r.md_path.read_text() and r.png_path.stat().st_size > 10_000
+    b = r.systems[0].bits_per_byte
+    assert b is not None and b.kind == "lstm" and b.n_replies > 0 and b.n_end_tokens == b.n_replies
+    assert b.bpb == r.systems[0].bpb > 0
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +194,7 @@ def test_bench_bad_inputs(
         run_bench([tiny_f32_gguf], tiny_data_dir, out, hf=tmp_path / "missing-model", **common)
     with pytest.raises(InputError, match="not found"):
         run_bench([tmp_path / "missing.gguf"], tiny_data_dir, out, **common)
-    with pytest.raises(ModelError, match="no config.json"):
+    with pytest.raises(ModelError, match="config.json"):
         run_bench([], tiny_data_dir, out, hf=tiny_data_dir, **common)
     with pytest.raises(ModelError, match="not a GGUF"):
         run_bench([tiny_data_dir / "train.jsonl"], tiny_data_dir, out, **common)

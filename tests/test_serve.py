@@ -199,10 +199,14 @@ def test_models_and_health(client: openai.OpenAI, base_url: str, model_id: str, 
     assert [m.id for m in models.data] == [model_id]
     assert models.data[0].owned_by == "gguf-factory"
     assert client.models.retrieve(model_id).id == model_id
-    h = httpx.get(f"{base_url}/health")  # no key needed for a health check
+    h = httpx.get(f"{base_url}/health")  # no key needed for a health check, and then no details
+    assert h.status_code == 200 and h.json() == {"status": "ok"}
+    h = httpx.get(f"{base_url}/health", headers=auth())  # the key: the models (file names, no paths)
     assert h.status_code == 200 and h.json()["status"] == "ok"
     assert h.json()["models"][0]["id"] == model_id
     assert h.json()["models"][0]["n_ctx"] == pool.n_ctx(model_id)
+    assert h.json()["models"][0]["file"] == pool.path(model_id).name
+    assert str(pool.path(model_id).parent) not in h.text
 
 
 def test_chat_prompt_tokens_match_llama_cpp(direct) -> None:

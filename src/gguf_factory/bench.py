@@ -3,7 +3,9 @@
 Each measurement runs in a fresh Python process that imports only what the system needs (llama-cpp-python
 for a GGUF, no torch), so the peak RSS is what a chat process needs, not what this tool has loaded.
 :func:`run_bench` compares the original Hugging Face model (transformers), its GGUFs (llama.cpp) and a
-Bi-LSTM seq2seq baseline on the same held-out prompts, speed and reply quality, and writes a report.
+Bi-LSTM seq2seq baseline on the same held-out prompts, speed and reply quality, and writes a report. Its
+one figure that compares any two of them whatever their tokenizers is bits per byte of the held-out
+reference replies (:func:`gguf_factory.evaluate.bits_per_byte`).
 """
 
 from __future__ import annotations
@@ -18,12 +20,15 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 
 from .errors import FactoryError
 from .files import human_size, require_dir, require_file
+
+if TYPE_CHECKING:  # not imported at run time: the measuring child imports only what a system needs
+    from .evaluate import BitsPerByte
 
 log = logging.getLogger(__name__)
 
@@ -276,6 +281,12 @@ class SystemScores:
     """Mean reply similarity to the reference answers (``evaluate.similarity``, 1.0 = identical)."""
     targets: dict[str, bool] | None = None
     """GGUFs only: figure -> below its :data:`SEED_TARGETS` value."""
+    bits_per_byte: BitsPerByte | None = None
+    """Bits per byte of the held-out reference replies, teacher-forced (lower is better)."""
+
+    @property
+    def bpb(self) -> float | None:
+        return self.bits_per_byte.bpb if self.bits_per_byte is not None else None
 
     @property
     def figures(self) -> dict[str, float]:
@@ -290,7 +301,9 @@ class SystemScores:
         return {
             "name": self.row.name, "kind": self.row.kind, "engine": KIND_LABELS[self.row.kind],
             "figures": self.figures, "known_word_rate": self.known_word_rate, "on_topic": self.on_topic,
-            "similarity": self.similarity, "seed_targets": self.targets, "measurement": self.row.to_json(),
+            "similarity": self.similarity, "bits_per_byte": self.bpb,
+            "bits_per_byte_detail": asdict(self.bits_per_byte) if self.bits_per_byte else None,
+            "seed_targets": self.targets, "measurement": self.row.to_json(),
         }  # fmt: skip
 
 
@@ -335,6 +348,7 @@ def run_bench(
     out_dir: str | os.PathLike[str],
     *,
     hf: str | os.PathLike[str] | None = None,
+    others: Sequence[str | os.PathLike[str]] = (),
     lstm: str | os.PathLike[str] | None = None,
     train_lstm: bool = False,
     lstm_config: Any = None,
@@ -349,17 +363,20 @@ def run_bench(
     Every system runs in fresh processes (``runs`` of them; medians) answering the same ``n_prompts``
     held-out prompts greedily, then answers the first user turn of every held-out conversation of
     ``data_dir``'s test split (at most ``max_quality``) for the quality figures of ``replies`` (known-word
-    and on-topic rates) and the mean similarity to the reference answers. ``train_lstm`` trains the
-    baseline on ``data_dir`` into ``out_dir/lstm``; ``lstm`` uses an already trained one. Writes
+    and on-topic rates) and the mean similarity to the reference answers; and scores the reference replies
+    of those conversations teacher-forced, in bits per byte (:func:`gguf_factory.evaluate.bits_per_byte`,
+    in this process; the LSTM's charges fitted on ``data_dir``'s train split). ``train_lstm`` trains the
+    baseline on ``data_dir`` into ``out_dir/lstm``; ``lstm`` uses an already trained one. ``others``: GGUFs
+    of other models measured alongside (a base before fine-tuning, a student with its own vocabulary), which
+    skip the check that ``ggufs`` share the HF model's tokenizer. Writes
     ``bench-report.json``, ``.md`` and ``.png`` into ``out_dir`` (created; its parent must exist).
     """
     from .bases import resolve_path
     from .data import load_dataset
-    from .demo import held_out_prompts
     from .errors import DataError, InputError
-    from .evaluate import similarity
+    from .evaluate import bits_per_byte, similarity
     from .files import atomic_write_json, atomic_write_text, check_output_dir, prepare_output_dir
-    from .replies import score_replies
+    from .replies import held_out_prompts, score_replies
 
     t0 = time.perf_counter()
     if lstm is not None and train_lstm:
@@ -371,7 +388,8 @@ def run_bench(
     check_output_dir(out_dir)
     hf_dir = _check_hf_dir(resolve_path(hf, what="--hf model")) if hf is not None else None
     gguf_paths = [_check_gguf(Path(g)) for g in ggufs]
-    if len({p.resolve() for p in gguf_paths}) != len(gguf_paths):
+    other_paths = [_check_gguf(Path(g)) for g in others]
+    if len({p.resolve() for p in gguf_paths + other_paths}) != len(gguf_paths) + len(other_paths):
         raise InputError("the same GGUF is given twice")
     lstm_dir = Path(lstm) if lstm is not None else None
     if lstm_dir is not None:
@@ -426,7 +444,7 @@ def run_bench(
     systems: list[tuple[Path, str]] = []
     if hf_dir is not None:
         systems.append((hf_dir, "hf"))
-    systems += [(g, "gguf") for g in gguf_paths]
+    systems += [(g, "gguf") for g in other_paths + gguf_paths]
     if lstm_dir is not None:
         systems.append((lstm_dir, "lstm"))
     scored: list[SystemScores] = []
@@ -447,6 +465,7 @@ def run_bench(
         reference_rate, chance_rate = rs.reference_domain_match, rs.chance_domain_match
         sim = statistics.fmean(similarity(r, a) for r, a in zip(row.quality_replies, references, strict=True))
         s = SystemScores(row, rs.known_word_rate, rs.domain_match, sim)
+        s.bits_per_byte = bits_per_byte(path, test_path, kind=kind, limit=max_quality, threads=threads)
         if kind == "gguf":
             s.targets = {k: s.figures[k] < v for k, v in SEED_TARGETS.items()}
         scored.append(s)
@@ -484,6 +503,40 @@ def _pct(x: float) -> str:
     return f"{x:.0%}"
 
 
+def _bpb(s: SystemScores) -> str:
+    return "–" if s.bpb is None else f"{s.bpb:.3f}"
+
+
+def _bpb_notes(report: BenchReport) -> list[str]:
+    scored = [s.bits_per_byte for s in report.systems if s.bits_per_byte is not None]
+    if not scored:
+        return []
+    b = scored[0]
+    notes = [
+        f"Bits/byte = bits the system spends on the {b.n_replies} held-out reference replies ({b.bytes} "
+        "UTF-8 bytes of text), teacher-forced under its own chat template and tokenizer, end of turn "
+        "included, per byte of the replies' text: comparable whatever the tokenizer, lower is better.",
+    ]
+    if len({(x.bytes, x.n_replies) for x in scored}) > 1:
+        notes[0] += (
+            " Not every system scored the same replies (a context cut some): "
+            + ", ".join(
+                f"{s.row.name} {s.bits_per_byte.bytes} bytes" for s in report.systems if s.bits_per_byte
+            )
+            + "."
+        )
+    for s in report.systems:
+        x = s.bits_per_byte
+        if x is not None and x.kind == "lstm":
+            notes[0] += (
+                f" The LSTM ({s.row.name}) pays for what its lower-cased words leave out: "
+                f"{x.n_oov} of its {x.n_words} reply words ({x.oov_rate:.0%}) are out of its vocabulary, "
+                f"each charged p(<unk>) and then its spelling ({x.oov_bits:.0f} bits in all), and "
+                f"letter case and whitespace cost {x.case_space_bits:.0f} bits (gguf_factory.baseline.lstm)."
+            )
+    return [*notes, ""]
+
+
 def report_markdown(report: BenchReport, settings: dict[str, Any]) -> str:
     threads = settings.get("threads") or os.cpu_count()
     md = [
@@ -495,15 +548,15 @@ def report_markdown(report: BenchReport, settings: dict[str, Any]) -> str:
         f"replies to the first user turn of {report.n_quality} held-out conversations.",
         "",
         "| system | engine | size | load | first token | tokens/s | peak RSS | known words | on topic "
-        "| similarity |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| similarity | bits/byte |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in report.systems:
         r = s.row
         md.append(
             f"| {r.name} | {KIND_LABELS[r.kind]} | {human_size(r.size_bytes)} | {r.load_s * 1000:.0f} ms "
             f"| {r.first_token_ms:.1f} ms | {r.tokens_per_s:.0f} | {r.peak_rss_mb:.0f} MB "
-            f"| {_pct(s.known_word_rate)} | {_pct(s.on_topic)} | {s.similarity:.2f} |"
+            f"| {_pct(s.known_word_rate)} | {_pct(s.on_topic)} | {s.similarity:.2f} | {_bpb(s)} |"
         )
     md += [
         "",
@@ -512,6 +565,7 @@ def report_markdown(report: BenchReport, settings: dict[str, Any]) -> str:
         "chance. Similarity = character-level similarity to the reference answer (1 = identical). "
         "Size = the GGUF file, or every file of the model folder. The LSTM's tokens are words.",
         "",
+        *_bpb_notes(report),
     ]
     gguf = [s for s in report.systems if s.targets is not None]
     if gguf:
@@ -554,7 +608,8 @@ def report_markdown(report: BenchReport, settings: dict[str, Any]) -> str:
 
 
 def write_chart(report: BenchReport, path: Path) -> Path:
-    """Bars per system: size, first token, peak RSS (seed targets dashed), tokens/s, on topic, similarity."""
+    """Bars per system: size, first token, peak RSS (seed targets dashed), tokens/s, on topic, similarity,
+    bits per byte."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -572,9 +627,15 @@ def write_chart(report: BenchReport, path: Path) -> Path:
         ("tokens/s", [s.row.tokens_per_s for s in report.systems], None),
         ("on topic (%)", [100 * s.on_topic for s in report.systems], None),
         ("similarity to reference", [s.similarity for s in report.systems], None),
+        (
+            "bits per byte of reference replies (lower is better)",
+            [s.bpb or 0.0 for s in report.systems],
+            None,
+        ),
     ]
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
-    for ax, (title, values, target) in zip(axes.flat, panels, strict=True):
+    fig, axes = plt.subplots(2, 4, figsize=(20, 8.5))
+    axes.flat[-1].axis("off")
+    for ax, (title, values, target) in zip(axes.flat, panels, strict=False):
         bars = ax.bar(range(len(names)), values, color=bar_colours)
         ax.bar_label(bars, fmt=lambda v: f"{v:,.0f}" if v >= 100 else f"{v:.3g}", fontsize=7)
         ax.set_title(title if target is None else f"{title}, GGUF seed target < {target:g}")
@@ -599,7 +660,7 @@ def write_chart(report: BenchReport, path: Path) -> Path:
 def render_report_table(report: BenchReport) -> Table:
     table = Table(title=f"bench: {len(report.prompts)} prompts for speed, {report.n_quality} for quality")
     short = {"hf": "HF", "gguf": "GGUF", "lstm": "LSTM"}
-    for col in ("system", "", "size", "1st token", "tok/s", "RSS", "on topic", "sim.", "targets"):
+    for col in ("system", "", "size", "1st token", "tok/s", "RSS", "on topic", "sim.", "bits/B", "targets"):
         table.add_column(col, justify="left" if col in ("system", "", "targets") else "right")
     for s in report.systems:
         r = s.row
@@ -608,7 +669,7 @@ def render_report_table(report: BenchReport) -> Table:
         table.add_row(
             r.name, short[r.kind], human_size(r.size_bytes), f"{r.first_token_ms:.1f} ms",
             f"{r.tokens_per_s:.0f}", f"{r.peak_rss_mb:.0f} MB", _pct(s.on_topic), f"{s.similarity:.2f}",
-            verdict,
+            _bpb(s), verdict,
         )  # fmt: skip
     return table
 

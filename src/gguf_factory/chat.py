@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 from rich.console import Console
 
+from .errors import TemplateRefusedError
 from .runtime import ChatModel
 
 log = logging.getLogger(__name__)
@@ -55,9 +56,15 @@ def chat_loop(
             continue
         history.append({"role": "user", "content": line})
         history = trim_history(model, history, reserve=max_tokens)
+        try:  # the template renders (bounded) before the first piece: a refusal leaves nothing printed
+            pieces = model.chat(history, stream=True, max_tokens=max_tokens, temperature=temperature)
+        except TemplateRefusedError as e:  # the template does not take this conversation: say so, go on
+            console.print(f"[yellow]{e}[/] (message not sent)", highlight=False)
+            history.pop()
+            continue
         console.print("[bold cyan]bot>[/] ", end="")
         reply = []
-        for piece in model.chat(history, stream=True, max_tokens=max_tokens, temperature=temperature):
+        for piece in pieces:
             reply.append(piece)
             console.print(piece, end="", markup=False, highlight=False, soft_wrap=True)
         console.print()

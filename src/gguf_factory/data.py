@@ -445,6 +445,13 @@ def _read_chatterbot_yaml(
         where = f"{source_name}:{mark.line + 1}" if mark is not None else source_name
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise DataError(f"{where}: invalid YAML ({problem})") from None
+    if root is not None:  # aliases may not expand it past its own length (no alias bomb)
+        from .schema import MAX_YAML_NODES, check_yaml_expansion
+
+        try:
+            check_yaml_expansion(root, source_name, budget=max(MAX_YAML_NODES, len(text)))
+        except InputError as e:
+            raise DataError(str(e)) from None
     expected = "expected a chatterbot corpus: a mapping with a 'conversations:' list of lists of lines"
     if root is None:
         raise DataError(f"no conversations found in {source_name} (the file is empty)")
@@ -829,6 +836,9 @@ def prepare(
     """
     _check_fractions(val_fraction, test_fraction)
     files.check_output_dir(out_dir)
+    if Path(out_dir).is_dir():  # each file it will write: never one of the sources
+        for name in [*(f"{s}.jsonl" for s in SPLITS), "stats.json"]:
+            files.check_output_path(Path(out_dir) / name, inputs=list(sources or ()))
     read = read_sources(sources, skip_invalid=skip_invalid, language=language, categories=categories)
     if not read.conversations:
         raise DataError("no conversations found in the given sources")

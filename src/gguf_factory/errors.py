@@ -35,3 +35,12 @@ class QuantizeError(FactoryError):
 
 class TrainingError(FactoryError):
     """Training could not run (bad settings, no usable examples)."""
+
+
+class TemplateError(ModelError):
+    """A chat template that cannot be used safely: it does not parse, reaches out of the sandbox, loops,
+    or builds more output than allowed. Raised when a model loads and by any later render."""
+
+
+class TemplateRefusedError(TemplateError):
+    """The chat template refused the conversation itself (its ``raise_exception``), e.g. a system role."""

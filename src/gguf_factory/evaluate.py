@@ -14,6 +14,23 @@ the newline after it is not). Every scored token is predicted from the logits on
 
 All models are loaded side by side and fed the same token ids; the reference is evaluated once per
 conversation whatever the number of models (what :func:`gguf_factory.ladder.ladder` relies on).
+
+Bits per byte (:func:`bits_per_byte`) is the one quality figure that compares any two chat systems, whatever
+their tokenizers: the negative log2-likelihood of the held-out reference replies, teacher-forced, each
+system under its own chat template and tokenizer, divided by the UTF-8 bytes of those replies' text.
+
+* Which bytes: every assistant turn of the test conversations whose text is not blank
+  (:func:`scored_replies`), ``len(content.encode("utf-8"))`` (:func:`reply_bytes`), the same for every
+  system. A reply is conditioned on the conversation before it, reference replies included.
+* Which tokens: the reply's own tokens, and the tokens its template puts after it inside the turn (the
+  end-of-turn marker, ChatML's ``<|im_end|>``; the LSTM's ``<eos>``). The end of turn is counted in
+  :attr:`BitsPerByte.bpb`, because every system must also say where its reply ends;
+  :attr:`BitsPerByte.bpb_reply_only` leaves it out.
+* A GGUF is scored from llama.cpp logits in the same pass as its perplexity, a Hugging Face folder from
+  transformers logits with the tokenizer's own chat template; the Bi-LSTM baseline by
+  :func:`gguf_factory.baseline.lstm.lstm_bits_per_byte` (which also charges what a lower-cased word model
+  cannot predict: see there). A reply cut by the context is left out (its bytes too) and counted in
+  :attr:`BitsPerByte.skipped_replies`.
 """
 
 from __future__ import annotations
@@ -23,7 +40,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +49,7 @@ import numpy as np
 
 from .errors import DataError, InputError, ModelError
 from .files import atomic_write_json, atomic_write_text, human_size, require_file
+from .runtime.templates import ChatTemplate as BoundedChatTemplate
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +60,99 @@ MAX_EVAL_CTX = 4096
 
 
 # --------------------------------------------------------------------------------------------- results
+
+LN2 = math.log(2)
+
+
+@dataclass
+class BitsPerByte:
+    """Bits per UTF-8 byte of the held-out reference replies, teacher-forced (see the module docstring)."""
+
+    bits: float
+    """Negative log2-likelihood of the scored replies' tokens, their end of turn included."""
+    bytes: int
+    """UTF-8 bytes of the scored replies' text (:func:`reply_bytes`)."""
+    bpb: float
+    """``bits / bytes``: the figure to compare."""
+    n_replies: int
+    n_tokens: int
+    """Scored tokens (the system's own: subwords, or the LSTM's words), end-of-turn tokens included."""
+    end_bits: float = 0.0
+    """Of :attr:`bits`, those of the end-of-turn tokens."""
+    n_end_tokens: int = 0
+    bpb_reply_only: float = 0.0
+    """``(bits - end_bits) / bytes``: the reply's own tokens only."""
+    skipped_replies: int = 0
+    """Replies of the data not scored (cut by the context, or a template that failed): bytes left out."""
+    system: str = ""
+    kind: str = ""
+    """``gguf`` (llama.cpp), ``hf`` (transformers) or ``lstm`` (the seq2seq baseline)."""
+    data_path: str = ""
+    n_words: int = 0
+    """LSTM only: words of the scored replies."""
+    n_oov: int = 0
+    """LSTM only: of them, out of its vocabulary (each charged p(<unk>) and then its spelling)."""
+    oov_bits: float = 0.0
+    """LSTM only: bits spent spelling the out-of-vocabulary words (in :attr:`bits`)."""
+    case_space_bits: float = 0.0
+    """LSTM only: bits spent on letter case and whitespace, which its words leave out (in :attr:`bits`)."""
+    fallback_replies: int = 0
+    """LSTM only: replies its words cannot represent, charged as raw bytes (log2(257) bits a byte, + 1)."""
+
+    @property
+    def oov_rate(self) -> float:
+        return self.n_oov / self.n_words if self.n_words else 0.0
+
+
+def reply_bytes(text: str) -> int:
+    """The bytes a reply is charged for: its text's UTF-8 bytes, as written in the data."""
+    return len(text.encode("utf-8"))
+
+
+def scored_replies(messages: Sequence[dict[str, str]]) -> list[int]:
+    """Indices of the messages whose bits per byte every system scores: the non-blank assistant turns."""
+    return [i for i, m in enumerate(messages) if m["role"] == "assistant" and m["content"].strip()]
+
+
+class BitsTally:
+    """Sums of bits, bytes and tokens over replies, into a :class:`BitsPerByte`."""
+
+    def __init__(self) -> None:
+        self.bits = self.end_bits = 0.0
+        self.bytes = self.replies = self.tokens = self.end_tokens = 0
+
+    def add(self, bits: float, end_bits: float, n_tokens: int, n_end: int, n_bytes: int) -> None:
+        self.bits += bits + end_bits
+        self.end_bits += end_bits
+        self.tokens += n_tokens + n_end
+        self.end_tokens += n_end
+        self.bytes += n_bytes
+        self.replies += 1
+
+    def add_conversation(self, enc: EncodedConversation, nll: np.ndarray) -> None:
+        """Add the replies of ``enc`` that lie whole in its (possibly truncated) ids; ``nll``: nats of
+        each of ``enc.targets``."""
+        per_position = np.full(len(enc.ids), np.nan)
+        per_position[enc.targets] = nll
+        for r in enc.replies:
+            if r.start < 1 or r.end > len(enc.ids):
+                continue
+            reply, end = per_position[r.start : r.content_end], per_position[r.content_end : r.end]
+            self.add(float(reply.sum()) / LN2, float(end.sum()) / LN2, reply.size, end.size, r.n_bytes)
+
+    def result(
+        self, total_replies: int, system: str = "", kind: str = "", data_path: str = ""
+    ) -> BitsPerByte:
+        if not self.bytes:
+            raise DataError(f"{data_path or 'the data'}: no reply left to score for bits per byte")
+        if not math.isfinite(self.bits):
+            raise ModelError(f"{system}: non-finite log-likelihood on the reference replies")
+        return BitsPerByte(
+            bits=self.bits, bytes=self.bytes, bpb=self.bits / self.bytes, n_replies=self.replies,
+            n_tokens=self.tokens, end_bits=self.end_bits, n_end_tokens=self.end_tokens,
+            bpb_reply_only=(self.bits - self.end_bits) / self.bytes,
+            skipped_replies=total_replies - self.replies, system=system, kind=kind, data_path=data_path,
+        )  # fmt: skip
 
 
 @dataclass
@@ -69,6 +180,8 @@ class ModelScores:
     """Mean character similarity of greedy replies to the data's own answers (0..1)."""
     samples: list[dict[str, str]] = field(default_factory=list)
     """A few greedy replies with the data's answers, for reading."""
+    bits_per_byte: BitsPerByte | None = None
+    """Bits per byte of the reference replies (the end of turn counted), from the same logits."""
 
 
 @dataclass
@@ -99,15 +212,15 @@ class EvalResult:
         if self.reference is not None:
             lines.append(f"Reference: `{self.reference.name}` (PPL {self.reference.perplexity:.4f}).")
         replies = self.n_replies > 0
-        head = "| model | size | PPL | ΔPPL % | mean KLD | p99 KLD | top-1 % |"
-        rule = "|---|---:|---:|---:|---:|---:|---:|"
+        head = "| model | size | PPL | bits/byte | ΔPPL % | mean KLD | p99 KLD | top-1 % |"
+        rule = "|---|---:|---:|---:|---:|---:|---:|---:|"
         if replies:
             head += " reply sim % | same reply % | answer sim % |"
             rule += "---:|---:|---:|"
         lines += ["", head, rule]
         for m in ([self.reference] if self.reference else []) + self.models:
             row = (
-                f"| {m.name} | {human_size(m.size_bytes)} | {m.perplexity:.4f} | "
+                f"| {m.name} | {human_size(m.size_bytes)} | {m.perplexity:.4f} | {_fmt_bpb(m)} | "
                 f"{_fmt(m.delta_ppl, 100, '+.2f')} | "
                 f"{_fmt(m.kld_mean, 1, '.4g')} | {_fmt(m.kld_p99, 1, '.4g')} | {_fmt(m.top1, 100, '.2f')} |"
             )
@@ -123,6 +236,13 @@ class EvalResult:
                 "character ratio to the reference model's reply (reply sim) and to the data's answer "
                 "(answer sim)."
             )
+        bpb = next((m.bits_per_byte for m in self.models if m.bits_per_byte), None)
+        if bpb is not None:
+            lines.append(
+                f"\nBits/byte: bits of the {bpb.n_replies} reference replies' tokens, end of turn included, "
+                f"per UTF-8 byte of their text ({bpb.bytes} bytes; {bpb.skipped_replies} replies cut by the "
+                "context left out)."
+            )
         if self.notes:
             lines += ["", *[f"- {n}" for n in self.notes]]
         lines.append(f"\n{self.seconds:.1f} s, llama.cpp logits through llama-cpp-python.")
@@ -131,6 +251,10 @@ class EvalResult:
 
 def _fmt(v: float | None, scale: float, spec: str) -> str:
     return "–" if v is None else format(v * scale, spec)
+
+
+def _fmt_bpb(m: ModelScores) -> str:
+    return _fmt(m.bits_per_byte.bpb if m.bits_per_byte else None, 1, ".4f")
 
 
 def write_report(
@@ -174,41 +298,24 @@ def read_eval_conversations(
     return p, convs
 
 
-class ChatTemplate:
-    """The GGUF's Jinja chat template, rendered the way transformers' ``apply_chat_template`` does."""
-
-    def __init__(self, source: str, bos_token: str = "", eos_token: str = ""):
-        from jinja2 import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(message: str) -> None:
-            raise TemplateError(message)
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
-        try:
-            self._template = env.from_string(source)
-        except TemplateError as e:
-            raise ModelError(f"the model's chat template does not parse: {e}") from None
-        self.bos_token, self.eos_token = bos_token, eos_token
-
-    def render(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool) -> str:
-        return self._template.render(
-            messages=list(messages),
-            add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token,
-            eos_token=self.eos_token,
-        )
+# The GGUF's chat template, rendered the way transformers' ``apply_chat_template`` does, bounded (a worker
+# process with a time, CPU and memory limit; checked on the probe conversations when made).
+ChatTemplate = BoundedChatTemplate
 
 
-def assistant_segments(template: ChatTemplate, messages: Sequence[dict[str, str]]) -> list[tuple[str, bool]]:
-    """The rendered conversation cut into (text, scored) pieces; scored pieces are the assistant turns.
+def _assistant_spans(
+    template: Any, messages: Sequence[dict[str, str]]
+) -> tuple[str, list[tuple[int, int, int]]]:
+    """The rendered conversation and its assistant turns as (message index, start, end) character spans.
 
-    A turn whose prefix does not render as a prefix of the whole conversation (templates that rewrite
-    history) is located by its content instead, followed by the end-of-sequence text when present.
+    A turn starts where the conversation before it, rendered with the generation prompt, ends, and ends
+    where the conversation through it ends, less trailing whitespace. A turn whose prefix does not render
+    as a prefix of the whole conversation (templates that rewrite history) is located by its content
+    instead, followed by the end-of-sequence text when present. ``template``: anything with
+    ``render(messages, add_generation_prompt)`` and ``eos_token``.
     """
     full = template.render(messages, False)
-    spans: list[tuple[int, int]] = []
+    spans: list[tuple[int, int, int]] = []
     cursor = 0
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
@@ -228,18 +335,48 @@ def assistant_segments(template: ChatTemplate, messages: Sequence[dict[str, str]
                 if template.eos_token and full.startswith(template.eos_token, end):
                     end += len(template.eos_token)
         if cursor <= start < end:
-            spans.append((start, end))
+            spans.append((i, start, end))
             cursor = end
-    pieces: list[tuple[str, bool]] = []
+    return full, spans
+
+
+def assistant_segments(template: Any, messages: Sequence[dict[str, str]]) -> list[tuple[str, bool]]:
+    """The rendered conversation cut into (text, scored) pieces; scored pieces are the assistant turns."""
+    return [(text, kind != "context") for text, kind, _ in _turn_pieces(template, messages)]
+
+
+def _turn_pieces(template: Any, messages: Sequence[dict[str, str]]) -> list[tuple[str, str, int]]:
+    """The rendered conversation as (text, kind, message index) pieces: kind ``context``, ``reply`` (an
+    assistant turn up to the end of its text) or ``end`` (what its template puts after the text inside
+    the turn: the end-of-turn marker). A turn whose text its template rewrote is all ``reply``."""
+    full, spans = _assistant_spans(template, messages)
+    pieces: list[tuple[str, str, int]] = []
     pos = 0
-    for a, b in spans:
+    for i, a, b in spans:
         if a > pos:
-            pieces.append((full[pos:a], False))
-        pieces.append((full[a:b], True))
+            pieces.append((full[pos:a], "context", -1))
+        span, content = full[a:b], messages[i]["content"]
+        k = span.find(content) if content else -1
+        cut = k + len(content) if k >= 0 else len(span)
+        pieces.append((span[:cut], "reply", i))
+        if cut < len(span):
+            pieces.append((span[cut:], "end", i))
         pos = b
     if pos < len(full):
-        pieces.append((full[pos:], False))
+        pieces.append((full[pos:], "context", -1))
     return pieces
+
+
+@dataclass
+class ReplySpan:
+    """Where one scored reply's tokens lie in :attr:`EncodedConversation.ids`."""
+
+    message: int
+    start: int
+    content_end: int
+    """Tokens ``start:content_end`` are the reply's text, ``content_end:end`` its end of turn."""
+    end: int
+    n_bytes: int
 
 
 @dataclass
@@ -247,21 +384,56 @@ class EncodedConversation:
     ids: list[int]
     targets: np.ndarray
     """Positions (>= 1) whose token is scored; predicted by the logits at position - 1."""
+    replies: list[ReplySpan] = field(default_factory=list)
+    """The replies that count for bits per byte (:func:`scored_replies`)."""
+
+    def truncate(self, n_ctx: int) -> bool:
+        """Keep the first ``n_ctx`` tokens; True if some were cut."""
+        if len(self.ids) <= n_ctx:
+            return False
+        self.ids = self.ids[:n_ctx]
+        self.targets = self.targets[self.targets < n_ctx]
+        return True
 
 
 def encode(
     llm: Any, template: ChatTemplate, messages: Sequence[dict[str, str]]
 ) -> EncodedConversation | None:
     """Tokenize with llama.cpp, piece by piece (BOS added as the model's vocabulary asks)."""
+    return encode_with(
+        lambda text, first: list(llm.tokenize(text.encode("utf-8"), add_bos=first, special=True)),
+        template,
+        messages,
+    )
+
+
+def encode_with(
+    tokenize: Callable[[str, bool], list[int]], template: Any, messages: Sequence[dict[str, str]]
+) -> EncodedConversation | None:
+    """Render ``messages`` with ``template`` and tokenize it piece by piece with ``tokenize(text, first)``
+    (special tokens parsed; ``first``: the piece that starts the text, where a BOS goes). None when no
+    assistant token can be scored."""
     ids: list[int] = []
     targets: list[int] = []
-    for k, (text, scored) in enumerate(assistant_segments(template, messages)):
-        seg = list(llm.tokenize(text.encode("utf-8"), add_bos=(k == 0), special=True))
-        if scored:
+    spans: dict[int, list[int]] = {}
+    for k, (text, kind, i) in enumerate(_turn_pieces(template, messages)):
+        seg = tokenize(text, k == 0)
+        if kind != "context":
             targets += range(len(ids), len(ids) + len(seg))
+        if kind == "reply":
+            spans[i] = [len(ids), len(ids) + len(seg), len(ids) + len(seg)]
+        elif kind == "end":
+            spans[i][2] = len(ids) + len(seg)
         ids += seg
     t = np.array([i for i in targets if i >= 1], dtype=np.int64)
-    return EncodedConversation(ids, t) if t.size else None
+    if not t.size:
+        return None
+    replies = [
+        ReplySpan(i, *spans[i], n_bytes=reply_bytes(messages[i]["content"]))
+        for i in scored_replies(messages)
+        if i in spans and spans[i][1] > spans[i][0]
+    ]
+    return EncodedConversation(ids, t, replies)
 
 
 # --------------------------------------------------------------------------------------------- models
@@ -271,10 +443,12 @@ def _load_llama(path: Path, n_ctx: int, threads: int, *, vocab_only: bool = Fals
     import llama_cpp
 
     from .runtime import _quiet_stderr
+    from .runtime.llamacpp import check_chat_templates
 
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
             raise ModelError(f"not a GGUF file: {path}")
+    check_chat_templates(path)  # bounded, before llama-cpp-python compiles the template in this process
     try:
         with _quiet_stderr():
             return llama_cpp.Llama(
@@ -374,7 +548,8 @@ def evaluate_many(
             stack.callback(llm.close)
             _check_family(llm, p, base, tok)
             llms.append(llm)
-        reference, out, n_tok = _score(paths, ref_path, llms, ref_llm, encoded, labels)
+        n_replies = sum(len(scored_replies(c)) for c in convs)
+        reference, out, n_tok = _score(paths, ref_path, llms, ref_llm, encoded, labels, n_replies, data_path)
         if prompts:
             _compare_replies(prompts, llms, ref_llm, out, reference, reply_tokens)
 
@@ -450,12 +625,7 @@ def _tokenize_conversations(
     cap = n_ctx or min(trained or MAX_EVAL_CTX, MAX_EVAL_CTX)
     longest = max([len(e.ids) for e in encoded] + [len(ids) + reply_tokens for ids, _ in prompts])
     ctx = max(8, min(cap, longest))
-    truncated = 0
-    for e in encoded:
-        if len(e.ids) > ctx:
-            truncated += 1
-            e.ids = e.ids[:ctx]
-            e.targets = e.targets[e.targets < ctx]
+    truncated = sum(e.truncate(ctx) for e in encoded)
     encoded = [e for e in encoded if e.targets.size]
     prompts = [(ids, answer) for ids, answer in prompts if len(ids) < ctx]
     if truncated:
@@ -468,7 +638,6 @@ def _check_family(llm: Any, path: Path, base: Path, tok: _Tokenized) -> None:
         raise ModelError(f"{path} has a vocabulary of {llm.n_vocab()} tokens, {base} {tok.vocab_size}")
     if list(llm.tokenize(tok.probe, add_bos=False, special=True)) != tok.probe_ids:
         raise ModelError(f"{path} tokenizes differently from {base}: not the same model family")
-
 
 
 @dataclass(frozen=True)
@@ -546,10 +715,14 @@ def _score(
     ref_llm: Any,
     encoded: Sequence[EncodedConversation],
     labels: Sequence[str] | None,
+    total_replies: int = 0,
+    data_path: Path | None = None,
 ) -> tuple[ModelScores | None, list[ModelScores], int]:
     n_models = len(llms)
     nll = [0.0] * n_models
     ref_nll = 0.0
+    tallies = [BitsTally() for _ in range(n_models)]
+    ref_tally = BitsTally()
     klds: list[list[np.ndarray]] = [[] for _ in range(n_models)]
     agree = [0] * n_models
     n_tok = 0
@@ -561,23 +734,27 @@ def _score(
             ref_llm.reset()
             ref_llm.eval(enc.ids)
             ref_lp = _log_softmax(ref_llm.scores[rows])
-            ref_nll -= float(ref_lp[np.arange(len(rows)), tgt].sum())
+            ref_tok = -ref_lp[np.arange(len(rows)), tgt]
+            ref_nll += float(ref_tok.sum())
+            ref_tally.add_conversation(enc, ref_tok)
             ref_p = np.exp(ref_lp)
             ref_top = ref_lp.argmax(axis=1)
         for j, llm in enumerate(llms):
             llm.reset()
             llm.eval(enc.ids)
             lp = _log_softmax(llm.scores[rows])
-            nll[j] -= float(lp[np.arange(len(rows)), tgt].sum())
+            tok = -lp[np.arange(len(rows)), tgt]
+            nll[j] += float(tok.sum())
+            tallies[j].add_conversation(enc, tok)
             if ref_lp is not None:
                 k = np.maximum((ref_p * (ref_lp - lp)).sum(axis=1), 0.0)
                 klds[j].append(k)
                 agree[j] += int((lp.argmax(axis=1) == ref_top).sum())
         n_tok += len(rows)
 
-    def scores(path: Path, total_nll: float, label: str) -> ModelScores:
+    def scores(path: Path, total_nll: float, label: str, tally: BitsTally) -> ModelScores:
         mean = total_nll / n_tok
-        return ModelScores(
+        s = ModelScores(
             path=str(path),
             name=label,
             size_bytes=path.stat().st_size,
@@ -585,11 +762,14 @@ def _score(
             nll=mean,
             perplexity=math.exp(mean),
         )
+        if tally.bytes:
+            s.bits_per_byte = tally.result(total_replies, str(path), "gguf", str(data_path or ""))
+        return s
 
-    reference = scores(ref_path, ref_nll, _label(ref_path)) if ref_path else None
+    reference = scores(ref_path, ref_nll, _label(ref_path), ref_tally) if ref_path else None
     out: list[ModelScores] = []
     for j, p in enumerate(paths):
-        s = scores(p, nll[j], labels[j] if labels else _label(p))
+        s = scores(p, nll[j], labels[j] if labels else _label(p), tallies[j])
         if reference is not None:
             k = np.concatenate(klds[j])
             s.kld_mean = float(k.mean())
@@ -599,6 +779,130 @@ def _score(
             s.delta_ppl = (s.perplexity - reference.perplexity) / reference.perplexity
         out.append(s)
     return reference, out, n_tok
+
+
+# --------------------------------------------------------------------------------------------- bits per byte
+
+SYSTEM_KINDS = ("gguf", "hf", "lstm")
+
+
+def system_kind(path: str | os.PathLike[str]) -> str:
+    """``gguf`` for a GGUF file, ``lstm`` for a Bi-LSTM baseline folder, ``hf`` for another folder."""
+    p = Path(path)
+    if p.is_file():
+        return "gguf"
+    if p.is_dir():
+        from .baseline.lstm import is_lstm_folder
+
+        return "lstm" if is_lstm_folder(p) else "hf"
+    raise InputError(f"model not found: {p}")
+
+
+def bits_per_byte(
+    system: str | os.PathLike[str],
+    data: str | os.PathLike[str],
+    *,
+    kind: str | None = None,
+    limit: int | None = None,
+    n_ctx: int | None = None,
+    threads: int | None = None,
+    train_data: str | os.PathLike[str] | None = None,
+) -> BitsPerByte:
+    """Bits per UTF-8 byte of the reference replies of ``data`` (a chat file, or a ``prepare`` folder's
+    ``test.jsonl``), teacher-forced, under ``system``'s own chat template and tokenizer.
+
+    ``system``: a GGUF (llama.cpp), a Hugging Face model folder (transformers) or a Bi-LSTM baseline folder
+    (``kind`` defaults from the path: :func:`system_kind`); a named base or Hub id is resolved by
+    :func:`gguf_factory.bases.resolve_gguf_or_folder`. ``limit``: the first N conversations;
+    ``n_ctx``: context cap (default: trained, at most :data:`MAX_EVAL_CTX`). ``train_data`` (LSTM only):
+    the training split its case, spacing and spelling charges are fitted on (default: the ``train.jsonl``
+    beside the test split). Lower is better; comparable across tokenizers because bytes are the unit.
+    """
+    if not Path(system).exists():  # a named base or Hub id: its GGUF if it has one, else its HF folder
+        from .bases import resolve_gguf_or_folder
+
+        system = resolve_gguf_or_folder(system)
+    kind = kind or system_kind(system)
+    if kind not in SYSTEM_KINDS:
+        raise InputError(f"unknown system kind {kind!r}: choose one of {', '.join(SYSTEM_KINDS)}")
+    if train_data is not None and kind != "lstm":
+        raise InputError("train_data is for the LSTM baseline only")
+    if kind == "lstm":
+        from .baseline.lstm import lstm_bits_per_byte
+
+        return lstm_bits_per_byte(system, data, train_data=train_data, limit=limit, threads=threads)
+    if kind == "hf":
+        return _hf_bits_per_byte(system, data, limit=limit, n_ctx=n_ctx, threads=threads)
+    r = evaluate_many([system], data, limit=limit, n_ctx=n_ctx, threads=threads)
+    result = r.models[0].bits_per_byte
+    if result is None:
+        raise DataError(f"{r.data_path}: no reply left to score for bits per byte")
+    return result
+
+
+class _TokenizerTemplate:
+    """A Hugging Face tokenizer's chat template, rendered by transformers (``apply_chat_template``)."""
+
+    def __init__(self, tokenizer: Any, path: Path):
+        if not getattr(tokenizer, "chat_template", None):
+            raise ModelError(f"{path} has no chat template (tokenizer_config.json chat_template)")
+        self.tokenizer = tokenizer
+        self.eos_token = tokenizer.eos_token or ""
+
+    def render(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(
+            [dict(m) for m in messages], add_generation_prompt=add_generation_prompt, tokenize=False
+        )
+
+
+def _hf_bits_per_byte(
+    path: str | os.PathLike[str],
+    data: str | os.PathLike[str],
+    *,
+    limit: int | None,
+    n_ctx: int | None,
+    threads: int | None,
+) -> BitsPerByte:
+    """:func:`bits_per_byte` of a Hugging Face model folder, from transformers logits (float32, CPU)."""
+    import json
+
+    from .files import require_dir
+    from .runtime.hf import load_hf
+
+    p = require_dir(path, "Hugging Face model folder")
+    data_path, convs = read_eval_conversations(data, limit)
+    if n_ctx is None:  # the cap a GGUF of this model gets: its trained context, at most MAX_EVAL_CTX
+        try:
+            trained = json.loads((p / "config.json").read_text(encoding="utf-8")).get(
+                "max_position_embeddings"
+            )
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            trained = None  # load_hf says what is wrong with it
+        n_ctx = min(trained, MAX_EVAL_CTX) if isinstance(trained, int) and trained > 0 else MAX_EVAL_CTX
+    system = load_hf(p, n_ctx=n_ctx, threads=threads)
+    try:
+        template = _TokenizerTemplate(system.tokenizer, p)
+        tally = BitsTally()
+        for msgs in convs:
+            try:
+                enc = encode_with(
+                    lambda text, first: system.tokenize(text, special=True, add_bos=first), template, msgs
+                )
+            except Exception as e:  # as for a GGUF: one conversation the template refuses is skipped
+                log.debug("skipping a conversation: %s", e)
+                continue
+            if enc is None:
+                continue
+            enc.truncate(system.n_ctx)
+            if not enc.targets.size:
+                continue
+            lp = _log_softmax(system.logits(enc.ids)[enc.targets - 1])
+            tgt = np.array(enc.ids, dtype=np.int64)[enc.targets]
+            tally.add_conversation(enc, -lp[np.arange(len(tgt)), tgt])
+    finally:
+        system.close()
+    total = sum(len(scored_replies(c)) for c in convs)
+    return tally.result(total, str(p), "hf", str(data_path))
 
 
 # --------------------------------------------------------------------------------------------- replies

@@ -340,7 +340,7 @@ def compute_imatrix(
     with open(model_path, "rb") as f:
         if f.read(4) != b"GGUF":
             raise ModelError(f"not a GGUF file: {model_path}")
-    out = check_output_path(out_path)
+    out = check_output_path(out_path, inputs=[model_path, data])
     if ctx < 8:
         raise InputError(f"ctx must be at least 8, got {ctx}")
     if max_tokens < 1:

@@ -292,13 +292,9 @@ NAMED_RECIPES: dict[str, tuple[str, Callable[[ModelShape], list[TensorRule]]]] =
 
 def load_recipe(path: str | os.PathLike[str]) -> Recipe:
     """Read a YAML recipe file (format in the module docstring); errors name the file and the field."""
-    import yaml
+    from .schema import read_yaml_text
 
-    p = require_file(path, "recipe file")
-    try:
-        doc = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise InputError(f"{p}: not valid YAML: {e}") from None
+    p, doc = read_yaml_text(path, "recipe file")
     if not isinstance(doc, dict):
         raise InputError(f"{p}: a recipe must be a YAML mapping with a 'rules' list")
     known = {"name", "description", "type", "output_type", "embedding_type", "include", "rules"}
@@ -418,6 +414,7 @@ def read_gguf_info(path: str | os.PathLike[str]) -> GGUFInfo:
     )
 
 
+MAX_ARRAY_NESTING = 8  # arrays of arrays of ...: deeper is refused (the doctor's reader allows 4)
 # GGUF value type id -> struct format of a scalar (8 = string, 9 = array are handled apart).
 _GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 
@@ -431,9 +428,20 @@ def scan_gguf_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any], list
     p = Path(path)
     try:
         with open(p, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            return _scan(mm)
-    except (struct.error, ValueError, UnicodeDecodeError, IndexError, OSError) as e:
+            return scan_gguf_bytes(mm, str(p))
+    except (OSError, ValueError) as e:  # cannot open or map it (a folder, an empty file, ...)
         raise InputError(f"cannot read the GGUF header of {p}: {e}") from None
+
+
+def scan_gguf_bytes(
+    data: Any, name: str = "<bytes>"
+) -> tuple[dict[str, Any], list[tuple[str, int, list[int]]]]:
+    """:func:`scan_gguf_header` over a buffer (bytes or a memory map). Raises only :class:`InputError`
+    for a file's content: nesting is capped, every count is checked against the size."""
+    try:
+        return _scan(data)
+    except (struct.error, ValueError, UnicodeDecodeError, IndexError, OverflowError) as e:
+        raise InputError(f"cannot read the GGUF header of {name}: {e}") from None
 
 
 def _scan(mm: Any) -> tuple[dict[str, Any], list[tuple[str, int, list[int]]]]:
@@ -456,17 +464,25 @@ def _scan(mm: Any) -> tuple[dict[str, Any], list[tuple[str, int, list[int]]]]:
         pos += 8 + n
         return text
 
-    def skip_array() -> None:
+    def skip_array(depth: int = 0) -> None:
         nonlocal pos
+        if depth >= MAX_ARRAY_NESTING:  # llama.cpp accepts no nesting at all: a few levels are plenty
+            raise ValueError(f"arrays nested more than {MAX_ARRAY_NESTING} deep")
         item_type, count = struct.unpack_from("<IQ", mm, pos)
         pos += 12
+        if count > size:
+            raise ValueError(f"an array claims {count} items, more than the file's {size} bytes")
         if item_type == 8:
             for _ in range(count):
                 (n,) = struct.unpack_from("<Q", mm, pos)
                 pos += 8 + n
+                if pos > size:
+                    raise ValueError("array runs past the end of the file")
         elif item_type == 9:
             for _ in range(count):
-                skip_array()
+                skip_array(depth + 1)
+                if pos > size:
+                    raise ValueError("array runs past the end of the file")
         elif item_type in _GGUF_SCALARS:
             pos += count * struct.calcsize("<" + _GGUF_SCALARS[item_type])
         else:
@@ -668,7 +684,10 @@ def quantize(
                 "(make one from your chat data with `gguf-factory imatrix`)"
             )
 
-    dst = check_output_path(output_path if output_path is not None else default_output_path(src, name))
+    dst = check_output_path(
+        output_path if output_path is not None else default_output_path(src, name),
+        inputs=[src, imatrix if isinstance(imatrix, str | os.PathLike) else None],
+    )
     if dst.resolve() == src.resolve():
         raise InputError(f"output would overwrite the input: {dst}")
 

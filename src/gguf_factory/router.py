@@ -3,7 +3,9 @@ and a context length, plus a routing model fitted on each domain's own training 
 message to a domain, with a confidence. ``gguf-factory route`` shows a decision; ``serve`` routes
 ``"model": "auto"`` requests with it.
 
-Manifest (YAML; paths relative to the manifest's folder)::
+Manifest (YAML). Paths are relative to the manifest's folder and may not climb out of it with ``..``;
+``model``, ``adapter``, ``data`` and ``classifier`` may also be absolute paths (files kept elsewhere on
+this machine, written deliberately)::
 
     version: 1
     name: assistants
@@ -45,7 +47,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import DataError, InputError
-from .files import atomic_write_json, atomic_write_text, require_file
+from .files import atomic_write_json, atomic_write_text, manifest_path, require_file
 from .schema import read_yaml_model, validation_message
 
 log = logging.getLogger(__name__)
@@ -294,8 +296,13 @@ class Router:
         base = self.path.parent
         self.targets: dict[str, DomainTarget] = {}
         for name, spec in self.manifest.domains.items():
-            model = (base / spec.model).resolve()
-            adapter = (base / spec.adapter).resolve() if spec.adapter else None
+            where = f"{self.path}: domains.{name}"
+            model = manifest_path(base, spec.model, f"{where}.model", absolute=True).resolve()
+            adapter = (
+                manifest_path(base, spec.adapter, f"{where}.adapter", absolute=True).resolve()
+                if spec.adapter
+                else None
+            )
             if check_files:
                 for what, p in (("model", model), ("adapter", adapter)):
                     if p is not None and not p.is_file():
@@ -305,7 +312,7 @@ class Router:
             )
         self.classifier: TextClassifier | None = None
         if self.manifest.classifier:
-            cpath = base / self.manifest.classifier
+            cpath = manifest_path(base, self.manifest.classifier, f"{self.path}: classifier", absolute=True)
             if not cpath.is_file():
                 raise InputError(
                     f"{self.path}: classifier: file not found: {cpath} (run `gguf-factory router fit`)"
@@ -413,7 +420,7 @@ def domain_texts(
     for name, spec in manifest.domains.items():
         if spec.data is None:
             continue
-        folder = (base / spec.data).resolve()
+        folder = manifest_path(base, spec.data, f"domains.{name}.data", absolute=True).resolve()
         for split, bucket in (("train.jsonl", train), ("test.jsonl", test)):
             f = folder / split
             if not f.is_file():
@@ -467,9 +474,9 @@ def fit_router(
     clf.meta["heldout_accuracy"] = {a.domain: a.accuracy for a in accs if a.test_prompts}
     cpath = Path(classifier_path) if classifier_path else mpath.with_name(f"{mpath.stem}.classifier.json")
     atomic_write_json(cpath, clf.to_json())
-    try:
-        rel = os.path.relpath(cpath.resolve(), mpath.parent.resolve())
-    except ValueError:  # another drive
+    if cpath.resolve().is_relative_to(mpath.parent.resolve()):
+        rel = cpath.resolve().relative_to(mpath.parent.resolve()).as_posix()
+    else:  # outside the manifest's folder: only an absolute path may point there
         rel = str(cpath.resolve())
     write_manifest(manifest.model_copy(update={"classifier": rel}), mpath)
     return FitResult(mpath, cpath, accs, time.perf_counter() - t0, confusion)

@@ -7,6 +7,7 @@ prompt ids must give the same tokens.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import FactoryError, ModelError
+from .errors import FactoryError, InputError, ModelError
 from .files import require_dir, require_file
 
 log = logging.getLogger(__name__)
@@ -43,10 +44,15 @@ def _llama(gguf_path: str | Path, **kwargs: Any) -> Any:
     from llama_cpp import Llama
 
     from .runtime import _quiet_stderr
+    from .runtime.llamacpp import check_chat_templates
 
-    path = str(require_file(gguf_path, "GGUF file"))
-    with _quiet_stderr():  # llama.cpp logs some context notes to fd 2 even with verbose=False
-        return Llama(model_path=path, verbose=False, **kwargs)
+    path = require_file(gguf_path, "GGUF file")
+    check_chat_templates(path)  # bounded, before llama-cpp-python compiles the template in this process
+    try:
+        with _quiet_stderr():  # llama.cpp logs some context notes to fd 2 even with verbose=False
+            return Llama(model_path=str(path), verbose=False, **kwargs)
+    except ValueError as e:  # llama-cpp-python's way of saying llama.cpp refused the file
+        raise ModelError(f"llama.cpp could not load {path}: {e}") from e
 
 
 def _hf_tokenizer(hf_dir: str | Path) -> Any:
@@ -418,21 +424,30 @@ class VerifyReport:
 
 
 def gguf_main_type(gguf_path: str | Path) -> str:
-    """The GGUF's main tensor type: the type holding most elements among its 2-D tensors (e.g. ``F16``)."""
+    """The GGUF's main tensor type: the type holding most elements among its 2-D tensors (e.g. ``F16``).
+
+    From the bounded header scan (:func:`gguf_factory.quantize.scan_gguf_header`): a hostile header costs
+    no more than its size."""
     import gguf
+
+    from .quantize import scan_gguf_header
 
     path = require_file(gguf_path, "GGUF file")
     try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, OSError, IndexError, KeyError) as e:
+        meta, tensors = scan_gguf_header(path)
+    except InputError as e:
         raise ModelError(f"{path} is not a readable GGUF file: {e}") from e
-    gtype = reader.get_field(gguf.Keys.General.TYPE)
-    if gtype is not None and gtype.contents() != gguf.GGUFType.MODEL:
-        raise ModelError(f"{path} is a GGUF {gtype.contents()!r}, not a model: nothing to verify")
+    gtype = meta.get(gguf.Keys.General.TYPE)
+    if gtype is not None and gtype != gguf.GGUFType.MODEL:
+        raise ModelError(f"{path} is a GGUF {gtype!r}, not a model: nothing to verify")
     counts: dict[str, int] = {}
-    for t in reader.tensors:
-        if len(t.shape) >= 2:
-            counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + int(t.n_elements)
+    for name, type_id, dims in tensors:
+        if len(dims) >= 2:
+            try:
+                tname = gguf.GGMLQuantizationType(type_id).name
+            except ValueError:
+                raise ModelError(f"{path}: tensor {name!r} has unknown ggml type {type_id}") from None
+            counts[tname] = counts.get(tname, 0) + math.prod(dims)
     if not counts:
         raise ModelError(f"{path} has no 2-D weight tensors")
     return max(counts, key=lambda k: counts[k])

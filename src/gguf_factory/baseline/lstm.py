@@ -7,6 +7,22 @@ training split's lower-cased words and punctuation marks, so an unknown word in 
 
 Saved as a folder: ``model.safetensors`` (the state dict) and ``config.json`` (sizes, vocabulary, training
 figures). Loading reads only those two with safetensors and json: nothing is unpickled.
+
+Its bits per byte (:func:`lstm_bits_per_byte`, the figure :func:`gguf_factory.evaluate.bits_per_byte`
+compares with the transformers) charge the exact reply text, not only what the words keep, so the figure
+stays an upper bound on a code for the reply's bytes and nothing the model cannot say comes free:
+
+* the words: teacher-forced decoder probabilities given the previous user turn, the reply's words then
+  ``<eos>`` (the end of turn), over everything a reply can hold (never ``<pad>`` or ``<bos>``);
+* an out-of-vocabulary word: p(``<unk>``) from the decoder, times its spelling under a character bigram
+  model of the vocabulary's own words (end-of-word symbol; a character never seen costs an escape and
+  8 bits per UTF-8 byte). The ``<unk>`` rate and the spelling bits are reported;
+* what lower-casing drops: each word's letter case (lower, Capitalised, UPPER, or any mix at 1 bit a
+  letter; at a sentence start or inside), and the whitespace before, between and after the words (none,
+  one space, or other whitespace as raw bytes; where ``join_words`` would put a space or not), both
+  estimated with add-one counts on the training replies (``train.jsonl``);
+* a reply lower-casing cannot represent (a letter with more than two case forms): its raw bytes,
+  log2(257) bits each and one more for its end.
 """
 
 from __future__ import annotations
@@ -22,14 +38,17 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from ..errors import DataError, ModelError, TrainingError
+from ..errors import DataError, InputError, ModelError, TrainingError
 from ..files import atomic_path, check_output_dir, require_dir
+
+if TYPE_CHECKING:
+    from ..evaluate import BitsPerByte
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +68,15 @@ def word_tokens(text: str) -> list[str]:
     return _TOKEN.findall(text.lower())
 
 
+def _spaced(prev: str, token: str) -> bool:
+    """Whether :func:`join_words` puts a space between ``prev`` and ``token``."""
+    return token not in _NO_SPACE_BEFORE and prev[-1:] not in _NO_SPACE_AFTER
+
+
 def join_words(tokens: Sequence[str]) -> str:
     out = ""
     for t in tokens:
-        if out and t not in _NO_SPACE_BEFORE and out[-1] not in _NO_SPACE_AFTER:
+        if out and _spaced(out, t):
             out += " "
         out += t
     return out
@@ -222,6 +246,17 @@ class LSTMChatbot:
 
     def reply(self, text: str, *, max_tokens: int = 48) -> str:
         return self.detokenize(list(self.generate_tokens(text, max_tokens=max_tokens)))
+
+    def target_bits(self, prompt: str, ids: Sequence[int]) -> list[float]:
+        """Teacher-forced -log2 p of each word id of a reply to ``prompt`` and then of ``<eos>``; p is over
+        what a reply can hold (every word, ``<unk>``, ``<eos>``; never ``<pad>`` or ``<bos>``)."""
+        src = torch.tensor([self.encode(prompt)])
+        target = torch.tensor([*ids, EOS])
+        with torch.inference_mode():
+            logits = self.model(src, torch.tensor([src.shape[1]]), torch.tensor([[BOS, *ids]]))[0].double()
+            logits[:, [PAD, BOS]] = float("-inf")
+            lp = torch.log_softmax(logits, dim=-1)[torch.arange(len(target)), target]
+        return (-lp / math.log(2)).tolist()
 
     def close(self) -> None:
         pass
@@ -394,3 +429,210 @@ def load_lstm(path: str | os.PathLike[str], *, threads: int | None = None) -> LS
         raise ModelError(f"{weights}: weights do not fit {cfg_path} ({str(e).splitlines()[0]})") from None
     training = doc.get("training") if isinstance(doc.get("training"), dict) else {}
     return LSTMChatbot(model, vocab, cfg, path=d, **training)
+
+
+def is_lstm_folder(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` looks like a folder written by :func:`train_lstm` (its config names the format)."""
+    cfg = Path(path) / CONFIG
+    try:
+        return cfg.is_file() and json.loads(cfg.read_text(encoding="utf-8")).get("format") == FORMAT
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return False
+
+
+# --------------------------------------------------------------------------------------------- bits per byte
+
+BYTE_BITS = math.log2(257)
+"""A uniform code over the 256 byte values and an end symbol: the charge for text no model predicts."""
+_END, _ESC = "</w>", "<esc>"  # symbols of the spelling model (never a single character)
+_CASES = ("lower", "title", "upper", "mixed")
+_GAPS = ("", " ", None)  # None: any other whitespace, as raw bytes
+
+
+def raw_bits(text: str) -> float:
+    """``text`` in the uniform byte code: log2(257) bits for each UTF-8 byte and for the end."""
+    return (len(text.encode("utf-8")) + 1) * BYTE_BITS
+
+
+def split_reply(text: str) -> tuple[list[str], list[str], list[str]] | None:
+    """``text`` as (its words as the LSTM reads them, the same words as written, the whitespace before,
+    between and after them); None when the lower-cased words cannot spell it again (a letter with more
+    than two case forms)."""
+    low = text.lower()
+    if len(low) != len(text):
+        return None
+    words, written, gaps, pos = [], [], [], 0
+    for m in _TOKEN.finditer(low):
+        gaps.append(text[pos : m.start()])
+        words.append(m.group())
+        written.append(text[m.start() : m.end()])
+        pos = m.end()
+    gaps.append(text[pos:])
+    if not all(_case_options(w, o) for w, o in zip(words, written, strict=True)):
+        return None
+    return words, written, gaps
+
+
+def _two_cased(ch: str) -> bool:
+    up = ch.upper()
+    return len(up) == 1 and up != ch
+
+
+def _case_options(word: str, written: str) -> list[tuple[str, int]]:
+    """The case classes that turn ``word`` into ``written``, each with the bits it needs beyond its class
+    (``mixed``: one a letter)."""
+    out = []
+    if written == word:
+        out.append(("lower", 0))
+    if written == word[:1].upper() + word[1:]:
+        out.append(("title", 0))
+    if written == word.upper():
+        out.append(("upper", 0))
+    if all(a == b or (_two_cased(b) and a == b.upper()) for a, b in zip(written, word, strict=True)):
+        out.append(("mixed", sum(map(_two_cased, word))))
+    return out
+
+
+def _case_context(words: Sequence[str], i: int) -> str:
+    return "start" if i == 0 or words[i - 1] in (".", "!", "?") else "inner"
+
+
+def _gap_context(words: Sequence[str], i: int) -> str:
+    """Context of the gap before word ``i`` (``i == len(words)``: after the last)."""
+    if i == 0 or i == len(words):
+        return "edge"
+    return "spaced" if _spaced(words[i - 1], words[i]) else "tight"
+
+
+class ReplySpelling:
+    """What a word-level LSTM leaves out of a reply's text, as a probability model: letter case and
+    whitespace (add-one counts on ``replies``, the training replies) and the spelling of words outside
+    ``vocab`` (a character bigram model of ``vocab``'s own words). See the module docstring."""
+
+    def __init__(self, replies: Sequence[str], vocab: Sequence[str]):
+        self.case: dict[str, Counter[str]] = {c: Counter() for c in ("start", "inner")}
+        self.gap: dict[str, Counter[str | None]] = {c: Counter() for c in ("edge", "spaced", "tight")}
+        for text in replies:
+            parsed = split_reply(text)
+            if parsed is None:
+                continue
+            words, written, gaps = parsed
+            for i, (w, o) in enumerate(zip(words, written, strict=True)):
+                if any(map(_two_cased, w)):
+                    self.case[_case_context(words, i)][_case_options(w, o)[0][0]] += 1
+            for i, g in enumerate(gaps):
+                self.gap[_gap_context(words, i)][g if g in ("", " ") else None] += 1
+        self.chars: dict[str, Counter[str]] = {}
+        for w in vocab[len(SPECIALS) :]:
+            prev = ""
+            for ch in [*w, _END]:
+                self.chars.setdefault(prev, Counter())[ch] += 1
+                prev = ch
+        self.alphabet = {ch for ch in self.chars if ch}
+        self._n_symbols = len(self.alphabet) + 2  # + end of word, + escape
+
+    @staticmethod
+    def _p(counts: Counter[Any], key: Any, n_classes: int) -> float:
+        return (counts[key] + 1) / (counts.total() + n_classes)
+
+    def case_bits(self, words: Sequence[str], written: Sequence[str]) -> float:
+        bits = 0.0
+        for i, (w, o) in enumerate(zip(words, written, strict=True)):
+            if any(map(_two_cased, w)):
+                counts = self.case[_case_context(words, i)]
+                p = sum(self._p(counts, c, len(_CASES)) * 2.0**-extra for c, extra in _case_options(w, o))
+                bits -= math.log2(p)
+        return bits
+
+    def space_bits(self, words: Sequence[str], gaps: Sequence[str]) -> float:
+        bits = 0.0
+        for i, g in enumerate(gaps):
+            counts = self.gap[_gap_context(words, i)]
+            p = self._p(counts, None, len(_GAPS)) * 2.0 ** -raw_bits(g)
+            if g in ("", " "):
+                p += self._p(counts, g, len(_GAPS))
+            bits -= math.log2(p)
+        return bits
+
+    def spelling_bits(self, word: str) -> float:
+        """Bits of ``word``'s characters and end under the character bigram model."""
+        bits, prev = 0.0, ""
+        for ch in word:
+            counts = self.chars.get(prev, Counter())
+            if ch in self.alphabet:
+                bits -= math.log2(self._p(counts, ch, self._n_symbols))
+                prev = ch
+            else:
+                bits -= math.log2(self._p(counts, _ESC, self._n_symbols))
+                bits += 8 * len(ch.encode("utf-8"))
+                prev = ""
+        return bits - math.log2(self._p(self.chars.get(prev, Counter()), _END, self._n_symbols))
+
+
+def lstm_bits_per_byte(
+    model: str | os.PathLike[str] | LSTMChatbot,
+    data: str | os.PathLike[str],
+    *,
+    train_data: str | os.PathLike[str] | None = None,
+    limit: int | None = None,
+    threads: int | None = None,
+) -> BitsPerByte:
+    """:func:`gguf_factory.evaluate.bits_per_byte` of the baseline: each reference reply of ``data`` scored
+    by the decoder given the user turn before it, and charged in full as the module docstring says.
+
+    ``train_data``: the training split the case, spacing and spelling charges are fitted on (a
+    ``train.jsonl`` or its folder); default: the one beside ``data``'s test split, else the one the model
+    was trained on. Returns a :class:`gguf_factory.evaluate.BitsPerByte`.
+    """
+    from ..data import load_split
+    from ..evaluate import BitsTally, read_eval_conversations, reply_bytes, scored_replies
+
+    bot = model if isinstance(model, LSTMChatbot) else load_lstm(model, threads=threads)
+    data_path, convs = read_eval_conversations(data, limit)
+    train_path = _training_split(train_data, data_path, bot)
+    spelling = ReplySpelling([a for _, a in chat_pairs(load_split(train_path))], bot.vocab)
+    tally = BitsTally()
+    n_words = n_oov = fallback = 0
+    oov_bits = case_space_bits = 0.0
+    for msgs in convs:
+        for i in scored_replies(msgs):
+            prompt = next((m["content"] for m in reversed(msgs[:i]) if m["role"] == "user"), "")
+            text = msgs[i]["content"]
+            parsed = split_reply(text)
+            if parsed is None:
+                n = len(text.encode("utf-8"))
+                tally.add(n * BYTE_BITS, BYTE_BITS, n, 1, reply_bytes(text))
+                fallback += 1
+                continue
+            words, written, gaps = parsed
+            bits = bot.target_bits(prompt, [bot.index.get(w, UNK) for w in words])
+            oov = [w for w in words if w not in bot.index]
+            spelled = sum(map(spelling.spelling_bits, oov))
+            cased = spelling.case_bits(words, written) + spelling.space_bits(words, gaps)
+            tally.add(sum(bits[:-1]) + spelled + cased, bits[-1], len(words), 1, reply_bytes(text))
+            n_words, n_oov = n_words + len(words), n_oov + len(oov)
+            oov_bits, case_space_bits = oov_bits + spelled, case_space_bits + cased
+    name = str(bot.path) if bot.path is not None else "lstm"
+    result = tally.result(sum(len(scored_replies(c)) for c in convs), name, "lstm", str(data_path))
+    result.n_words, result.n_oov, result.oov_bits = n_words, n_oov, oov_bits
+    result.case_space_bits, result.fallback_replies = case_space_bits, fallback
+    if n_oov:
+        log.info(
+            "LSTM: %d of %d reply words out of its vocabulary (%.1f%%)", n_oov, n_words, 100 * n_oov / n_words
+        )
+    return result
+
+
+def _training_split(train_data: str | os.PathLike[str] | None, data_path: Path, bot: LSTMChatbot) -> Path:
+    if train_data is not None:
+        p = Path(train_data)
+        p = p / "train.jsonl" if p.is_dir() else p
+        if not p.is_file():
+            raise InputError(f"training split not found: {p}")
+        return p
+    for folder in (data_path.parent, bot.training.get("data")):
+        if folder and (Path(folder) / "train.jsonl").is_file():
+            return Path(folder) / "train.jsonl"
+    raise InputError(
+        f"no train.jsonl beside {data_path}: give the training split the LSTM was trained on (train_data=)"
+    )

@@ -74,11 +74,11 @@ def _readme_license(model_dir: Path) -> str | None:
     m = re.match(r"^---\s*\n(.*?)\n---\s*(\n|$)", text, re.DOTALL)
     if not m:
         return None
-    import yaml
+    from ..schema import safe_yaml
 
     try:
-        meta = yaml.safe_load(m.group(1))
-    except yaml.YAMLError:
+        meta = safe_yaml(m.group(1), readme)  # a model card is input from anywhere: bounded
+    except InputError:
         return None
     lic = meta.get("license") if isinstance(meta, dict) else None
     return str(lic) if lic else None
@@ -136,6 +136,7 @@ def convert(
         from ..bases import resolve_path
 
         model_dir = resolve_path(hf_dir)
+    check_output_path(out, inputs=[model_dir])  # never over (or inside) the model it reads
     config = _read_config(model_dir)
     cls = converter_for(config, str(model_dir / "config.json"))
     weights = open_weights(model_dir)

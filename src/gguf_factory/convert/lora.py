@@ -220,6 +220,7 @@ def convert_lora(
     from ..bases import resolve_path
 
     base_dir = resolve_path(base, what="base model")
+    check_output_path(out, inputs=[adapter_dir, base, base_dir])  # never over (or inside) an input
     config = _read_config(base_dir)
     cls = converter_for(config, str(base_dir / "config.json"))
     where = adapter_dir / "adapter_model.safetensors"

@@ -18,6 +18,9 @@ from .reader import VT, GGUFFile, KVEntry, read_gguf
 K = gguf.Keys
 KV_CACHE_BYTES = {"f32": 4, "f16": 2, "bf16": 2, "q8_0": 34 / 32, "q4_0": 18 / 32}
 ARRAY_PREVIEW = 8
+MAX_TABLE_ROWS = 100  # rows of a metadata table printed (a crafted header can hold a million keys)
+MAX_CELL_CHARS = 300
+MAX_TEMPLATE_CHARS = 20_000
 
 
 @dataclass
@@ -54,7 +57,8 @@ class InspectReport:
     name: str | None
     metadata: dict[str, Any]  # arrays summarised
     hparams: dict[str, Any]  # "{arch}." keys, prefix stripped
-    tensors: list[TensorRow]
+    tensors: list[TensorRow]  # every tensor, or the first ``max_rows``
+    n_tensors: int
     n_params: int
     tensor_bytes: int
     bits_per_weight: float
@@ -177,9 +181,12 @@ def _tokenizer_summary(g: GGUFFile) -> dict[str, Any]:
     return out
 
 
-def inspect_gguf(path: str | Path, ctx: int | None = None, kv_type: str = "f16") -> InspectReport:
+def inspect_gguf(
+    path: str | Path, ctx: int | None = None, kv_type: str = "f16", max_rows: int | None = None
+) -> InspectReport:
     """Read ``path`` with the safe reader and summarise it. ``ctx``: context length for the RAM estimate
-    (default: a few usual sizes up to the model's training context)."""
+    (default: a few usual sizes up to the model's training context). ``max_rows``: keep only the first
+    rows of the tensor table (``n_tensors`` still counts them all; the totals cover every tensor)."""
     if ctx is not None and ctx <= 0:
         raise InputError(f"--ctx must be a positive number of tokens, got {ctx}")
     if kv_type not in KV_CACHE_BYTES:
@@ -200,9 +207,11 @@ def inspect_gguf(path: str | Path, ctx: int | None = None, kv_type: str = "f16")
     type_counts: dict[str, int] = {}
     n_params = 0
     n_bytes_total = 0
+    keep = len(g.tensors) if max_rows is None else max_rows
     for t in g.tensors:
         nb = t.n_bytes
-        rows.append(TensorRow(t.name, list(t.shape), t.type_name, t.n_elements, nb))
+        if len(rows) < keep:
+            rows.append(TensorRow(t.name, list(t.shape), t.type_name, t.n_elements, nb))
         n_params += t.n_elements
         n_bytes_total += nb or 0
         grp = groups.setdefault(tensor_group(t.name), {"n_tensors": 0, "n_params": 0, "n_bytes": 0})
@@ -234,6 +243,7 @@ def inspect_gguf(path: str | Path, ctx: int | None = None, kv_type: str = "f16")
         metadata=metadata,
         hparams=hparams,
         tensors=rows,
+        n_tensors=len(g.tensors),
         n_params=n_params,
         tensor_bytes=n_bytes_total,
         bits_per_weight=bpw,
@@ -263,8 +273,8 @@ def render_inspect(r: InspectReport, console: Any, max_tensors: int = 40) -> Non
     hp = Table(title="hyperparameters")
     hp.add_column("key")
     hp.add_column("value")
-    for k, v in r.hparams.items():
-        hp.add_row(k, str(v))
+    hp_rows = list(r.hparams.items())[: MAX_TABLE_ROWS + 1]
+    _rows(hp, [(_cell(k), _cell(v)) for k, v in hp_rows], len(r.hparams))
     console.print(hp)
 
     groups = Table(title="size by tensor group")
@@ -293,31 +303,49 @@ def render_inspect(r: InspectReport, console: Any, max_tensors: int = 40) -> Non
     tok = Table(title="tokenizer", show_header=False)
     for k, v in r.tokenizer.items():
         if k == "special":
-            v = ", ".join(f"{n}={d['id']} {d['text']!r}" for n, d in v.items())
-        tok.add_row(k, str(v))
+            v = ", ".join(f"{n}={d['id']} {_cell(d['text'], 40)!r}" for n, d in v.items())
+        tok.add_row(k, _cell(v))
     console.print(tok)
 
-    ts = Table(title=f"tensors ({len(r.tensors)})")
+    ts = Table(title=f"tensors ({r.n_tensors})")
     for col in ("name", "shape", "type", "size"):
         ts.add_column(col)
     for row in r.tensors[:max_tensors]:
         ts.add_row(
             row.name, str(row.shape), row.type, "?" if row.n_bytes is None else human_size(row.n_bytes)
         )
-    if len(r.tensors) > max_tensors:
-        ts.add_row(f"... {len(r.tensors) - max_tensors} more (use --json for all)", "", "", "")
+    if r.n_tensors > max_tensors:
+        ts.add_row(f"... {r.n_tensors - max_tensors} more (use --json for all)", "", "", "")
     console.print(ts)
 
     other = Table(title="metadata", show_header=False)
-    for k, v in r.metadata.items():
-        if k.startswith("tokenizer.ggml.") or k == K.Tokenizer.CHAT_TEMPLATE or k in r.hparams:
-            continue
-        if r.architecture and k.startswith(f"{r.architecture}."):
-            continue
-        other.add_row(k, str(v))
+    shown = [
+        (k, v)
+        for k, v in r.metadata.items()
+        if not (k.startswith("tokenizer.ggml.") or k == K.Tokenizer.CHAT_TEMPLATE or k in r.hparams)
+        and not (r.architecture and k.startswith(f"{r.architecture}."))
+    ]
+    _rows(other, [(_cell(k), _cell(v)) for k, v in shown[: MAX_TABLE_ROWS + 1]], len(shown))
     console.print(other)
     if r.chat_template:
         console.print("[bold]chat template[/]")
-        console.print(r.chat_template, markup=False, highlight=False)
-    for issue in r.issues:
-        console.print(f"[yellow]warning:[/] {issue}", highlight=False)
+        text = r.chat_template
+        if len(text) > MAX_TEMPLATE_CHARS:
+            more = len(r.chat_template) - MAX_TEMPLATE_CHARS
+            text = text[:MAX_TEMPLATE_CHARS] + f"\n... {more} more characters"
+        console.print(text, markup=False, highlight=False)
+    for issue in r.issues[:MAX_TABLE_ROWS]:
+        console.print(f"[yellow]warning:[/] {_cell(issue)}", highlight=False)
+
+
+def _cell(v: object, limit: int = MAX_CELL_CHARS) -> str:
+    """A value as table text, cut at ``limit`` characters (a header may hold a megabyte-long string)."""
+    text = str(v)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
+def _rows(table: Any, rows: list[tuple[str, str]], total: int) -> None:
+    for row in rows[:MAX_TABLE_ROWS]:
+        table.add_row(*row)
+    if total > MAX_TABLE_ROWS:
+        table.add_row(f"... {total - MAX_TABLE_ROWS} more (use --json for all)", "")

@@ -80,6 +80,34 @@ class ReadIssue:
     message: str
     offset: int | None = None
     subject: str | None = None  # key or tensor name
+    more: int = 0  # a summary: this many more issues of the code were left out
+
+
+MAX_ISSUES_PER_CODE = 20
+"""A crafted header can repeat one defect a million times: the first ones are kept, the rest counted."""
+
+
+class CappedIssues(list[ReadIssue]):
+    """A list that keeps the first :data:`MAX_ISSUES_PER_CODE` issues of each code and counts the rest;
+    :meth:`finish` appends one summary issue per code that overflowed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def append(self, issue: ReadIssue) -> None:
+        n = self.counts.get(issue.code, 0) + 1
+        self.counts[issue.code] = n
+        if n <= MAX_ISSUES_PER_CODE:
+            super().append(issue)
+
+    def finish(self) -> list[ReadIssue]:
+        for code, n in self.counts.items():
+            if n > MAX_ISSUES_PER_CODE:
+                more = n - MAX_ISSUES_PER_CODE
+                msg = f"... and {more} more {code} issue(s) of the same kind"
+                super().append(ReadIssue(code, msg, more=more))
+        return list(self)
 
 
 @dataclass
@@ -98,7 +126,10 @@ class KVEntry:
         return self.type.name
 
 
-@dataclass
+_KNOWN_TYPES: dict[int, gguf.GGMLQuantizationType] = {int(q): q for q in QT if q in gguf.GGML_QUANT_SIZES}
+
+
+@dataclass(slots=True)
 class TensorInfo:
     name: str
     dims: tuple[int, ...]  # ggml order: ne[0] (the row length) first
@@ -109,11 +140,7 @@ class TensorInfo:
 
     @property
     def type(self) -> gguf.GGMLQuantizationType | None:
-        try:
-            qt = QT(self.raw_type)
-        except ValueError:
-            return None
-        return qt if qt in gguf.GGML_QUANT_SIZES else None
+        return _KNOWN_TYPES.get(self.raw_type)
 
     @property
     def type_name(self) -> str:
@@ -135,7 +162,7 @@ class TensorInfo:
     @property
     def n_bytes(self) -> int | None:
         """Size of the data, or None when the type is unknown or the row length is not a block multiple."""
-        t = self.type
+        t = _KNOWN_TYPES.get(self.raw_type)
         if t is None or not self.dims:
             return None if t is None else gguf.GGML_QUANT_SIZES[t][1]
         block, type_size = gguf.GGML_QUANT_SIZES[t]
@@ -183,6 +210,14 @@ class GGUFFile:
             if t.name == name:
                 return t
         return None
+
+    @functools.cached_property
+    def file_map(self) -> np.ndarray:
+        """The whole file as one read-only uint8 array over a memory map (one mapping for every tensor's
+        data; slicing it reads nothing until the slice is used)."""
+        with open(self.path, "rb") as f:
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return np.frombuffer(mm, dtype=np.uint8, count=min(self.file_size, len(mm)))
 
 
 def pad(n: int, align: int) -> int:
@@ -365,6 +400,42 @@ def _read_tensor_info(cur: _Cursor, i: int, issues: list[ReadIssue]) -> TensorIn
     return TensorInfo(name, dims, raw_type, offset, start, i)
 
 
+def _read_tensor_infos(cur: _Cursor, n: int, issues: list[ReadIssue]) -> list[TensorInfo]:
+    """``n`` tensor infos: a tight loop for the common case (a UTF-8 name, at most 4 dimensions, all in
+    the file), :func:`_read_tensor_info`'s checked reads for anything else. Linear in ``n``."""
+    buf, size = cur.buf, cur.size
+    unpack = struct.unpack_from
+    bo = cur.bo
+    q, i_ = bo + "Q", bo + "I"
+    rest_fmt = [bo + f"{k}QIQ" for k in range(GGML_MAX_DIMS + 1)]  # dims, type, offset in one read
+    out: list[TensorInfo] = []
+    append = out.append
+    pos = cur.pos
+    for i in range(n):
+        start = pos
+        if size - pos >= 12:
+            (length,) = unpack(q, buf, pos)
+            end = pos + 8 + length
+            if end + 4 <= size:
+                (n_dims,) = unpack(i_, buf, end)
+                tail = end + 4 + 8 * n_dims
+                if n_dims <= GGML_MAX_DIMS and tail + 12 <= size:
+                    try:
+                        name = str(buf[pos + 8 : end], "utf-8")
+                    except UnicodeDecodeError:
+                        name = None
+                    if name is not None:
+                        *dims, raw_type, offset = unpack(rest_fmt[n_dims], buf, end + 4)
+                        append(TensorInfo(name, tuple(dims), raw_type, offset, start, i))
+                        pos = tail + 12
+                        continue
+        cur.pos = pos  # the slow, checked path: reports exactly what is wrong
+        append(_read_tensor_info(cur, i, issues))
+        pos = cur.pos
+    cur.pos = pos
+    return out
+
+
 def read_gguf(path: str | os.PathLike[str]) -> GGUFFile:
     """Parse the header, key/values and tensor infos of ``path`` (tensor data is not read).
 
@@ -400,7 +471,7 @@ def read_gguf_bytes(data: bytes, name: str = "<bytes>") -> GGUFFile:
 
 def _parse(mm: mmap.mmap | bytes, size: int, path: Path) -> GGUFFile:
     cur = _Cursor(mm, size, path)
-    issues: list[ReadIssue] = []
+    issues = CappedIssues()
     if size < 4 or struct.unpack_from("<I", mm, 0)[0] != gguf.GGUF_MAGIC:
         head = bytes(mm[: min(size, 4)])
         raise GGUFFormatError(
@@ -433,7 +504,7 @@ def _parse(mm: mmap.mmap | bytes, size: int, path: Path) -> GGUFFile:
             8,
         )
     kvs = [_read_kv(cur, i, issues) for i in range(kv_count)]
-    tensors = [_read_tensor_info(cur, i, issues) for i in range(tensor_count)]
+    tensors = _read_tensor_infos(cur, tensor_count, issues)
     header_end = cur.pos
 
     alignment = gguf.GGUF_DEFAULT_ALIGNMENT
@@ -478,15 +549,15 @@ def _parse(mm: mmap.mmap | bytes, size: int, path: Path) -> GGUFFile:
         alignment=alignment,
         header_end=header_end,
         data_offset=data_offset,
-        issues=issues,
+        issues=issues.finish(),
     )
 
 
-def tensor_data(g: GGUFFile, t: TensorInfo) -> np.memmap | None:
+def tensor_data(g: GGUFFile, t: TensorInfo) -> np.ndarray | None:
     """Raw bytes of ``t`` as a read-only uint8 memmap, or None when its size is unknown or it lies outside
     the file. Call only after the bounds checks; nothing is read until the caller slices it."""
     nbytes = t.n_bytes
     start = g.data_offset + t.offset
     if nbytes is None or nbytes == 0 or start + nbytes > g.file_size:
         return None
-    return np.memmap(g.path, dtype=np.uint8, mode="r", offset=start, shape=(nbytes,))
+    return g.file_map[start : start + nbytes]

@@ -367,9 +367,9 @@ def repair(
     data, tensors out of bounds or overlapping.
     """
     src = require_file(path, "GGUF file")
-    out = check_output_path(output)
-    if out.exists() and out.resolve() == src.resolve():
+    if Path(output).exists() and Path(output).resolve() == src.resolve():
         raise RepairError(f"refusing to write over the input {src}: choose another output path")
+    out = check_output_path(output, inputs=[src, source])
     try:
         g = read_gguf(src)
     except GGUFFormatError as e:

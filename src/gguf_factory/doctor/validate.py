@@ -9,6 +9,7 @@ process) and, when nothing is at error level, a llama.cpp smoke test in a child 
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,6 +23,7 @@ import numpy as np
 from .reader import (
     GGML_MAX_DIMS,
     GGML_MAX_NAME,
+    MAX_ISSUES_PER_CODE,
     QT,
     VT,
     GGUFFile,
@@ -96,7 +98,21 @@ CATALOG: dict[str, tuple[Severity, str, str]] = {
     "tensor-missing": (Severity.ERROR, "metadata", "a tensor the architecture needs is missing"),
     "tensor-unexpected": (Severity.WARNING, "metadata", "a tensor the architecture does not use"),
     "tensor-shape-mismatch": (Severity.ERROR, "metadata", "tensor shape disagrees with the hyperparameters"),
-    "vocab-size-mismatch": (Severity.ERROR, "metadata", "embedding rows differ from the token count"),
+    "vocab-size-mismatch": (
+        Severity.ERROR,
+        "metadata",
+        "vocab_size, the token list and the embedding rows disagree",
+    ),
+    "hparam-contradiction": (
+        Severity.ERROR,
+        "metadata",
+        "hyperparameters contradict each other (per-layer counts, heads, RoPE dimensions, context)",
+    ),
+    "context-beyond-rope": (
+        Severity.WARNING,
+        "metadata",
+        "a context length beyond the trained one or beyond what the RoPE scaling covers",
+    ),
     "tokenizer-missing": (Severity.ERROR, "metadata", "no tokenizer.ggml.model / tokens"),
     "tokenizer-model-unknown": (Severity.ERROR, "metadata", "tokenizer model unknown to llama.cpp"),
     "tokenizer-length-mismatch": (Severity.ERROR, "metadata", "tokenizer arrays of different lengths"),
@@ -186,65 +202,123 @@ class ValidationReport:
 # ---------------------------------------------------------------------------------------------------
 
 
+MAX_PER_CODE = MAX_ISSUES_PER_CODE
+"""Findings kept per code: a crafted file can repeat one defect a million times (the rest are counted in
+one summary finding, so the report stays small and the run linear)."""
+
+
+@dataclass(frozen=True)
+class SummaryFinding(Finding):
+    """Stands for ``more`` findings of its code beyond the first :data:`MAX_PER_CODE`."""
+
+    more: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        d.pop("more", None)
+        return d
+
+
+class Findings(list[Finding]):
+    """Findings capped at :data:`MAX_PER_CODE` per code; :meth:`done` adds a summary per overflowing code."""
+
+    def __init__(self, items: list[Finding] | None = None) -> None:
+        super().__init__()
+        self.counts: dict[str, int] = {}
+        for f in items or ():
+            self.append(f)
+
+    def append(self, f: Finding) -> None:
+        if isinstance(f, SummaryFinding):  # from a capped list merged into this one: count, re-summarise
+            self.counts[f.code] = self.counts.get(f.code, 0) + f.more
+            return
+        n = self.counts.get(f.code, 0) + 1
+        self.counts[f.code] = n
+        if n <= MAX_PER_CODE:
+            super().append(f)
+
+    def extend(self, items: Any) -> None:
+        for f in items:
+            self.append(f)
+
+    def __iadd__(self, items: Any) -> Findings:  # type: ignore[override, misc]
+        self.extend(items)
+        return self
+
+    def add(self, code: str, message: str, subject: str | None = None) -> None:
+        n = self.counts.get(code, 0) + 1
+        self.counts[code] = n
+        if n <= MAX_PER_CODE:
+            super().append(finding(code, message, subject))
+
+    def done(self) -> list[Finding]:
+        out = list(self)
+        for code, n in self.counts.items():
+            if n > MAX_PER_CODE:
+                sev, cat, _ = CATALOG[code]
+                msg = f"... and {n - MAX_PER_CODE} more {code} finding(s) like these"
+                out.append(SummaryFinding(code, sev, cat, msg, None, n - MAX_PER_CODE))
+        return out
+
+
+def _issue_finding(i: Any) -> Finding:
+    if i.more:
+        sev, cat, _ = CATALOG[i.code]
+        return SummaryFinding(i.code, sev, cat, i.message, None, i.more)
+    return finding(i.code, i.message, i.subject)
+
+
 def check_structure(g: GGUFFile) -> tuple[list[Finding], set[int]]:
     """Findings and the indices of tensors whose data location cannot be trusted."""
-    out = [finding(i.code, i.message, i.subject) for i in g.issues]
+    out = Findings([_issue_finding(i) for i in g.issues])
     bad: set[int] = set()
     names: dict[str, int] = {}
+    sizes = gguf.GGML_QUANT_SIZES
     for t in g.tensors:
-        if t.name in names:
-            out.append(finding("tensor-duplicate-name", f"tensor {t.name!r} appears twice", t.name))
+        name, dims, qt = t.name, t.dims, t.type
+        if name in names:
+            out.add("tensor-duplicate-name", f"tensor {name!r} appears twice", name)
             bad.add(t.index)
-        names.setdefault(t.name, t.index)
-        if len(t.name.encode("utf-8")) >= GGML_MAX_NAME:
-            out.append(
-                finding(
-                    "tensor-name-too-long", f"tensor name {t.name[:40]!r}... is {len(t.name)} bytes", t.name
-                )
-            )
-        if len(t.dims) > GGML_MAX_DIMS:
-            out.append(
-                finding(
-                    "tensor-too-many-dims",
-                    f"tensor {t.name!r} has {len(t.dims)} dimensions (ggml allows {GGML_MAX_DIMS})",
-                    t.name,
-                )
+        else:
+            names[name] = t.index
+        if len(name) >= GGML_MAX_NAME // 4 and len(name.encode("utf-8")) >= GGML_MAX_NAME:
+            out.add("tensor-name-too-long", f"tensor name {name[:40]!r}... is {len(name)} bytes", name)
+        if len(dims) > GGML_MAX_DIMS:
+            out.add(
+                "tensor-too-many-dims",
+                f"tensor {name!r} has {len(dims)} dimensions (ggml allows {GGML_MAX_DIMS})",
+                name,
             )
             bad.add(t.index)
-        if t.type is None:
-            out.append(
-                finding("tensor-unknown-type", f"tensor {t.name!r} has unknown type {t.raw_type}", t.name)
-            )
+        if qt is None:
+            out.add("tensor-unknown-type", f"tensor {name!r} has unknown type {t.raw_type}", name)
             bad.add(t.index)
-        if any(d == 0 for d in t.dims):
-            out.append(finding("tensor-zero-dim", f"tensor {t.name!r} has a zero dimension {t.dims}", t.name))
+        if 0 in dims:
+            out.add("tensor-zero-dim", f"tensor {name!r} has a zero dimension {dims}", name)
             bad.add(t.index)
-        elif any(d > INT64_MAX for d in t.dims) or t.n_elements > INT64_MAX:
-            out.append(
-                finding("tensor-bad-dims", f"tensor {t.name!r} dimensions {t.dims} overflow int64", t.name)
-            )
+        elif t.n_elements > INT64_MAX:  # dimensions are at least 1 here: any over INT64_MAX shows
+            out.add("tensor-bad-dims", f"tensor {name!r} dimensions {dims} overflow int64", name)
             bad.add(t.index)
-        elif t.type is not None and t.dims and t.dims[0] % gguf.GGML_QUANT_SIZES[t.type][0]:
-            block = gguf.GGML_QUANT_SIZES[t.type][0]
-            out.append(
-                finding(
-                    "tensor-row-not-block-multiple",
-                    f"tensor {t.name!r}: row length {t.dims[0]} is not a multiple of "
-                    f"{t.type.name}'s block {block}",
-                    t.name,
-                )
+        elif qt is not None and dims and dims[0] % sizes[qt][0]:
+            block = sizes[qt][0]
+            out.add(
+                "tensor-row-not-block-multiple",
+                f"tensor {name!r}: row length {dims[0]} is not a multiple of {qt.name}'s block {block}",
+                name,
             )
             bad.add(t.index)
     out += _check_layout(g, bad)
-    return out, bad
+    return out.done(), bad
 
 
 def _check_layout(g: GGUFFile, bad: set[int]) -> list[Finding]:
-    out: list[Finding] = []
+    out = Findings()
     align = g.alignment
     expected: int | None = 0  # llama.cpp's rule: tensors packed in file order, each padded to alignment
-    truncated: list[str] = []
-    clean: list[TensorInfo] = []
+    n_truncated = 0
+    first_truncated: str | None = None
+    need = 0
+    clean: list[tuple[int, int, int, TensorInfo]] = []  # (offset, index, n_bytes, tensor)
     for t in g.tensors:
         here = expected
         nbytes = t.n_bytes
@@ -253,73 +327,58 @@ def _check_layout(g: GGUFFile, bad: set[int]) -> list[Finding]:
             continue
         start = g.data_offset + t.offset
         if t.offset % align:
-            out.append(
-                finding(
-                    "tensor-offset-misaligned",
-                    f"tensor {t.name!r} at data offset {t.offset}, not a multiple of the alignment {align}",
-                    t.name,
-                )
+            out.add(
+                "tensor-offset-misaligned",
+                f"tensor {t.name!r} at data offset {t.offset}, not a multiple of the alignment {align}",
+                t.name,
             )
             bad.add(t.index)
         elif start + nbytes > g.file_size:
             if t.offset == here:
-                truncated.append(t.name)
+                n_truncated += 1
+                first_truncated = first_truncated or t.name
+                need = max(need, start + nbytes)
             else:
-                out.append(
-                    finding(
-                        "tensor-offset-out-of-bounds",
-                        f"tensor {t.name!r} spans bytes {start}..{start + nbytes} "
-                        f"of a {g.file_size}-byte file",
-                        t.name,
-                    )
+                out.add(
+                    "tensor-offset-out-of-bounds",
+                    f"tensor {t.name!r} spans bytes {start}..{start + nbytes} of a {g.file_size}-byte file",
+                    t.name,
                 )
             bad.add(t.index)
         else:
-            clean.append(t)
-    if truncated:
-        need = max(
-            g.data_offset + t.offset + (t.n_bytes or 0)
-            for t in g.tensors
-            if t.name in truncated and t.n_bytes
+            clean.append((t.offset, t.index, nbytes, t))
+    if n_truncated:
+        out.add(
+            "data-truncated",
+            f"the file is {g.file_size} bytes but the tensor data needs {need}: "
+            f"{n_truncated} tensor(s) cut off, first {first_truncated!r}",
+            first_truncated,
         )
-        out.append(
-            finding(
-                "data-truncated",
-                f"the file is {g.file_size} bytes but the tensor data needs {need}: "
-                f"{len(truncated)} tensor(s) cut off, first {truncated[0]!r}",
-                truncated[0],
-            )
-        )
-    clean.sort(key=lambda t: (t.offset, t.index))
-    prev: TensorInfo | None = None
-    overlaps = 0
-    for t in clean:
-        if prev is not None and t.offset < prev.offset + (prev.n_bytes or 0):
-            out.append(finding("tensor-overlap", f"tensor {t.name!r} overlaps tensor {prev.name!r}", t.name))
-            overlaps += 1
-            bad.add(t.index)
+    clean.sort(key=lambda c: (c[0], c[1]))
+    prev: tuple[int, int, int, TensorInfo] | None = None
+    for c in clean:
+        if prev is not None and c[0] < prev[0] + prev[2]:
+            out.add("tensor-overlap", f"tensor {c[3].name!r} overlaps tensor {prev[3].name!r}", c[3].name)
+            bad.add(c[1])
             continue
-        prev = t
-    if not out and not bad:  # gaps only matter (and only mean something) when nothing else is wrong
+        prev = c
+    if not out.counts and not bad:  # gaps only matter (and only mean something) when nothing else is wrong
         pos = 0
-        for t in clean:
-            if t.offset != pos:
-                out.append(
-                    finding(
-                        "tensor-offset-gap",
-                        f"tensor {t.name!r} at data offset {t.offset}, expected {pos} "
-                        "(llama.cpp wants tensors packed in order)",
-                        t.name,
-                    )
+        for offset, _, nb, t in clean:
+            if offset != pos:
+                out.add(
+                    "tensor-offset-gap",
+                    f"tensor {t.name!r} at data offset {offset}, expected {pos} "
+                    "(llama.cpp wants tensors packed in order)",
+                    t.name,
                 )
                 break
-            nb = t.n_bytes or 0
-            pos = t.offset + nb + (-nb % align)
+            pos = offset + nb + (-nb % align)
         else:
             trailing = g.file_size - (g.data_offset + pos)
             if trailing > 0 and g.tensors:
-                out.append(finding("trailing-bytes", f"{trailing} bytes after the last tensor"))
-    return out
+                out.add("trailing-bytes", f"{trailing} bytes after the last tensor")
+    return out.done()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -376,6 +435,7 @@ TOKENIZER_MODELS = {"llama", "gpt2", "bert", "t5", "rwkv", "ugm", "plamo2", "no_
 SPECIAL_ID_RE = re.compile(r"^tokenizer\.ggml\.[a-z_]+_token_id$")
 NO_TOKEN = {-1, 0xFFFFFFFF}
 FLOAT_QTYPES = {QT.F32, QT.F16, QT.BF16, QT.F64}
+BLOCK_TENSOR = re.compile(r"^blk\.(\d+)\.(.+)$")
 
 
 def _known_archs() -> set[str]:
@@ -430,7 +490,7 @@ def check_metadata(g: GGUFFile) -> list[Finding]:
     arch = g.architecture
     if arch is None:
         out.append(finding("arch-missing", "general.architecture is missing or not a string"))
-        return out + _check_tokenizer(g) + _check_file_type(g)
+        return Findings(out + _check_tokenizer(g) + _check_file_type(g)).done()
     if arch not in _known_archs():
         out.append(
             finding("arch-unknown", f"architecture {arch!r} is unknown to llama.cpp", K.General.ARCHITECTURE)
@@ -544,7 +604,7 @@ def check_metadata(g: GGUFFile) -> list[Finding]:
                     )
                 )
         for t in g.tensors:
-            m = re.match(r"^blk\.(\d+)\.(.+)$", t.name)
+            m = BLOCK_TENSOR.match(t.name)
             if m and m.group(2) in per_block:
                 expect[t.name] = per_block[m.group(2)]
         expect["output.weight"] = (n_embd, None)
@@ -573,37 +633,146 @@ def check_metadata(g: GGUFFile) -> list[Finding]:
                         name,
                     )
                 )
-    return out + _check_tokenizer(g, is_adapter) + _check_file_type(g)
+    out += _check_contradictions(g, arch, by_name, n_vocab, n_layer, n_head, n_head_kv, head_dim)
+    return Findings(out + _check_tokenizer(g, is_adapter) + _check_file_type(g)).done()
+
+
+def _check_contradictions(
+    g: GGUFFile,
+    arch: str,
+    by_name: dict[str, TensorInfo],
+    n_vocab: int | None,
+    n_layer: int | None,
+    n_head: int | None,
+    n_head_kv: int | None,
+    head_dim: int | None,
+) -> list[Finding]:
+    """Metadata that contradicts itself or the tensors, beyond the shape checks: ``{arch}.vocab_size``
+    against the token list and the embedding rows, per-layer head counts against ``block_count``, the
+    RoPE dimension against the head size, and the context length against the RoPE scaling."""
+    out: list[Finding] = []
+    key = K.LLM.VOCAB_SIZE.format(arch=arch)
+    declared = _int_value(g, key)
+    if declared is not None:
+        if n_vocab is not None and declared != n_vocab:
+            out.append(
+                finding(
+                    "vocab-size-mismatch",
+                    f"{key} = {declared} but tokenizer.ggml.tokens has {n_vocab} tokens",
+                    key,
+                )
+            )
+        embd = by_name.get("token_embd.weight")
+        if embd is not None and len(embd.dims) == 2 and embd.dims[1] != declared:
+            out.append(
+                finding(
+                    "vocab-size-mismatch",
+                    f"{key} = {declared} but tensor 'token_embd.weight' has {embd.dims[1]} rows",
+                    key,
+                )
+            )
+    for tmpl in (K.Attention.HEAD_COUNT, K.Attention.HEAD_COUNT_KV, K.LLM.FEED_FORWARD_LENGTH):
+        k = tmpl.format(arch=arch)
+        per_layer = _per_layer(g, k)
+        if isinstance(per_layer, list) and n_layer is not None and len(per_layer) != n_layer:
+            out.append(
+                finding(
+                    "hparam-contradiction",
+                    f"{k} has {len(per_layer)} per-layer values but block_count is {n_layer}",
+                    k,
+                )
+            )
+    if n_head and n_head_kv and n_head_kv > n_head:
+        k = K.Attention.HEAD_COUNT_KV.format(arch=arch)
+        out.append(
+            finding("hparam-contradiction", f"{k} = {n_head_kv} is more than head_count = {n_head}", k)
+        )
+    k = K.Rope.DIMENSION_COUNT.format(arch=arch)
+    rope_dims = _int_value(g, k)
+    if rope_dims is not None and head_dim and (rope_dims > head_dim or rope_dims % 2):
+        out.append(
+            finding(
+                "hparam-contradiction",
+                f"{k} = {rope_dims} must be even and at most the head size {head_dim}",
+                k,
+            )
+        )
+    ctx_key = K.LLM.CONTEXT_LENGTH.format(arch=arch)
+    ctx = _int_value(g, ctx_key)
+    base_key = K.Rope.FREQ_BASE.format(arch=arch)
+    base = g.get(base_key)
+    if isinstance(base, float) and not (base > 0 and math.isfinite(base)):
+        out.append(finding("hparam-bad-value", f"{base_key} = {base} must be a positive number", base_key))
+    factor_key = K.Rope.SCALING_FACTOR.format(arch=arch)
+    factor = g.get(factor_key)
+    if isinstance(factor, float) and not (factor > 0 and math.isfinite(factor)):
+        out.append(
+            finding("hparam-bad-value", f"{factor_key} = {factor} must be a positive number", factor_key)
+        )
+        factor = None
+    orig_key = K.Rope.SCALING_ORIG_CTX_LEN.format(arch=arch)
+    orig = _int_value(g, orig_key)
+    if ctx is not None and orig is not None and orig > 0:
+        if orig > ctx:
+            out.append(
+                finding(
+                    "hparam-contradiction",
+                    f"{orig_key} = {orig} is longer than {ctx_key} = {ctx}: the scaling would shrink the "
+                    "context",
+                    orig_key,
+                )
+            )
+        elif isinstance(factor, float) and ctx > orig * factor * 1.01:
+            out.append(
+                finding(
+                    "context-beyond-rope",
+                    f"{ctx_key} = {ctx} is beyond what the RoPE scaling covers ({orig} × {factor:g} = "
+                    f"{orig * factor:.0f})",
+                    ctx_key,
+                )
+            )
+    rec_key = "gguf_factory.context_length"
+    rec = _int_value(g, rec_key)
+    if rec is not None and ctx is not None and ctx > 0 and rec > ctx:
+        out.append(
+            finding(
+                "context-beyond-rope",
+                f"{rec_key} = {rec} (the recommended context) is above the trained {ctx_key} = {ctx}",
+                rec_key,
+            )
+        )
+    return out
 
 
 def _check_tensor_names(g: GGUFFile, arch: str, n_layer: int | None) -> list[Finding]:
     a = _arch_enum(arch)
     if a is None or a not in gguf.MODEL_TENSORS:
         return []
-    patterns = []
+    # one alternation of every name the architecture uses: one regex match per tensor
+    alternatives = []
     for mt in gguf.MODEL_TENSORS[a]:
-        base = re.escape(gguf.TENSOR_NAMES[mt]).replace(r"\{bid\}", r"(\d+)").replace(r"\{xid\}", r"\d+")
-        patterns.append(re.compile(rf"^{base}(\.weight|\.bias|\.scale)?$"))
-    out: list[Finding] = []
+        base = re.escape(gguf.TENSOR_NAMES[mt]).replace(r"\{bid\}", r"(?P<bid>\d+)", 1)
+        alternatives.append("(?:" + base.replace(r"\{bid\}", r"\d+").replace(r"\{xid\}", r"\d+") + ")")
+    named = re.compile(rf"^(?:{'|'.join(_unique_groups(alternatives))})(?:\.weight|\.bias|\.scale)?$")
+    out = Findings()
     for t in g.tensors:
-        m = next((p.match(t.name) for p in patterns if p.match(t.name)), None)
+        m = named.match(t.name)
         if m is None:
-            out.append(finding("tensor-unexpected", f"tensor {t.name!r} is not a {arch} tensor name", t.name))
-        elif (
-            m.groups()
-            and m.group(1)
-            and m.group(1).isdigit()
-            and n_layer is not None
-            and int(m.group(1)) >= n_layer
-        ):
-            out.append(
-                finding(
-                    "tensor-unexpected",
-                    f"tensor {t.name!r} belongs to block {m.group(1)} but block_count is {n_layer}",
-                    t.name,
-                )
+            out.add("tensor-unexpected", f"tensor {t.name!r} is not a {arch} tensor name", t.name)
+            continue
+        bid = next((v for k, v in m.groupdict().items() if v is not None), None)
+        if bid is not None and n_layer is not None and int(bid) >= n_layer:
+            out.add(
+                "tensor-unexpected",
+                f"tensor {t.name!r} belongs to block {bid} but block_count is {n_layer}",
+                t.name,
             )
-    return out
+    return out.done()
+
+
+def _unique_groups(alternatives: list[str]) -> list[str]:
+    """Give each alternative's ``bid`` group a name of its own (a regex may not reuse one)."""
+    return [alt.replace("(?P<bid>", f"(?P<bid{i}>") for i, alt in enumerate(alternatives)]
 
 
 def _is_adapter(g: GGUFFile) -> bool:
@@ -767,7 +936,12 @@ def tensor_stats(g: GGUFFile, t: TensorInfo, chunk_bytes: int = CHUNK_BYTES) -> 
         for pos in range(0, data.shape[0], step):
             raw = np.asarray(data[pos : pos + step])
             x = _decode(raw, qt, row_bytes, g.byte_order)
-            if x.dtype.kind == "f":
+            if x.dtype.kind == "f" and x.size and np.isfinite(np.sum(x, dtype=np.float64)):
+                # the common case, in two reductions: no NaN or Inf (a finite sum has neither)
+                absmax = float(np.max(np.abs(x)))
+                st.absmax = max(st.absmax, absmax)
+                st.all_zero = st.all_zero and absmax == 0.0
+            elif x.dtype.kind == "f":
                 nan = np.isnan(x)
                 inf = np.isinf(x)
                 st.n_nan += int(nan.sum())
@@ -791,7 +965,7 @@ def tensor_stats(g: GGUFFile, t: TensorInfo, chunk_bytes: int = CHUNK_BYTES) -> 
 
 
 def check_data(g: GGUFFile, skip: set[int]) -> tuple[list[Finding], int]:
-    out: list[Finding] = []
+    out = Findings()
     checked = 0
     with np.errstate(all="ignore"):
         for t in g.tensors:
@@ -824,7 +998,7 @@ def check_data(g: GGUFFile, skip: set[int]) -> tuple[list[Finding], int]:
                         "tensor-extreme-values", f"tensor {t.name!r} has |x| up to {st.absmax:.3g}", t.name
                     )
                 )
-    return out, checked
+    return out.done(), checked
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -865,14 +1039,15 @@ def validate(
     except GGUFFormatError as e:
         code = e.code if e.code in CATALOG else "malformed"
         return ValidationReport(p, [finding(code, str(e))], unusable=True, seconds=time.perf_counter() - t0)
-    findings, bad = check_structure(g)
+    structure, bad = check_structure(g)
+    findings = Findings(structure)
     findings += check_metadata(g)
     checked = 0
     if data:
         more, checked = check_data(g, bad)
         findings += more
     findings += check_chat_template(g, timeout=template_timeout)
-    report = ValidationReport(p, findings, checked_tensors=checked)
+    report = ValidationReport(p, findings.done(), checked_tensors=checked)
     if smoke:
         if report.at_least(Severity.ERROR):
             report.findings.append(finding("smoke-skipped", "not run: the file has error-level findings"))

@@ -5,14 +5,15 @@ name: assistants
 base:
   preset: nano               # train the universal model from scratch (a preset name or its fields),
   # model: smollm2-135m-instruct  # or fine-tune a model on all the domains: a HF folder or .gguf
-  #                               # (relative to this file), a named base or a Hub id[@revision]
+  #                               # (inside this file's folder, or an absolute path), a named base or a
+  #                               # Hub id[@revision]
 language: english            # chatterbot-corpus language for `categories`
 train: {epochs: 10}          # the universal model's training settings (unset: the preset's)
 lora: {rank: 8, alpha: 16, epochs: 3}
 domains:
   health:
     categories: [health, psychology]   # bundled chatterbot categories and/or
-    files: [data/clinic.jsonl]         # your own chat files (paths relative to this manifest)
+    files: [data/clinic.jsonl]         # your own chat files (relative to this manifest, inside its folder)
     profile: quality                   # production | mobile | quality | development
     keywords: [doctor]                 # router rules checked before the classifier
     subdomains:                        # optional: one LoRA adapter each (else one for the domain)
@@ -30,7 +31,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..errors import InputError
-from ..files import require_file
+from ..files import manifest_path, require_file
 from ..schema import read_yaml_model
 
 Profile = Literal["production", "mobile", "quality", "development"]
@@ -147,8 +148,9 @@ def read_factory(path: str | os.PathLike[str]) -> FactoryManifest:
         for where, spec in [(f"domains.{dname}", d), *((f"domains.{dname}.subdomains.{s}", x)
                                                         for s, x in d.subdomains.items())]:  # fmt: skip
             for i, f in enumerate(spec.files):
-                if not (p.parent / f).is_file():
-                    raise InputError(f"{p}: {where}.files[{i}]: file not found: {p.parent / f}")
+                full = manifest_path(p.parent, f, f"{p}: {where}.files[{i}]", absolute=False)
+                if not full.is_file():
+                    raise InputError(f"{p}: {where}.files[{i}]: file not found: {full}")
     if m.base.model is not None:
         _check_base_model(p, m.base.model)
     return m
@@ -161,7 +163,7 @@ def base_model_source(root: Path, model: str) -> str:
 
     local = root / model
     if local.exists() or classify(model) in ("folder", "gguf"):
-        return str(local.resolve())
+        return str(manifest_path(root, model, "base.model", absolute=True).resolve())
     return model
 
 

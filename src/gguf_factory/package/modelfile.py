@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InputError
-from ..files import atomic_path, atomic_write_text, prepare_output_dir
+from ..files import atomic_path, atomic_write_text, check_output_path, prepare_output_dir
 from .info import ModelInfo, read_model_info
 from .ollama_template import OllamaTemplate, TemplateExportError, _go_printable, derive_ollama_template
 
@@ -210,6 +210,12 @@ def export_ollama(
     if num_ctx is not None and num_ctx <= 0:
         raise InputError(f"num_ctx must be positive, got {num_ctx}")
     text, template, warnings = modelfile_for(info, info.path.name, system, num_ctx)
+    out = Path(out_dir)
+    if out.is_dir() and not out.is_symlink():  # before anything is written: never over the GGUF itself
+        check_output_path(out / "Modelfile", inputs=[info.path])
+        dest = out / info.path.name
+        if not (dest.exists() and os.path.samefile(dest, info.path)):
+            check_output_path(dest, inputs=[info.path])
     out = prepare_output_dir(out_dir)
     dest = place_file(info.path, out / info.path.name, copy=copy)
     modelfile = atomic_write_text(out / "Modelfile", text)

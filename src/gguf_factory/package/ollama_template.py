@@ -1,14 +1,14 @@
 """An Ollama TEMPLATE (Go text/template) derived from a GGUF's own Jinja chat template.
 
-Nothing here knows any particular template. The Jinja template is rendered in the doctor's sandbox
-(:mod:`gguf_factory.doctor.template`: Jinja's immutable sandbox, in a forked child with CPU, memory and
-wall-clock limits) on probe conversations whose contents are unique marker strings. Cutting each render
-at the markers gives, per role, the text before and after a message's content, the generation prompt,
-any leading text (e.g. a BOS string) and any text the template appends when no generation prompt is
-asked for. A leading system message is either a turn of its own or folded into the first user turn
-(Llama 2, Gemma 3), and may replace a default system turn the template writes when there is none
-(Qwen 2.5); all three are reproduced. That decomposition is then checked against more conversations; a
-template it cannot reproduce byte for byte is refused with the exact mismatch
+Nothing here knows any particular template. The Jinja template is rendered in Jinja's immutable sandbox
+in a template worker process with CPU, memory and wall-clock limits (the renderer chat and serve use,
+:mod:`gguf_factory.runtime.templates`) on probe conversations whose contents are unique marker strings.
+Cutting each render at the markers gives, per role, the text before and after a message's content, the
+generation prompt, any leading text (e.g. a BOS string) and any text the template appends when no
+generation prompt is asked for. A leading system message is either a turn of its own or folded into the
+first user turn (Llama 2, Gemma 3), and may replace a default system turn the template writes when there
+is none (Qwen 2.5); all three are reproduced. That decomposition is then checked against more
+conversations; a template it cannot reproduce byte for byte is refused with the exact mismatch
 (:class:`TemplateExportError`), or, when only system messages are the problem (the template refuses
 them), exported without them and with a warning.
 
@@ -27,19 +27,14 @@ every turn with BOS (Llama 2) keeps it on every turn but the first.
 from __future__ import annotations
 
 import copy
-import multiprocessing as mp
-import os
-import resource
 import unicodedata
 from dataclasses import dataclass, field
-from typing import Any
 
-from ..doctor import template as sandbox
-from ..errors import FactoryError
+from ..errors import FactoryError, TemplateError
+from ..runtime.templates import CHECK_MAX_CHARS, render_calls
 
 ROLES = ("system", "user", "assistant")
 RENDER_TIMEOUT = 5.0
-CPU_SECONDS = 5
 
 
 class TemplateExportError(FactoryError):
@@ -60,102 +55,35 @@ def _msg(role: str, n: int) -> Message:
 
 
 # ---------------------------------------------------------------------------------------------------
-# sandboxed rendering of many probes in one child process
+# sandboxed rendering of many probes in one request to a template worker
 # ---------------------------------------------------------------------------------------------------
 
-
-def _render_one(tmpl: Any, messages: list[Message], gen: bool, bos: str, eos: str) -> tuple[str, str]:
-    from jinja2.sandbox import SecurityError
-
-    parts: list[str] = []
-    size = 0
-    try:
-        for piece in tmpl.generate(
-            messages=messages, add_generation_prompt=gen, bos_token=bos, eos_token=eos, tools=None
-        ):
-            parts.append(piece)
-            size += len(piece)
-            if size > sandbox.MAX_OUTPUT_CHARS:
-                return "error", f"the rendered prompt exceeds {sandbox.MAX_OUTPUT_CHARS} characters"
-    except SecurityError as e:
-        return "unsafe", str(e)
-    except sandbox._RaisedByTemplate as e:
-        return "refused", str(e)
-    except MemoryError:
-        return "error", "ran out of memory"
-    except Exception as e:  # any runtime error of the template itself
-        return "error", f"{type(e).__name__}: {e}"
-    return "ok", "".join(parts)
-
-
-def _render_probes_here(source: str, probes: list[Probe], bos: str, eos: str) -> list[tuple[str, str]]:
-    tmpl = sandbox._sandbox_env().from_string(source)
-    return [_render_one(tmpl, msgs, gen, bos, eos) for msgs, gen in probes]
-
-
-def _child(conn: Any, source: str, probes: list[Probe], bos: str, eos: str) -> None:
-    try:
-        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-        cap = sandbox._address_space_now() + sandbox.CHILD_MEMORY_BYTES
-        if soft != resource.RLIM_INFINITY:
-            cap = min(cap, soft)
-        resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
-        resource.setrlimit(resource.RLIMIT_CPU, (CPU_SECONDS, CPU_SECONDS + 1))
-    except (ValueError, OSError):
-        pass
-    try:
-        result: Any = ("ok", _render_probes_here(source, probes, bos, eos))
-    except BaseException as e:  # noqa: BLE001 - the child reports whatever happened
-        result = ("error", f"{type(e).__name__}: {e}")
-    try:
-        conn.send(result)
-    finally:
-        conn.close()
-        os._exit(0)
+_STATUS = {"ok": "ok", "raised": "refused", "unsafe": "unsafe"}  # worker status -> ours ("error" else)
 
 
 def render_probes(
     source: str, probes: list[Probe], bos: str, eos: str, timeout: float = RENDER_TIMEOUT
 ) -> list[tuple[str, str]]:
-    """Render each (messages, add_generation_prompt) in the doctor's Jinja sandbox, in a limited child.
+    """Render each (messages, add_generation_prompt) in the Jinja sandbox, in a bounded template worker
+    (:mod:`gguf_factory.runtime.templates`: time, CPU and memory limits, one request for all probes).
 
     Returns one (status, text) per probe: status "ok" (text = the render), "refused" (raise_exception),
     "unsafe" or "error". Raises :class:`TemplateExportError` when the template does not parse, reaches for
-    Python internals, or the child dies or runs out of time.
+    Python internals, or the worker dies or runs out of time.
     """
-    from jinja2 import TemplateSyntaxError
-
+    calls = [
+        {"messages": msgs, "add_generation_prompt": gen, "bos_token": bos, "eos_token": eos, "tools": None}
+        for msgs, gen in probes
+    ]
     try:
-        unsafe = sandbox.scan_unsafe(source)
-    except TemplateSyntaxError as e:
-        raise TemplateExportError(f"the chat template does not parse: line {e.lineno}: {e.message}") from None
-    if unsafe:
-        raise TemplateExportError(f"the chat template reaches for Python internals: {', '.join(unsafe)}")
-    try:
-        ctx = mp.get_context("fork")
-    except ValueError:  # pragma: no cover - no fork on this platform
-        raise TemplateExportError("rendering chat templates needs fork() (Linux or macOS)") from None
-    recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(send, source, probes, bos, eos), daemon=True)
-    proc.start()
-    send.close()
-    try:
-        if not recv.poll(timeout):
-            raise TemplateExportError(f"rendering the chat template did not finish within {timeout:g} s")
-        try:
-            status, payload = recv.recv()
-        except (EOFError, OSError):
-            raise TemplateExportError(
-                f"the chat template rendering process died (exit code {proc.exitcode})"
-            ) from None
-    finally:
-        if proc.is_alive():
-            proc.kill()
-        proc.join(5)
-        recv.close()
-    if status != "ok":
-        raise TemplateExportError(f"rendering the chat template failed: {payload}")
-    return [(str(s), str(t)) for s, t in payload]
+        r = render_calls(source, calls, timeout=timeout, max_chars=CHECK_MAX_CHARS)
+    except TemplateError as e:
+        raise TemplateExportError(f"rendering the chat template failed: {e}") from None
+    if r.parse_status == "syntax":
+        raise TemplateExportError(f"the chat template does not parse: {r.parse_detail}")
+    if r.parse_status == "unsafe":
+        raise TemplateExportError(f"the chat template reaches for Python internals: {r.parse_detail}")
+    return [(_STATUS.get(status, "error"), text) for status, text in r.results]
 
 
 # ---------------------------------------------------------------------------------------------------

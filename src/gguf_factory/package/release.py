@@ -101,7 +101,7 @@ def export_release(
         raise InputError(f"two input GGUFs have the same file name: {', '.join(dup)}")
     if any(n in (SUMS, "README.md", "Modelfile") for n in names):
         raise InputError("a GGUF may not be named SHA256SUMS, README.md or Modelfile")
-    out = check_output_dir(out_dir)
+    out = check_output_dir(out_dir, inputs=[*(i.path for i in infos), ladder])
     if out.is_dir() and any(out.iterdir()):
         raise InputError(f"output folder is not empty: {out}")
     need = sum(i.size_bytes for i in infos)
@@ -185,6 +185,27 @@ def _listed_name(name: str) -> str | None:
     return name
 
 
+def _walk(root: Path) -> tuple[list[str], set[str]]:
+    """(symbolic links, regular files) inside ``root``, as release-relative POSIX paths; links to folders
+    are not entered."""
+    links: list[str] = []
+    regular: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        here = Path(dirpath)
+        for name in sorted(dirnames + filenames):
+            p = here / name
+            rel = p.relative_to(root).as_posix()
+            if p.is_symlink():
+                links.append(rel)
+            elif name in filenames and p.is_file():
+                regular.add(rel)
+    return sorted(links), regular
+
+
+def _through_link(rel: str, links: list[str]) -> bool:
+    return any(rel.startswith(link + "/") for link in links)
+
+
 def verify_release(
     folder: str | os.PathLike[str], *, smoke: bool = False, data: bool = True
 ) -> ReleaseReport:
@@ -194,15 +215,29 @@ def verify_release(
     from ..doctor.validate import Severity, validate
 
     root = Path(folder)
-    if not root.is_dir():
-        raise InputError(f"release folder not found: {root}")
+    if root.is_symlink() or not root.is_dir():
+        what = "is a symbolic link, not a folder" if root.is_symlink() else "not found"
+        raise InputError(f"release folder {what}: {root}")
     findings: list[ReleaseFinding] = []
     checked: list[str] = []
     notes: list[str] = []
     listed: set[str] = set()
+    # links are reported and never followed: a release holds files (a link could point anywhere, and
+    # checking it would read, hash or echo what it points to)
+    links, regular = _walk(root)
+    for rel in links:
+        findings.append(
+            ReleaseFinding("symlink", rel, f"{rel} is a symbolic link: a release holds files; not followed")
+        )
+
+    def plain(rel: str) -> bool:
+        """A regular file inside the release, reached without a link."""
+        return rel in regular
+
     sums = root / SUMS
-    if not sums.is_file():
-        findings.append(ReleaseFinding("missing-file", SUMS, f"{SUMS} is missing"))
+    if not plain(SUMS):
+        if SUMS not in links:
+            findings.append(ReleaseFinding("missing-file", SUMS, f"{SUMS} is missing"))
     else:
         try:
             lines = sums.read_text(encoding="utf-8").splitlines()
@@ -215,13 +250,16 @@ def verify_release(
             m = SUM_LINE.match(line)
             rel = _listed_name(m.group(2)) if m else None
             if m is None or rel is None:
-                msg = f"{SUMS} line {n} is not '<sha256>  <file>': {line!r}"
+                msg = f"{SUMS} line {n} is not '<sha256>  <file>': {line[:200]!r}"
                 findings.append(ReleaseFinding("bad-sums-line", SUMS, msg))
                 continue
             listed.add(rel)
             path = root / rel
-            if not path.is_file():
-                findings.append(ReleaseFinding("missing-file", rel, f"{rel} is listed in {SUMS} but missing"))
+            if not plain(rel):
+                if rel not in links and not _through_link(rel, links):
+                    findings.append(
+                        ReleaseFinding("missing-file", rel, f"{rel} is listed in {SUMS} but missing")
+                    )
                 continue
             digest = sha256_file(path)
             if digest != m.group(1).lower():
@@ -234,7 +272,7 @@ def verify_release(
                 )
             else:
                 checked.append(rel)
-    ggufs = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.gguf") if p.is_file())
+    ggufs = sorted(rel for rel in regular if rel.lower().endswith(".gguf"))
     for rel in ggufs:
         if rel not in listed:
             findings.append(ReleaseFinding("unlisted-gguf", rel, f"{rel} is not listed in {SUMS}"))
@@ -246,8 +284,9 @@ def verify_release(
             elif f.severity == Severity.WARNING:
                 notes.append(f"{rel}: {f.code}: {f.message}")
     modelfile = root / "Modelfile"
-    if not modelfile.is_file():
-        findings.append(ReleaseFinding("missing-file", "Modelfile", "Modelfile is missing"))
+    if not plain("Modelfile"):
+        if "Modelfile" not in links:
+            findings.append(ReleaseFinding("missing-file", "Modelfile", "Modelfile is missing"))
     else:
         try:
             commands = parse_modelfile(modelfile.read_text(encoding="utf-8"))
@@ -258,9 +297,8 @@ def verify_release(
         if not froms and commands:
             findings.append(ReleaseFinding("modelfile-invalid", "Modelfile", "Modelfile has no FROM line"))
         for v in froms:
-            target = (root / v).resolve()
-            inside = target == root.resolve() or root.resolve() in target.parents
-            if not inside or not target.is_file():
+            rel_from = _listed_name(v.strip())
+            if rel_from is None or not plain(rel_from):
                 findings.append(
                     ReleaseFinding(
                         "modelfile-from-missing",
@@ -269,8 +307,9 @@ def verify_release(
                     )
                 )
     card = root / "README.md"
-    if not card.is_file():
-        findings.append(ReleaseFinding("missing-file", "README.md", "README.md (model card) is missing"))
+    if not plain("README.md"):
+        if "README.md" not in links:
+            findings.append(ReleaseFinding("missing-file", "README.md", "README.md (model card) is missing"))
     else:
         text = card.read_text(encoding="utf-8", errors="replace")
         for rel in ggufs:

@@ -13,10 +13,12 @@ import numpy as np
 
 from ..errors import InputError, ModelError
 from .base import DEFAULT_CTX, ChatModel, GenerationSettings, Messages, check_messages
+from .templates import BoundedChatFormatter, require_safe_template
 
 log = logging.getLogger(__name__)
 
 RECOMMENDED_CTX_KEY = "gguf_factory.context_length"  # written by quantize (profiles, --ctx)
+TEMPLATE_KEY = "tokenizer.chat_template"
 
 
 @contextlib.contextmanager
@@ -46,7 +48,13 @@ class LlamaCppChatModel(ChatModel):
         self.llm = llm
         self.n_ctx = n_ctx
         self.metadata: dict[str, str] = dict(getattr(llm, "metadata", {}) or {})
-        self._formatter: Any = None
+        self._formatter: BoundedChatFormatter | None = None
+        template = self.chat_template
+        if template and getattr(llm, "chat_format", None) == "chat_template.default":
+            # llama-cpp-python would render the GGUF's template itself, unbounded: render it in a worker
+            from llama_cpp.llama_chat_format import chat_formatter_to_chat_completion_handler
+
+            llm.chat_handler = chat_formatter_to_chat_completion_handler(self.formatter())
 
     # --- chat -------------------------------------------------------------------------------------
     def chat(self, messages: Messages, *, stream: bool = False, **settings: Any) -> str | Iterator[str]:
@@ -85,23 +93,31 @@ class LlamaCppChatModel(ChatModel):
             return (chunk["choices"][0]["text"] for chunk in out)
         return out["choices"][0]["text"]
 
-    def prompt_ids(self, messages: Messages) -> list[int]:
-        """Rendered as llama-cpp-python's chat handler renders it (the GGUF's template, its BOS/EOS text)."""
-        check_messages(messages)
+    def formatter(self) -> BoundedChatFormatter:
+        """The GGUF's chat template as llama-cpp-python's chat handler renders it (its BOS/EOS text, its
+        stop token), rendered bounded (:mod:`.templates`)."""
         if self._formatter is None:
             template = self.chat_template
             if not template:
                 raise ModelError(f"{self.path} has no chat template (tokenizer.chat_template)")
-            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
             def text(token: int) -> str:
                 return self.llm._model.token_get_text(token) if token >= 0 else ""
 
-            self._formatter = Jinja2ChatFormatter(
-                template=template, eos_token=text(self.llm.token_eos()), bos_token=text(self.llm.token_bos())
+            eos = self.llm.token_eos()
+            self._formatter = BoundedChatFormatter(
+                template, eos_token=text(eos), bos_token=text(self.llm.token_bos()), stop_token_ids=[eos]
             )
-        rendered = self._formatter(messages=[dict(m) for m in messages]).prompt
-        return self.tokenize(rendered, special=True, add_bos=False)
+        return self._formatter
+
+    def render_prompt(self, messages: Messages) -> str:
+        """``messages`` rendered with the chat template, ready for the assistant's turn (bounded)."""
+        check_messages(messages)
+        return self.formatter().render(messages)
+
+    def prompt_ids(self, messages: Messages) -> list[int]:
+        """Rendered as llama-cpp-python's chat handler renders it (the GGUF's template, its BOS/EOS text)."""
+        return self.tokenize(self.render_prompt(messages), special=True, add_bos=False)
 
     def generate_tokens(self, ids: Sequence[int], **settings: Any) -> Iterator[int]:
         s = GenerationSettings(**settings)
@@ -203,8 +219,10 @@ def load_gguf(
         if f.read(4) != b"GGUF":
             raise ModelError(f"not a GGUF file: {p}")
     threads = threads or os.cpu_count() or 1
+    meta = _header(p)
+    check_chat_templates(p, meta)
     if n_ctx is None:
-        recommended, trained = read_context_lengths(p)
+        recommended, trained = _context_lengths(p, meta)
         if recommended:
             n_ctx = recommended
         else:
@@ -237,6 +255,27 @@ def load_gguf(
     return LlamaCppChatModel(p, llm, llm.n_ctx())
 
 
+def check_chat_templates(path: Path, meta: dict[str, Any] | None = None) -> None:
+    """Refuse (:class:`~gguf_factory.errors.TemplateError`) a GGUF whose chat template, or any named one
+    (``tokenizer.chat_template.<name>``), does not parse, reaches out of the sandbox, loops or explodes on
+    the probe conversations ``validate`` uses, rendered in a bounded worker before llama-cpp-python
+    compiles it in this process. BOS/EOS are placeholders here: the token texts are not in the header scan."""
+    meta = _header(path) if meta is None else meta
+    for key, value in meta.items():
+        if (key == TEMPLATE_KEY or key.startswith(TEMPLATE_KEY + ".")) and isinstance(value, str):
+            require_safe_template(value, f"{path}: {key}")
+
+
+def _header(path: Path) -> dict[str, Any]:
+    from ..quantize import scan_gguf_header  # header only: fast even with a 262 k-token vocabulary
+
+    try:
+        meta, _ = scan_gguf_header(path)
+    except InputError as e:
+        raise ModelError(f"cannot read GGUF metadata of {path}: {e}") from e
+    return meta
+
+
 def read_context_length(path: Path) -> int | None:
     """The trained context length stored in the GGUF (``<arch>.context_length``), or None."""
     return read_context_lengths(path)[1]
@@ -244,13 +283,10 @@ def read_context_length(path: Path) -> int | None:
 
 def read_context_lengths(path: Path) -> tuple[int | None, int | None]:
     """(recommended ``gguf_factory.context_length``, trained ``<arch>.context_length``); None if absent."""
-    from ..quantize import scan_gguf_header  # header only: fast even with a 262 k-token vocabulary
+    return _context_lengths(path, _header(path))
 
-    try:
-        meta, _ = scan_gguf_header(path)
-    except InputError as e:
-        raise ModelError(f"cannot read GGUF metadata of {path}: {e}") from e
 
+def _context_lengths(path: Path, meta: dict[str, Any]) -> tuple[int | None, int | None]:
     def int_field(key: str) -> int | None:
         value = meta.get(key)
         if value is None:

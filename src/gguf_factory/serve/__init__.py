@@ -2,19 +2,59 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
+from ..errors import InputError
 from ..files import parse_size
 from ..router import Router
-from .app import create_app
+from .app import DEFAULT_MAX_BODY_BYTES, LOOPBACK_HOSTS, create_app
 from .pool import ModelPool, ModelSpec, PoolBusyError, UnknownModelError
 
 __all__ = ["ModelPool", "PoolBusyError", "UnknownModelError", "create_app", "parse_size", "run_server"]
 
 API_KEY_ENV = "GGUF_FACTORY_API_KEY"
+SHUTDOWN_GRACE_S = 3  # after SIGTERM, requests still running get this long before they are cancelled
 log = logging.getLogger(__name__)
+
+
+def is_loopback(host: str) -> bool:
+    """True for an address or name that only this machine can reach."""
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def resolve_api_key(api_key: str | None) -> str | None:
+    """The key from ``--api-key``, else from $GGUF_FACTORY_API_KEY; an empty one is refused (it would
+    otherwise mean 'no key' without saying so)."""
+    if api_key is not None:
+        if not api_key.strip():
+            raise InputError("--api-key is empty: give a non-empty key, or leave the option out")
+        return api_key
+    env = os.environ.get(API_KEY_ENV)
+    if env is not None:
+        if not env.strip():
+            raise InputError(f"${API_KEY_ENV} is set but empty: give a non-empty key, or unset it")
+        return env
+    return None
+
+
+def hosts_for(bind: str, allowed_hosts: Sequence[str] | None) -> list[str]:
+    """Host header names the server accepts: loopback names, the address it binds (unless a wildcard),
+    and the ``--allowed-host`` names."""
+    hosts = list(LOOPBACK_HOSTS)
+    wildcard = bind in ("0.0.0.0", "::", "")
+    if not wildcard and bind not in hosts:
+        hosts.append(bind.strip("[]"))
+    hosts += [h.strip().lower() for h in allowed_hosts or () if h.strip()]
+    return hosts
 
 
 def run_server(
@@ -30,11 +70,32 @@ def run_server(
     threads: int | None = None,
     queue_timeout: float = 60.0,
     web_ui: bool = True,
+    allowed_hosts: Sequence[str] | None = None,
+    max_body: str | int = DEFAULT_MAX_BODY_BYTES,
 ) -> None:
     """Serve one GGUF (its id is the file stem), or a router manifest (``.yaml``: one id per domain, plus
-    ``auto``), with uvicorn until interrupted."""
+    ``auto``), with uvicorn until interrupted.
+
+    ``allowed_hosts``: Host header names accepted besides the loopback names and the bound address
+    (``*`` accepts any: only behind a proxy that checks Host itself). ``max_body``: request body limit.
+    """
     import uvicorn
 
+    key = resolve_api_key(api_key)
+    hosts = hosts_for(host, allowed_hosts)
+    if not is_loopback(host) and key is None:
+        log.warning(
+            "serving on %s without an API key: anyone who can reach this address can use the models "
+            "(set --api-key or $%s)",
+            host,
+            API_KEY_ENV,
+        )
+    if not is_loopback(host) and not allowed_hosts:
+        log.info(
+            "requests must name this server by address or as %s in their Host header; add the names "
+            "clients use with --allowed-host",
+            ", ".join(hosts),
+        )
     path = Path(model)
     router, models = pool_models(path)
     pool = ModelPool(
@@ -44,7 +105,6 @@ def run_server(
         n_threads=threads,
         queue_timeout=queue_timeout,
     )
-    key = api_key or os.environ.get(API_KEY_ENV) or None
     app = create_app(
         pool,
         api_key=key,
@@ -52,13 +112,15 @@ def run_server(
         max_prompt_tokens=max_prompt_tokens,
         router=router,
         web_ui=web_ui,
+        max_body_bytes=parse_size(max_body, "--max-body"),
+        allowed_hosts=hosts,
     )
     auth = " (API key required)" if key else ""
     log.info("serving %s as %s on http://%s:%d/v1%s", path, ", ".join(models), host, port, auth)
     if web_ui:
         log.info("chat page: http://%s:%d/", host, port)
     try:
-        uvicorn.run(app, host=host, port=port, log_level="info")
+        uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
     finally:
         pool.close()
 

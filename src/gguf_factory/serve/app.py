@@ -4,37 +4,55 @@
 ``GET /v1/models``, ``GET /health``. Errors use OpenAI's shape: ``{"error": {"message", "type", "param",
 "code"}}``. Generation runs llama.cpp through llama-cpp-python with the GGUF's own chat template, and the
 same defaults as :class:`gguf_factory.runtime.GenerationSettings`, so a reply equals ``runtime.chat``'s.
+
+Hostile input stays bounded: a body over ``max_body_bytes`` gets a 413 before it is read; the Host header
+must name this server (loopback names, IP addresses, ``allowed_hosts``: no DNS rebinding); a prompt whose
+byte length alone proves it too long is refused before it is tokenized; chat templates render in a
+bounded worker (:mod:`gguf_factory.runtime.templates`), a template that fails is a JSON error and the
+model is handed back; a non-streaming generation stops when its client disconnects; text that is not
+valid Unicode, an empty prompt and the not yet implemented ``tools``, ``tool_choice`` and
+``response_format`` are 400s.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hmac
+import ipaddress
 import json
 import logging
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import anyio
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Message as AsgiMessage
 
-from ..errors import FactoryError
+from ..errors import FactoryError, InputError, TemplateError, TemplateRefusedError
 from ..router import AUTO, RouteDecision, Router
 from ..runtime import ChatModel, GenerationSettings
+from ..runtime.templates import cancel_requested, cancellable
 from .pool import Lease, ModelPool, PoolBusyError, UnknownModelError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS_LIMIT = 1024
+DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB: far more text than any small model's context holds
 MAX_WAITING = 256  # requests blocked waiting for a model at once; more wait (without a thread) for a slot
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+"""Host header names accepted by default: a page on another site cannot reach a loopback server through
+DNS rebinding, because its requests carry that site's name in Host."""
+UNSUPPORTED_CHAT_FIELDS = ("tools", "tool_choice", "functions", "function_call", "response_format")
 
 
 # --- errors ---------------------------------------------------------------------------------------
@@ -61,18 +79,30 @@ def error_body(message: str, type: str, code: str | None = None, param: str | No
 
 
 # --- request bodies -------------------------------------------------------------------------------
+def _utf8(text: str) -> str:
+    """Text that UTF-8 can encode: JSON allows a lone surrogate escape (\\ud800), llama.cpp cannot take it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"not valid Unicode text: a lone surrogate (\\u{ord(text[e.start]):04x})") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_utf8)]
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (user, ...)
 
 
 class TextPart(_Body):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class Message(_Body):
     role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart]
+    content: Text | list[TextPart]
 
     def as_dict(self) -> dict[str, str]:
         text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -90,7 +120,7 @@ class _Options(_Body):
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)  # llama.cpp extras, as llama.cpp's own server takes them
     repeat_penalty: float | None = Field(None, gt=0)
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     seed: int | None = None
     logit_bias: dict[int, Annotated[float, Field(ge=-100, le=100)]] | None = None  # token id → bias
     stream: bool = False
@@ -101,10 +131,16 @@ class _Options(_Body):
 class ChatRequest(_Options):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # newer OpenAI name for max_tokens
+    # not implemented yet: refused with a 400 rather than silently ignored (see _refuse_unsupported)
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    response_format: Any = None
 
 
 class CompletionRequest(_Options):
-    prompt: str | list[str]
+    prompt: Text | list[Text]
 
 
 # --- streaming ------------------------------------------------------------------------------------
@@ -167,17 +203,27 @@ def create_app(
     max_prompt_tokens: int | None = None,
     router: Router | None = None,
     web_ui: bool = True,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    allowed_hosts: Sequence[str] | None = None,
 ) -> FastAPI:
     """The OpenAI-compatible app serving ``pool``'s models.
 
     ``router``: the pool's ids are its domains; ``"model": "auto"`` routes each request by the text of its
     last user message (or prompt), and every reply says where it went in the ``X-Route`` header.
 
-    ``api_key``: when set, every ``/v1`` request must send ``Authorization: Bearer <api_key>``.
+    ``api_key``: when set, every ``/v1`` request must send ``Authorization: Bearer <api_key>`` (and
+    ``/health`` details the models only for such a request); an empty key is refused.
     ``max_tokens_limit``: largest ``max_tokens`` a request may ask for (also the default).
     ``max_prompt_tokens``: longest prompt accepted, in tokens (the model's context always applies).
     ``web_ui``: serve the chat page (serve/web) at ``/``.
+    ``max_body_bytes``: larger request bodies are refused with 413 before they are read.
+    ``allowed_hosts``: Host header names accepted (default: the loopback names; ``"*"`` accepts any; a
+    pattern may start with ``*.``): the defence against DNS rebinding of a local server.
     """
+    if api_key is not None and not api_key.strip():
+        raise InputError("the API key is empty: give a non-empty key, or none to serve without one")
+    if max_body_bytes <= 0:
+        raise InputError(f"max_body_bytes must be positive, got {max_body_bytes}")
     app = FastAPI(title="gguf-factory", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.pool = pool
 
@@ -208,21 +254,29 @@ def create_app(
     async def _factory(_: Request, e: FactoryError) -> JSONResponse:
         return _factory_error(e).response()
 
+    @app.exception_handler(UnicodeError)
+    async def _unicode(_: Request, e: UnicodeError) -> JSONResponse:  # text llama.cpp cannot take
+        return ApiError(400, f"the request holds text that is not valid Unicode: {e}").response()
+
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, e: Exception) -> JSONResponse:
         log.exception("request failed")
         return ApiError(500, f"internal error: {type(e).__name__}: {e}", type="server_error").response()
 
     # --- auth ---
-    async def check_key(request: Request) -> None:  # async: no thread hop for a header check
+    def key_matches(request: Request) -> bool:
         if api_key is None:
+            return True
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        given = token.strip().encode("utf-8", "surrogateescape")
+        return scheme.lower() == "bearer" and hmac.compare_digest(given, api_key.encode())
+
+    async def check_key(request: Request) -> None:  # async: no thread hop for a header check
+        if key_matches(request):
             return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if not header:
+        if not request.headers.get("authorization"):
             raise ApiError(401, "missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-            raise ApiError(401, "invalid API key", code="invalid_api_key")
+        raise ApiError(401, "invalid API key", code="invalid_api_key")
 
     # --- helpers ---
     # Requests waiting for a busy model block in threads of their own, so that a queue, however long,
@@ -284,18 +338,30 @@ def create_app(
             )
         return requested
 
-    def check_prompt(n_prompt: int, model_id: str, n_ctx: int) -> None:
+    def prompt_budget(n_ctx: int) -> int:
+        return min(n_ctx - 1, max_prompt_tokens) if max_prompt_tokens is not None else n_ctx - 1
+
+    def check_prompt_bytes(model: ChatModel, text: str, model_id: str) -> None:
+        """Refuse a prompt that cannot fit before tokenizing it: no token of the vocabulary is longer than
+        ``max_token_bytes`` bytes, so a longer text has more tokens than the budget."""
+        n_bytes = len(text.encode("utf-8"))
+        least = -(-n_bytes // max_token_bytes(model))  # tokens it has at the very least
+        if least > prompt_budget(model.n_ctx):
+            check_prompt(least, model_id, model.n_ctx, is_lower_bound=True)
+
+    def check_prompt(n_prompt: int, model_id: str, n_ctx: int, *, is_lower_bound: bool = False) -> None:
+        size = f"at least {n_prompt}" if is_lower_bound else str(n_prompt)
         if max_prompt_tokens is not None and n_prompt > max_prompt_tokens:
             raise ApiError(
                 400,
-                f"the prompt is {n_prompt} tokens, over this server's limit of {max_prompt_tokens} tokens",
+                f"the prompt is {size} tokens, over this server's limit of {max_prompt_tokens} tokens",
                 param="messages",
                 code="prompt_too_long",
             )
         if n_prompt >= n_ctx:
             raise ApiError(
                 400,
-                f"the prompt is {n_prompt} tokens; model {model_id!r} has a context of {n_ctx} tokens",
+                f"the prompt is {size} tokens; model {model_id!r} has a context of {n_ctx} tokens",
                 param="messages",
                 code="context_length_exceeded",
             )
@@ -315,10 +381,17 @@ def create_app(
 
     # --- routes ---
     @app.get("/health")
-    def health() -> dict[str, Any]:
+    async def health(request: Request) -> dict[str, Any]:
+        if not key_matches(request):  # alive, and nothing about what is served, without the key
+            return {"status": "ok"}
+        models = [
+            {**{k: v for k, v in m.items() if k not in ("path", "adapter")}, "file": _name(m["path"])}
+            | ({"adapter_file": _name(m["adapter"])} if m.get("adapter") else {})
+            for m in pool.status()
+        ]
         return {
             "status": "ok",
-            "models": pool.status(),
+            "models": models,
             "memory": {"budget_bytes": pool.budget_bytes, "used_bytes": pool.used_bytes},
         }
 
@@ -341,10 +414,15 @@ def create_app(
         model_id: str,
         max_tokens: int,
         kind: _Kind,
+        cancel: threading.Event,
     ) -> JSONResponse | StreamingResponse:
-        """Both endpoints' body, in a worker thread holding ``lease`` (released here, or by the stream)."""
+        """Both endpoints' body, in a worker thread holding ``lease`` (released here, or by the stream).
+
+        ``cancel`` is set when the client of a non-streaming request disconnects: generation stops at the
+        next token and the model is handed back."""
         try:
             model = lease.model
+            check_prompt_bytes(model, kind.prompt_text(model), model_id)
             n_prompt = kind.count_prompt(model)
             check_prompt(n_prompt, model_id, model.n_ctx)
             settings = llama_settings(req, max_tokens)
@@ -354,11 +432,14 @@ def create_app(
                 chunks = kind.call(model, stream=True, **settings)
                 events = kind.events(chunks, cid, created, model_id, model, n_prompt, include_usage)
                 return _LeasedStream(events, lease)
-            out = _generate(lambda: kind.call(model, **settings))
+            with cancellable(cancel):
+                out = _generate(lambda: kind.call(model, **settings))
         except BaseException:
             lease.release()
             raise
         lease.release()
+        if cancel.is_set():
+            log.info("client gone: stopped generating for %s", model_id)
         choice = out["choices"][0]
         return _json(
             {
@@ -379,6 +460,7 @@ def create_app(
         )
 
     async def serve_request(
+        request: Request,
         req: ChatRequest | CompletionRequest,
         model_id: str,
         max_tokens: int,
@@ -386,11 +468,25 @@ def create_app(
         decision: RouteDecision | None = None,
     ) -> JSONResponse | StreamingResponse:
         lease = await acquire(model_id)
+        cancel = threading.Event()
+        failed: Exception | None = None
         try:
-            resp = await anyio.to_thread.run_sync(run_request, req, lease, model_id, max_tokens, kind)
+            async with anyio.create_task_group() as tg:
+                if not req.stream:  # a stream stops on its own when the client goes (its iterator closes)
+                    tg.start_soon(_watch_disconnect, request, cancel)
+                try:
+                    resp = await anyio.to_thread.run_sync(
+                        run_request, req, lease, model_id, max_tokens, kind, cancel
+                    )
+                except Exception as e:  # raised below, outside the task group (no exception group)
+                    failed = e
+                tg.cancel_scope.cancel()
         except BaseException:
             lease.release()
             raise
+        if failed is not None:
+            lease.release()
+            raise failed
         if decision is not None:
             resp.headers[ROUTE_HEADER] = (
                 f"{decision.domain}; rule={decision.rule}; confidence={decision.confidence:.3f}"
@@ -398,48 +494,181 @@ def create_app(
         return resp
 
     @app.post("/v1/chat/completions", dependencies=[Depends(check_key)], response_model=None)
-    async def chat_completions(req: ChatRequest) -> JSONResponse | StreamingResponse:
+    async def chat_completions(request: Request, req: ChatRequest) -> JSONResponse | StreamingResponse:
+        _refuse_unsupported(req)
         messages = [m.as_dict() for m in req.messages]
         model_id, decision = pick_model(req.model, lambda: _routing_text(messages))
         max_tokens = max_tokens_of(req, req.max_completion_tokens or req.max_tokens)
         kind = _Kind(
             id_prefix="chatcmpl",
             object_name="chat.completion",
+            prompt_text=lambda model: chat_prompt_text(model, messages),
             count_prompt=lambda model: chat_prompt_tokens(model, messages),
             call=lambda model, **kw: model.llm.create_chat_completion(messages=messages, **kw),
             events=_chat_events,
             reply=lambda c: {"message": {"role": "assistant", "content": c["message"].get("content") or ""}},
         )
-        return await serve_request(req, model_id, max_tokens, kind, decision)
+        return await serve_request(request, req, model_id, max_tokens, kind, decision)
 
     @app.post("/v1/completions", dependencies=[Depends(check_key)], response_model=None)
-    async def completions(req: CompletionRequest) -> JSONResponse | StreamingResponse:
+    async def completions(request: Request, req: CompletionRequest) -> JSONResponse | StreamingResponse:
         if isinstance(req.prompt, list):
             if len(req.prompt) != 1:
                 raise ApiError(400, "prompt: give one prompt per request", param="prompt")
             prompt = req.prompt[0]
         else:
             prompt = req.prompt
-        model_id, decision = pick_model(req.model, lambda: prompt or "")
+        if not prompt:
+            raise ApiError(400, "prompt is empty: give the text to continue", param="prompt")
+        model_id, decision = pick_model(req.model, lambda: prompt)
         max_tokens = max_tokens_of(req, req.max_tokens)
+
+        def call(model: ChatModel, **kw: Any) -> Any:
+            from llama_cpp import StoppingCriteriaList
+
+            stop = StoppingCriteriaList([lambda *_: cancel_requested()])
+            return model.llm.create_completion(prompt=prompt, stopping_criteria=stop, **kw)
+
         kind = _Kind(
             id_prefix="cmpl",
             object_name="text_completion",
-            count_prompt=lambda model: (
-                len(model.llm.tokenize(prompt.encode("utf-8"), special=True)) if prompt else 1
-            ),
-            call=lambda model, **kw: model.llm.create_completion(prompt=prompt, **kw),
+            prompt_text=lambda model: prompt,
+            count_prompt=lambda model: len(model.llm.tokenize(prompt.encode("utf-8"), special=True)),
+            call=call,
             events=_completion_events,
             reply=lambda c: {"text": c.get("text") or ""},
         )
-        return await serve_request(req, model_id, max_tokens, kind, decision)
+        return await serve_request(request, req, model_id, max_tokens, kind, decision)
 
     # --- web chat page (serve/web) ---
     if web_ui:
         from .web import add_web_routes
 
         add_web_routes(app)
+    hosts = list(allowed_hosts) if allowed_hosts is not None else list(LOOPBACK_HOSTS)
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
+    app.add_middleware(HostCheck, allowed=hosts)  # outermost: checked first
     return app
+
+
+async def _watch_disconnect(request: Request, cancel: threading.Event) -> None:
+    """Set ``cancel`` when the client goes away (the body has been read: the next message is the end)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            cancel.set()
+            return
+
+
+def _refuse_unsupported(req: ChatRequest) -> None:
+    for name in UNSUPPORTED_CHAT_FIELDS:
+        value = getattr(req, name)
+        if value is None or value == [] or (name in ("tool_choice", "function_call") and value == "none"):
+            continue
+        if name == "response_format" and isinstance(value, dict) and value.get("type") == "text":
+            continue
+        raise ApiError(
+            400,
+            f"{name} is not supported yet by this server: send the request without it",
+            param=name,
+            code="unsupported_parameter",
+        )
+
+
+class HostCheck:
+    """ASGI middleware: the Host header must name this server (the defence against DNS rebinding).
+
+    Accepted: a name in ``allowed`` (``*.example.com`` patterns; ``*`` accepts any) or an IP address
+    literal (a rebinding page's requests carry its own domain name, never an address). Starlette's
+    TrustedHostMiddleware has no rule for address literals and answers in plain text; this answers with
+    the API's JSON error."""
+
+    def __init__(self, app: ASGIApp, allowed: Sequence[str]):
+        self.app = app
+        self.names = {h.lower().rstrip(".") for h in allowed if not h.startswith("*")}
+        self.suffixes = tuple(h.lower()[1:] for h in allowed if h.startswith("*.")) or ()
+        self.any = "*" in allowed
+
+    def allows(self, header: str | None) -> bool:
+        if self.any:
+            return True
+        if not header:
+            return False
+        try:
+            name = (urlsplit("//" + header).hostname or "").rstrip(".")
+        except ValueError:
+            return False
+        if name in self.names or (self.suffixes and name.endswith(self.suffixes)):
+            return True
+        try:
+            ipaddress.ip_address(name)
+        except ValueError:
+            return False
+        return True
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            raw = dict(scope.get("headers") or []).get(b"host")
+            header = raw.decode("latin-1") if raw is not None else None
+            if not self.allows(header):
+                msg = f"Host {header!r} is not a name of this server (start it with --allowed-host NAME)"
+                await ApiError(400, msg, code="invalid_host").response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``limit`` bytes gets a 413 before more of it is read.
+
+    A declared Content-Length over the limit is refused at once; a chunked body is counted as it arrives
+    and refused as soon as it passes the limit. The body is then handed to the app whole."""
+
+    def __init__(self, app: ASGIApp, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None:
+            try:
+                too_big = int(declared) > self.limit
+            except ValueError:
+                too_big = False
+            if too_big:
+                await self._refuse(scope, receive, send)
+                return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away before the body was complete
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                await self._refuse(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body: AsgiMessage | None = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        async def replay() -> AsgiMessage:
+            nonlocal body
+            if body is not None:
+                out, body = body, None
+                return out
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        msg = f"the request body is over this server's limit of {self.limit} bytes"
+        resp = ApiError(413, msg, code="request_too_large").response()
+        resp.headers["Connection"] = "close"  # the rest of the body is not read
+        await resp(scope, receive, send)
 
 
 @dataclass(frozen=True)
@@ -448,6 +677,7 @@ class _Kind:
 
     id_prefix: str
     object_name: str
+    prompt_text: Callable[[Any], str]
     count_prompt: Callable[[Any], int]
     call: Callable[..., Any]
     events: Callable[..., Any]
@@ -463,7 +693,18 @@ def _factory_error(e: FactoryError) -> ApiError:
         return ApiError(404, str(e), type="not_found_error", code="model_not_found", param="model")
     if isinstance(e, PoolBusyError):
         return ApiError(503, str(e), type="server_error", code="model_busy")
+    if isinstance(e, TemplateRefusedError):  # the model's own template does not take this conversation
+        return ApiError(400, str(e), param="messages", code="chat_template_refused")
+    if isinstance(e, TemplateError):  # the model's template is broken or hostile: the server's side
+        log.warning("%s", e)
+        return ApiError(500, str(e), type="server_error", code="chat_template_error")
     return ApiError(400, str(e))
+
+
+def _name(path: object) -> str:
+    from pathlib import Path
+
+    return Path(str(path)).name
 
 
 def _generate(call: Callable[[], Any]) -> Any:
@@ -494,35 +735,37 @@ def _model_card(pool: ModelPool, model_id: str) -> dict[str, Any]:
     }
 
 
+def chat_prompt_text(model: ChatModel, messages: list[dict[str, str]]) -> str:
+    """The prompt llama-cpp-python builds for ``messages`` (the GGUF's chat template, rendered bounded in
+    a template worker); without a template, the contents (the length estimate then uses them)."""
+    if not model.chat_template:
+        return "".join(m["content"] for m in messages)
+    return str(model.render_prompt(messages))  # type: ignore[attr-defined]
+
+
 def chat_prompt_tokens(model: ChatModel, messages: list[dict[str, str]]) -> int:
     """Tokens of the prompt llama-cpp-python builds for ``messages`` (the GGUF's chat template)."""
-    render = getattr(model, "_serve_chat_formatter", _UNSET)
-    if render is _UNSET:
-        render = _chat_formatter(model)
-        model._serve_chat_formatter = render  # type: ignore[attr-defined]
-    if render is None:  # no chat template in the GGUF: approximate from the contents
+    if not model.chat_template:  # no chat template in the GGUF: approximate from the contents
         return sum(len(model.tokenize(m["content"])) + 4 for m in messages)
-    return len(model.llm.tokenize(render(messages).encode("utf-8"), add_bos=False, special=True))
+    text = chat_prompt_text(model, messages)
+    return len(model.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))  # type: ignore[attr-defined]
 
 
-_UNSET = object()
+def max_token_bytes(model: ChatModel) -> int:
+    """The longest token of the model's vocabulary in UTF-8 bytes of its vocabulary text (an upper bound on
+    the bytes one token covers), computed once per loaded model."""
+    cached = getattr(model, "_max_token_bytes", None)
+    if cached is None:
+        import llama_cpp
 
-
-def _chat_formatter(model: ChatModel) -> Callable[[list[dict[str, str]]], str] | None:
-    """Render messages with the GGUF's chat template exactly as llama-cpp-python's chat handler does."""
-    template = model.chat_template
-    if not template:
-        return None
-    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-    llm = model.llm
-
-    def text(token: int) -> str:
-        return llm.detokenize([token], special=True).decode("utf-8", errors="replace") if token >= 0 else ""
-
-    eos, bos = text(llm.token_eos()), text(llm.token_bos())
-    fmt = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
-    return lambda messages: fmt(messages=messages).prompt
+        llm = model.llm  # type: ignore[attr-defined]
+        vocab = llama_cpp.llama_model_get_vocab(llm.model)
+        cached = max(
+            (len(llama_cpp.llama_vocab_get_text(vocab, i) or b"") for i in range(llm.n_vocab())), default=1
+        )
+        cached = max(int(cached), 8)  # byte-fallback tokens ("<0x41>") and special tokens: at least this
+        model._max_token_bytes = cached  # type: ignore[attr-defined]
+    return int(cached)
 
 
 def _stream_error(e: Exception) -> str:

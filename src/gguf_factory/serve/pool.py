@@ -302,11 +302,16 @@ class ModelPool:
             model.close()
 
     def close(self) -> None:
+        """Free the idle models. A model still in use (a request that outlived the server's shutdown
+        grace period) is left to the process's exit: freeing it under llama.cpp would crash."""
         with self._cond:
             for model_id in list(self._lru):
                 e = self._entries[model_id]
+                if e.busy:
+                    log.warning("model %s is still generating at shutdown: not freed", model_id)
+                    continue
                 model, e.model = e.model, None
                 if model is not None:
                     model.close()
-            self._lru.clear()
-            self._used = 0
+                self._lru.pop(model_id, None)
+                self._used -= e.cost
