@@ -18,6 +18,7 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 _WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")
@@ -97,3 +98,24 @@ def score_replies(
         reference_domain_match=match_rate(references),
         chance_domain_match=chance,
     )
+
+
+def held_out_prompts(test_path: str | Path, n: int) -> list[tuple[str, str]]:
+    """The first user turn and its reference answer of ``n`` held-out conversations, spread over domains."""
+    from .data import load_split
+
+    convs = load_split(test_path)
+    by_domain: dict[str | None, list] = {}
+    for c in convs:
+        by_domain.setdefault(c.domain, []).append(c)
+    picked = []
+    while len(picked) < n and any(by_domain.values()):
+        for domain in sorted(by_domain, key=str):
+            if by_domain[domain] and len(picked) < n:
+                picked.append(by_domain[domain].pop(0))
+    pairs = []
+    for c in picked:
+        user = next(m.content for m in c.messages if m.role == "user")
+        ref = next((m.content for m in c.messages if m.role == "assistant"), "")
+        pairs.append((user, ref))
+    return pairs
