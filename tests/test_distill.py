@@ -11,7 +11,7 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from cli_helpers import assert_one_line_error, run_cli
-from gguf_factory.errors import ModelError, TrainingError
+from gguf_factory.errors import InputError, ModelError, TrainingError
 from gguf_factory.train import ModelPreset, train
 from gguf_factory.train.distill import (
     DistillSettings,
@@ -190,7 +190,8 @@ def test_bad_settings_name_the_option(tiny_data_dir, tmp_path, option, kw):
 
 
 def test_bad_teacher_or_combination(tiny_data_dir, tmp_path):
-    with pytest.raises(ModelError, match="teacher not found"):
+    # resolved as a model source first (gguf_factory.bases): an InputError naming the teacher
+    with pytest.raises(InputError, match="teacher.* not found"):
         _distil(tiny_data_dir, tmp_path / "out", tmp_path / "missing.gguf")
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"not a model at all")

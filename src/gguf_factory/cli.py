@@ -80,8 +80,19 @@ def prepare(
 
 @app.command()
 def train(
-    data: Annotated[Path, typer.Argument(help="Folder written by `prepare`.")],
+    ctx: typer.Context,
+    data: Annotated[
+        Path | None, typer.Argument(help="Folder written by `prepare` (or `data:` in -c).")
+    ] = None,
     output: Out = Path("model"),
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            "-c",
+            help="A train.yaml holding any of these options (long names, '_' for '-'); flags given here win.",
+        ),
+    ] = None,
     preset: Annotated[
         str, typer.Option(help="Model size when training from scratch: nano | small.")
     ] = "nano",
@@ -93,9 +104,10 @@ def train(
         ),
     ] = None,
     epochs: Annotated[int | None, typer.Option(help="Maximum epochs.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Batch size.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size (per process).")] = None,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
     max_seq_len: Annotated[int | None, typer.Option(help="Truncate examples to this many tokens.")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Stop after this many optimizer steps.")] = None,
     patience: Annotated[
         int | None, typer.Option(help="Early stopping: epochs without val improvement (default: preset's).")
     ] = None,
@@ -106,7 +118,9 @@ def train(
         str | None, typer.Option(help="Save the 'best' epoch's weights or the 'last' (default: preset's).")
     ] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 1234,
-    threads: Threads = None,
+    threads: Annotated[
+        int | None, typer.Option(help="CPU threads per process (default: the cores / processes per machine).")
+    ] = None,
     lora: Annotated[
         bool, typer.Option("--lora", help="Train a PEFT LoRA adapter for --base instead of all its weights.")
     ] = False,
@@ -129,42 +143,125 @@ def train(
     distill_alpha: Annotated[
         float, typer.Option(help="Weight of the teacher's KL term (the rest: cross-entropy on the data).")
     ] = 0.5,
+    device: Annotated[
+        str, typer.Option(help="auto | cpu | cuda | mps (auto: CUDA, else MPS, else CPU).")
+    ] = "auto",
+    precision: Annotated[
+        str,
+        typer.Option(
+            help="auto | fp32 | bf16 | fp16 mixed precision (auto: bf16 on a GPU with it, else fp32)."
+        ),
+    ] = "auto",
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches accumulated per optimizer step.")] = 1,
+    gradient_checkpointing: Annotated[
+        bool, typer.Option("--gradient-checkpointing", help="Recompute activations in the backward pass.")
+    ] = False,
+    pack: Annotated[
+        bool,
+        typer.Option(
+            "--pack",
+            help="Pack each batch's conversations into one row, no padding (attention kept within each).",
+        ),
+    ] = False,
+    group_by_length: Annotated[
+        bool, typer.Option(help="Batches of similar lengths (little padding).")
+    ] = True,
+    save_every: Annotated[
+        int | None, typer.Option(help="Write a checkpoint every N optimizer steps.")
+    ] = None,
+    keep_checkpoints: Annotated[int, typer.Option(help="How many of the latest checkpoints to keep.")] = 2,
+    checkpoint_dir: Annotated[
+        Path | None, typer.Option(help="Checkpoints folder (default: OUTPUT.checkpoints beside OUTPUT).")
+    ] = None,
+    resume: Annotated[
+        str | None,
+        typer.Option(
+            help="Resume from the latest checkpoint (bare --resume) or from this checkpoint folder.",
+        ),
+    ] = None,
+    load_in_4bit: Annotated[
+        bool,
+        typer.Option("--load-in-4bit", help="QLoRA: the base in 4 bits (bitsandbytes; CUDA; with --lora)."),
+    ] = False,
 ) -> None:
-    """Train a small Llama chat model from scratch, fine-tune a local HF causal LM, or train a LoRA for it."""
-    from .errors import TrainingError
+    """Train a small Llama chat model from scratch, fine-tune a local HF causal LM, or train a LoRA for it.
+
+    Several GPUs or machines: start it with `torchrun --nproc-per-node N -m gguf_factory.cli train ...` or
+    `accelerate launch -m gguf_factory.cli train ...`."""
+    import os
+
+    from .errors import InputError, TrainingError
     from .train import LoraSettings
     from .train import train as do_train
 
-    lora_opts = {"rank": lora_rank, "alpha": lora_alpha, "dropout": lora_dropout}
-    if lora_targets is not None:
-        lora_opts["targets"] = tuple(t.strip() for t in lora_targets.split(",") if t.strip())
+    o = dict(
+        data=data, output=output, preset=preset, base=base, epochs=epochs, batch_size=batch_size, lr=lr,
+        max_seq_len=max_seq_len, max_steps=max_steps, patience=patience, monitor=monitor, keep=keep,
+        seed=seed, threads=threads, lora=lora, lora_rank=lora_rank, lora_alpha=lora_alpha,
+        lora_targets=lora_targets, lora_dropout=lora_dropout, distill_from=distill_from,
+        distill_temperature=distill_temperature, distill_alpha=distill_alpha, device=device,
+        precision=precision, grad_accum=grad_accum, gradient_checkpointing=gradient_checkpointing, pack=pack,
+        group_by_length=group_by_length, save_every=save_every, keep_checkpoints=keep_checkpoints,
+        checkpoint_dir=checkpoint_dir, resume=resume, load_in_4bit=load_in_4bit,
+    )  # fmt: skip
+    if config is not None:
+        from .train.options import read_train_config
+
+        for key, value in read_train_config(config).items():
+            source = ctx.get_parameter_source(key)
+            if source is None or source.name != "COMMANDLINE":
+                o[key] = value
+    if o["data"] is None:
+        raise InputError("train: no dataset: give the folder written by `prepare` (DATA) or `data:` in -c")
+    res = o["resume"]
+    if res is not None and not isinstance(res, bool):
+        res = True if str(res) == "latest" else str(res)
+    lora_opts = {"rank": o["lora_rank"], "alpha": o["lora_alpha"], "dropout": o["lora_dropout"]}
+    if o["lora_targets"] is not None:
+        lora_opts["targets"] = tuple(t.strip() for t in str(o["lora_targets"]).split(",") if t.strip())
     lora_opts = {k: v for k, v in lora_opts.items() if v is not None}
-    if lora_opts and not lora:
+    if lora_opts and not o["lora"]:
         raise TrainingError(f"--lora-{next(iter(lora_opts))} needs --lora")
     r = do_train(
-        data,
-        output,
-        preset=preset,
-        base=base,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        max_seq_len=max_seq_len,
-        patience=patience,
-        monitor=monitor,
-        keep=keep,
-        seed=seed,
-        threads=threads,
-        lora=LoraSettings(**lora_opts) if lora else False,
-        distill_from=distill_from,
-        temperature=distill_temperature,
-        alpha=distill_alpha,
+        o["data"],
+        o["output"],
+        preset=o["preset"],
+        base=o["base"],
+        epochs=o["epochs"],
+        batch_size=o["batch_size"],
+        lr=o["lr"],
+        max_seq_len=o["max_seq_len"],
+        max_steps=o["max_steps"],
+        patience=o["patience"],
+        monitor=o["monitor"],
+        keep=o["keep"],
+        seed=o["seed"],
+        threads=o["threads"],
+        lora=LoraSettings(**lora_opts) if o["lora"] else False,
+        distill_from=o["distill_from"],
+        temperature=o["distill_temperature"],
+        alpha=o["distill_alpha"],
+        device=o["device"],
+        precision=o["precision"],
+        grad_accum=o["grad_accum"],
+        gradient_checkpointing=o["gradient_checkpointing"],
+        pack=o["pack"],
+        group_by_length=o["group_by_length"],
+        save_every=o["save_every"],
+        keep_checkpoints=o["keep_checkpoints"],
+        checkpoint_dir=o["checkpoint_dir"],
+        resume=res,
+        load_in_4bit=o["load_in_4bit"],
     )
-    what = "LoRA adapter" if lora else "M params"
+    if os.environ.get("RANK", "0") not in ("0", ""):  # one report: the first process's
+        return
+    what = "LoRA adapter" if o["lora"] else "M params"
+    rate = f", {r.tokens_per_second:,.0f} tokens/s" if r.tokens_per_second else ""
+    procs = f" on {r.world_size} processes" if r.world_size > 1 else ""
     console.print(
         f"saved {r.model_dir}: {r.n_params / 1e6:.2f} {what}, {r.epochs_run} epochs, kept epoch "
         f"{r.kept_epoch}; best by val {r.monitor}: epoch {r.best_epoch} (val loss {r.best_val_loss:.3f}, "
-        f"val accuracy {r.best_val_accuracy:.1%}), {r.seconds:.0f} s"
+        f"val accuracy {r.best_val_accuracy:.1%}), {r.seconds:.0f} s{rate}{procs}"
     )
     d = getattr(r, "distill", None)
     if d is not None:
@@ -181,15 +278,20 @@ def train(
 @app.command()
 def convert(
     model: Annotated[
-        str,
+        str | None,
         typer.Argument(
             help="A Hugging Face model (folder, named base or Hub id[@revision]) -> GGUF; or a .gguf "
             "(or a named base shipped as GGUF) -> a Hugging Face folder."
         ),
-    ],
+    ] = None,
     output: Annotated[
-        Path, typer.Option("--output", "-o", help="Output .gguf, or the new HF folder for a GGUF input.")
-    ],
+        Path | None,
+        typer.Option("--output", "-o", help="Output .gguf, or the new HF folder for a GGUF input."),
+    ] = None,
+    list_families: Annotated[
+        bool,
+        typer.Option("--list", help="List the supported model families and what is verified for each."),
+    ] = False,
     outtype: Annotated[str, typer.Option(help="To GGUF: f32 | f16 | bf16 | q8_0.")] = "f16",
     dtype: Annotated[
         str, typer.Option(help="From GGUF: the rebuilt weights' type, float32 | float16 | bfloat16.")
@@ -206,7 +308,13 @@ def convert(
     comes from the input)."""
     from .bases import gguf_of_source
     from .convert import convert as do_convert
+    from .errors import InputError
 
+    if list_families:
+        _print_families()
+        return
+    if model is None or output is None:
+        raise InputError("convert: give a MODEL and --output (or --list)")
     gguf_in = gguf_of_source(model)
     if gguf_in is not None:
         _convert_from_gguf(gguf_in, output, dtype, verify, verify_data)
@@ -224,6 +332,30 @@ def convert(
         if not report.ok:
             err_console.print(f"verify failed; the file is kept at {r.path}", highlight=False)
         sys.exit(report.exit_code)
+
+
+def _print_families() -> None:
+    from rich.table import Table
+
+    from .convert.families import CHECKS, family_table
+
+    rows = family_table()
+    table = Table(title="convert --list: families, and what the test suite verifies through llama.cpp")
+    for col in ("family", "llama.cpp", "vocab", *CHECKS):
+        table.add_column(col, overflow="fold")
+    for row in rows:
+        table.add_row(*(row[c] for c in ("family", "llama.cpp", "vocab", *CHECKS)))
+    console.print(table)
+    console.print(
+        "tokenizer: 0 id mismatches; greedy: identical on F32; top1-f32: >= 99.9 % top-1 agreement; "
+        "top1-f16: F16 flips only where half precision explains them",
+        soft_wrap=True,
+        highlight=False,
+    )
+    for row in rows:
+        extra = f" ({row['architectures']})"
+        if row["note"]:
+            console.print(f"{row['family']}{extra}: {row['note']}", soft_wrap=True, highlight=False)
 
 
 def _convert_from_gguf(gguf: Path, output: Path, dtype: str, verify: bool, verify_data: Path | None) -> None:
@@ -447,30 +579,49 @@ def generate(
 @app.command()
 def demo(
     output: Annotated[Path, typer.Option("--output", "-o", help="Output folder.")] = Path("gguf-factory-out"),
-    preset: Annotated[str, typer.Option(help="Model preset.")] = "nano",
+    base: Annotated[
+        str, typer.Option(help="The pretrained model to fine-tune (named base, .gguf, HF folder or Hub id).")
+    ] = "smollm2-135m-instruct",
+    from_scratch: Annotated[
+        bool, typer.Option("--from-scratch", help="Train the small --preset from nothing instead.")
+    ] = False,
+    preset: Annotated[str, typer.Option(help="Model preset with --from-scratch.")] = "nano",
+    max_size: Annotated[str, typer.Option(help="Size budget of the small file (e.g. 50MB).")] = "50MB",
     runs: Annotated[int, typer.Option(help="Benchmark runs per model (medians).")] = 3,
+    quality_prompts: Annotated[
+        int, typer.Option(help="Held-out conversations answered and scored per system (0: all).")
+    ] = 40,
     epochs: Annotated[
-        int | None, typer.Option(help="Maximum training epochs (default: the preset's).")
+        int | None, typer.Option(help="Training epochs (default: the recipe's / the preset's).")
     ] = None,
+    lstm: Annotated[
+        bool, typer.Option("--lstm/--no-lstm", help="Train and measure the Bi-LSTM baseline.")
+    ] = True,
     threads: Threads = None,
 ) -> None:
-    """The whole path on the bundled corpus: prepare, train, convert, quantize, chat, measure."""
-    from .bench import render_table
+    """The whole path on the bundled corpus: fine-tune a pretrained base (or train from scratch), convert,
+    quantize, make a file within the size budget, check parity, and measure every system side by side."""
+    from .bench import render_report_table
     from .demo import run_demo
 
-    r = run_demo(output, preset=preset, runs=runs, epochs=epochs, threads=threads)
+    r = run_demo(
+        output, base=base, from_scratch=from_scratch, preset=preset, runs=runs, epochs=epochs,
+        max_size=max_size, max_quality=quality_prompts or None, threads=threads, lstm=lstm,
+    )  # fmt: skip
+    console.print(render_report_table(r.report))
+    p = r.parity
     console.print(
-        render_table(r.rows, title=f"{r.model_dir.name}: GGUF models in llama.cpp (medians of {runs} runs)")
+        f"parity of {p['gguf']}: tokenizer {p['tokenizer_mismatches']} mismatches in {p['tokenizer_checks']} "
+        f"encodings, greedy {p['greedy_prompts'] - p['greedy_mismatches']}/{p['greedy_prompts']}, top-1 "
+        f"{p['top1']:.2%}",
+        soft_wrap=True,
     )
-    status = "identical ids" if r.tokenizer_parity_ok else "MISMATCHES"
-    console.print(f"tokenizer parity HF vs llama.cpp on {r.tokenizer_texts} held-out texts: {status}")
-    if r.replies:
-        from .demo import replies_summary
-
-        console.print(f"answers to all {r.replies.n} held-out prompts: {replies_summary(r.replies)}")
-    smallest = r.rows[-1]
-    console.print(f"\n[bold]{smallest.name}[/] answers held-out prompts:")
-    for a in smallest.answers:
+    if r.small is not None:
+        for note in r.small.notes:
+            console.print(f"small file: {note}", soft_wrap=True, highlight=False)
+    shown = r.report.systems[-2 if lstm and len(r.report.systems) > 1 else -1].row
+    console.print(f"\n[bold]{shown.name}[/] answers held-out prompts:")
+    for a in shown.answers:
         console.print(f"  [cyan]you>[/] {a['prompt']}\n  [green]bot>[/] {a['reply']}")
     if r.reused:
         console.print(f"[dim]reused finished steps: {', '.join(r.reused)}[/]")
@@ -496,14 +647,15 @@ def eval_(
     ] = 0,
     threads: Threads = None,
 ) -> None:
-    """Perplexity on assistant turns, KL divergence and top-1 agreement vs a reference (llama.cpp logits)."""
+    """Perplexity and bits per byte of the reference replies on assistant turns, KL divergence and top-1
+    agreement vs a reference (llama.cpp logits)."""
     from rich.table import Table
 
     from .evaluate import evaluate_many, write_report
 
     r = evaluate_many(models, data, ref=ref, limit=limit, n_ctx=ctx, threads=threads, replies=replies)
     table = Table(title=f"{r.n_conversations} conversations, {r.n_tokens} assistant tokens")
-    cols = ["model", "PPL", "ΔPPL %", "mean KLD", "p99 KLD", "top-1 %"]
+    cols = ["model", "PPL", "bits/byte", "ΔPPL %", "mean KLD", "p99 KLD", "top-1 %"]
     if r.n_replies:
         cols += ["reply sim %", "answer sim %"]
     for col in cols:
@@ -516,6 +668,7 @@ def eval_(
         table.add_row(
             m.name,
             f"{m.perplexity:.4f}",
+            fmt(m.bits_per_byte.bpb if m.bits_per_byte else None, 1, ".4f"),
             fmt(m.delta_ppl, 100, "+.2f"),
             fmt(m.kld_mean, 1, ".4g"),
             fmt(m.kld_p99, 1, ".4g"),
@@ -626,7 +779,8 @@ def inspect_(
     from .doctor.inspect import inspect_gguf, render_inspect
     from .files import require_file
 
-    r = inspect_gguf(require_file(model, "GGUF file"), ctx=ctx)
+    # the table shows the first tensors only: build no more rows than it prints
+    r = inspect_gguf(require_file(model, "GGUF file"), ctx=ctx, max_rows=None if json_out else 40)
     if json_out:
         sys.stdout.write(json.dumps(r.to_dict(), indent=2, ensure_ascii=False, default=str) + "\n")
     else:
@@ -780,6 +934,14 @@ def serve(
     web_ui: Annotated[
         bool, typer.Option("--web-ui/--no-web-ui", help="Serve the chat page at / (it holds no data).")
     ] = True,
+    allowed_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="A Host name clients use besides localhost and IP addresses (repeatable; '*.example.com' "
+            "patterns; '*' any: only behind a proxy that checks Host)."
+        ),
+    ] = None,
+    max_body: Annotated[str, typer.Option(help="Largest request body, e.g. 1MiB (larger: 413).")] = "1MiB",
 ) -> None:
     """Serve a GGUF or a router manifest over an OpenAI-compatible HTTP API (/v1/chat/completions,
     /v1/completions, ...), with a web chat page at /."""
@@ -797,6 +959,8 @@ def serve(
         threads=threads,
         queue_timeout=queue_timeout,
         web_ui=web_ui,
+        allowed_hosts=allowed_host,
+        max_body=max_body,
     )
 
 
@@ -1213,10 +1377,22 @@ def bench_cmd(
     )
 
 
+def _bare_resume(args: list[str]) -> list[str]:
+    """``train --resume`` with no value (last, or followed by another option) means the latest checkpoint:
+    ``--resume=latest`` (typer has no options with an optional value)."""
+    out = list(args)
+    for i, a in enumerate(out):
+        if a == "--":
+            break
+        if a == "--resume" and (i + 1 == len(out) or out[i + 1].startswith("-")):
+            out[i] = "--resume=latest"
+    return out
+
+
 def main() -> None:
     """Entry point: user errors print one line and exit 2, without a traceback."""
     try:
-        rc = app(standalone_mode=False, prog_name="gguf-factory")
+        rc = app(args=_bare_resume(sys.argv[1:]), standalone_mode=False, prog_name="gguf-factory")
     except FactoryError as e:
         err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)

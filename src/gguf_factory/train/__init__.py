@@ -8,12 +8,18 @@
 The output is an ordinary Hugging Face model folder (safetensors, tokenizer with a chat template,
 generation config) plus ``training.json``; it is written beside ``out_dir`` and renamed into place at the
 end, so an interrupted run never leaves a half model at ``out_dir``.
+
+Every kind of training runs the same loop (:mod:`.loop`) through Hugging Face Accelerate: ``device`` and
+``precision``, gradient accumulation and checkpointing, packing, checkpoints and resume, and several
+processes when launched by ``torchrun`` / ``accelerate launch`` (see :class:`.options.RunOptions`).
 """
 
 from __future__ import annotations
 
 import os
 from typing import TYPE_CHECKING, Any
+
+from .options import RunOptions
 
 if TYPE_CHECKING:  # the implementations import torch: loaded on first use, not with the package
     from .distill import DistillResult
@@ -28,6 +34,7 @@ __all__ = [
     "PRESETS",
     "LoraSettings",
     "ModelPreset",
+    "RunOptions",
     "TrainResult",
     "train",
 ]
@@ -72,6 +79,17 @@ def train(
     distill_from: str | os.PathLike[str] | None = None,
     temperature: float = 2.0,
     alpha: float = 0.5,
+    device: str = "auto",
+    precision: str = "auto",
+    grad_accum: int = 1,
+    gradient_checkpointing: bool = False,
+    pack: bool = False,
+    group_by_length: bool = True,
+    save_every: int | None = None,
+    keep_checkpoints: int = 2,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
+    resume: bool | str | os.PathLike[str] | None = None,
+    load_in_4bit: bool = False,
 ) -> TrainResult:
     """Train on the prepared dataset in ``data_dir`` and write a HF model folder at ``out_dir``.
 
@@ -94,25 +112,59 @@ def train(
     ``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE`` with ``T = temperature``; the result
     is a :class:`~.distill.DistillResult` whose ``distill`` report compares student and teacher on the
     validation split (see :mod:`.distill`).
+
+    How the run executes (any kind of training): ``device`` ``auto|cpu|cuda|mps``; ``precision``
+    ``auto|fp32|bf16|fp16`` (Accelerate's mixed precision; auto: bf16 on a CUDA GPU that has it, else
+    fp32); ``grad_accum`` micro-batches of ``batch_size`` per optimizer step; ``gradient_checkpointing``;
+    ``pack`` each batch's conversations into one row without padding (attention kept within each);
+    ``group_by_length`` batches. ``save_every`` N steps writes a checkpoint (weights or adapter, optimizer,
+    scheduler, generators, data position) into ``checkpoint_dir`` (default ``<out_dir>.checkpoints``),
+    keeping the last ``keep_checkpoints``; ``resume=True`` continues from the latest, ``resume=PATH`` from
+    that one, and ends with the weights an uninterrupted run would have. ``load_in_4bit`` (with ``lora``,
+    CUDA and bitsandbytes): QLoRA. Started by ``torchrun`` or ``accelerate launch``, each process trains
+    on its shard of every batch round with DDP and only the first writes.
     """
     from ..bases import resolve_gguf_or_folder, resolve_path
+    from ..errors import TrainingError
+    from .devices import check_options
     from .finetune import finetune
     from .scratch import train_scratch
+
+    run = RunOptions(
+        device=device, precision=precision, grad_accum=grad_accum,
+        gradient_checkpointing=gradient_checkpointing, pack=pack, group_by_length=group_by_length,
+        save_every=save_every, keep_checkpoints=keep_checkpoints, checkpoint_dir=checkpoint_dir,
+        resume=resume, load_in_4bit=load_in_4bit,
+    )  # fmt: skip
+    check_options(run, lora=lora is not False and lora is not None)  # before any work or log line
+    if distill_from is not None:  # settings before the sources are resolved (that may convert a GGUF)
+        from .distill import DistillSettings
+
+        if lora is not False and lora is not None:
+            raise TrainingError("--distill-from cannot be combined with --lora")
+        DistillSettings(temperature=temperature, alpha=alpha).check()
 
     if base is not None:  # a folder, a GGUF, a named base or a Hub id -> a HF folder
         base = resolve_path(base, what="base model")
     if distill_from is not None:  # GGUF teachers run in llama.cpp as they are
         distill_from = resolve_gguf_or_folder(distill_from, what="teacher")
     common = dict(
-        epochs=epochs, batch_size=batch_size, lr=lr, max_seq_len=max_seq_len, patience=patience,
-        monitor=monitor, keep=keep, seed=seed, threads=threads, progress=progress, max_steps=max_steps,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        max_seq_len=max_seq_len,
+        patience=patience,
+        monitor=monitor,
+        keep=keep,
+        seed=seed,
+        threads=threads,
+        progress=progress,
+        max_steps=max_steps,
+        run=run,
     )
     if distill_from is not None:
-        from ..errors import TrainingError
         from .distill import distill
 
-        if lora is not False and lora is not None:
-            raise TrainingError("--distill-from cannot be combined with --lora")
         return distill(
             data_dir,
             out_dir,
@@ -124,7 +176,6 @@ def train(
             **common,
         )
     if lora is not False and lora is not None:
-        from ..errors import TrainingError
         from .lora import LoraSettings, train_lora
 
         if base is None:

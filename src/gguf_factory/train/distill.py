@@ -21,7 +21,6 @@ the student's KL to the teacher (``KL(teacher || student)`` at T=1, full vocabul
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -34,28 +33,33 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import files
 from ..errors import ModelError, TrainingError
+from .devices import Runtime, start_runtime
 from .finetune import FINETUNE_DEFAULTS, _max_positions, _token_id, check_base_folder, load_base, prepare_chat
 from .loop import (
     IGNORE_INDEX,
     Example,
     LoopSettings,
     TrainResult,
+    _to,
     check_out_dir,
+    checkpoint_plan,
     collate,
     count_params,
     encode_splits,
     load_splits,
     make_batches,
+    output_folder,
     quiet_hf_progress,
     run_loop,
     seed_everything,
-    set_threads,
+    target_logits,
     time_now,
     train_result,
     training_record,
+    write_json,
 )
+from .options import RunOptions
 from .scratch import ModelPreset, build_model, get_preset
 from .tokenizer import ENDOFTEXT, IM_END
 
@@ -122,12 +126,10 @@ def target_rows(ex: Example) -> np.ndarray:
     return np.nonzero(labels != IGNORE_INDEX)[0]
 
 
-def _batch_rows(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The (N, V) logit rows at the batch's target positions (row-major, like the examples' target rows),
-    and their N target ids."""
-    target = batch["labels"][:, 1:]
-    mask = target != IGNORE_INDEX
-    return logits[:, :-1, :][mask], target[mask]
+def _batch_rows(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (N, V) logit rows at the batch's target positions (row-major, like the examples' target rows,
+    padded or packed), and their N target ids."""
+    return target_logits(model, batch), batch["targets"]
 
 
 # --------------------------------------------------------------------------------------------- losses
@@ -233,12 +235,13 @@ class HFTeacher(Teacher):
     def chat_tokenizer(self) -> Any:
         return self.tokenizer
 
+    def place(self, rt: Runtime) -> None:
+        """On the run's device, with its precision (Accelerate; evaluation only, never wrapped in DDP)."""
+        self.model = rt.accelerator.prepare_model(self.model, evaluation_mode=True)
+
     @torch.no_grad()
     def rows(self, examples, batch, collated, vocab):
-        out = self.model(
-            input_ids=collated["input_ids"], attention_mask=collated["attention_mask"], use_cache=False
-        )
-        return _batch_rows(out.logits, collated)[0][:, :vocab].float()
+        return _batch_rows(self.model, collated)[0][:, :vocab].float()
 
 
 class GGUFTeacher(Teacher):
@@ -389,6 +392,7 @@ def distill_report(
     pad_id: int,
     vocab: int,
     settings: DistillSettings,
+    runtime: Runtime | None = None,
 ) -> DistillReport:
     """Both models on ``examples`` (validation): loss, top-1 accuracy, KL(teacher || student) at T=1."""
     was = student.training
@@ -399,12 +403,10 @@ def distill_report(
     try:
         teacher.reserve(examples)
         for b in make_batches(examples, batch_size, None):
-            batch = collate(examples, b, pad_id)
-            out = student(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-            )
-            s_rows, target = _batch_rows(out.logits.float(), batch)
-            t_rows = teacher.rows(examples, b, batch, vocab)
+            batch = _to(collate(examples, b, pad_id), runtime)
+            s_rows, target = _batch_rows(student, batch)
+            s_rows = s_rows.float()
+            t_rows = teacher.rows(examples, b, batch, vocab).to(s_rows.device)
             s_nll += float(F.cross_entropy(s_rows, target, reduction="sum"))
             t_nll += float(F.cross_entropy(t_rows, target, reduction="sum"))
             s_top, t_top = s_rows[:, :vocab].argmax(-1), t_rows.argmax(-1)
@@ -442,14 +444,15 @@ def _loss_fn(teacher: Teacher, examples: Sequence[Example], vocab: int, settings
     def loss(
         model: torch.nn.Module, batch: dict[str, torch.Tensor], b: list[int]
     ) -> tuple[torch.Tensor, int]:
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-        s_rows, target = _batch_rows(out.logits, batch)
+        s_rows, target = _batch_rows(model, batch)
         n = int(target.numel())
-        total = torch.zeros((), dtype=torch.float32)
+        total = s_rows.new_zeros((), dtype=torch.float32)
         if alpha < 1:
             total = total + (1 - alpha) * F.cross_entropy(s_rows.float(), target, reduction="sum")
         if alpha > 0 and n:
             rows = teacher.train_rows(examples, b, batch, vocab)
+            if isinstance(rows, TopK):  # cached on the CPU
+                rows = TopK(*(t.to(s_rows.device) for t in (rows.values, rows.indices, rows.lse)))
             s = s_rows[:, :vocab]
             kl = kl_topk(s, rows, t) if isinstance(rows, TopK) else kl_full(s, rows, t)
             total = total + alpha * t * t * kl
@@ -479,12 +482,14 @@ def distill(
     threads: int | None = None,
     progress: bool = True,
     max_steps: int | None = None,
+    run: RunOptions | None = None,
 ) -> DistillResult:
     """Distil ``teacher`` (HF folder or GGUF) into a student written as a HF model folder at ``out_dir``.
 
     The student is ``preset`` trained from scratch with the teacher's tokenizer (``base=None``) or the HF
     folder ``base`` (its vocabulary must be the teacher's). Unset loop settings take the preset's
-    (from scratch) or :data:`FINETUNE_DEFAULTS` (``base``). Nothing is written when a check fails.
+    (from scratch) or :data:`FINETUNE_DEFAULTS` (``base``). Nothing is written when a check fails. With
+    several processes the main one scores student and teacher at the end (``distill`` is None elsewhere).
     """
     t0 = time_now()
     ds = DistillSettings(temperature=temperature, alpha=alpha, top_k=top_k)
@@ -503,9 +508,10 @@ def distill(
     if base is not None:
         check_base_folder(base)
     splits = load_splits(data_dir)
-    n_threads = set_threads(threads)
+    rt = start_runtime(run or RunOptions(), threads)
+    ckpt_dir, resume = checkpoint_plan(rt, out)
 
-    t = open_teacher(teacher, n_threads)
+    t = open_teacher(teacher, rt.threads)
     try:
         chat_info: dict[str, Any] | None = None
         if base is None:
@@ -551,36 +557,48 @@ def distill(
             ds.temperature,
             ds.alpha,
         )
+        if isinstance(t, HFTeacher):
+            t.place(rt)
         if ds.alpha > 0:
             t.prepare(tr.examples, vocab, ds)
         loss_fn = _loss_fn(t, tr.examples, vocab, ds)
 
-        with files.atomic_path(out) as tmp:
-            tmp.mkdir()
-            outcome = run_loop(model, tr.examples, va.examples, settings, pad_id=pad_id, loss_fn=loss_fn)
-            report = distill_report(model, t, va.examples, max(1, settings.batch_size * 2), pad_id, vocab, ds)
-            with quiet_hf_progress():
-                model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            seconds = time_now() - t0
-            record = training_record(
-                kind="distill",
-                settings=settings,
-                outcome=outcome,
-                n_params=n_params,
-                max_seq_len=seq,
-                threads=n_threads,
-                train=tr,
-                val=va,
-                seconds=seconds,
-                extra={
-                    "preset": asdict(p) if base is None else None,
-                    "base": None if base is None else str(Path(base).resolve()),
-                    **({"chat": chat_info} if chat_info is not None else {}),
-                    "distill": report.to_json(),
-                },
-            )
-            (tmp / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+        identity = {
+            "kind": "distill", "teacher": str(Path(t.path).resolve()), "student": student_name,
+            "temperature": ds.temperature, "alpha": ds.alpha, "top_k": ds.top_k, "max_seq_len": seq,
+        }  # fmt: skip
+        outcome = run_loop(
+            model, tr.examples, va.examples, settings, pad_id=pad_id, loss_fn=loss_fn, runtime=rt,
+            checkpoint_dir=ckpt_dir, resume_from=resume, identity=identity,
+        )  # fmt: skip
+        report = None
+        if rt.is_main:
+            val_bs = max(1, settings.batch_size * 2)
+            report = distill_report(model, t, va.examples, val_bs, pad_id, vocab, ds, runtime=rt)
+        with output_folder(out, rt) as tmp:
+            if tmp is not None:
+                assert report is not None
+                with quiet_hf_progress():
+                    model.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+                record = training_record(
+                    kind="distill",
+                    settings=settings,
+                    outcome=outcome,
+                    n_params=n_params,
+                    max_seq_len=seq,
+                    threads=rt.threads,
+                    train=tr,
+                    val=va,
+                    seconds=time_now() - t0,
+                    extra={
+                        "preset": asdict(p) if base is None else None,
+                        "base": None if base is None else str(Path(base).resolve()),
+                        **({"chat": chat_info} if chat_info is not None else {}),
+                        "distill": report.to_json(),
+                    },
+                )
+                write_json(tmp / "training.json", record)
     finally:
         t.close()
 

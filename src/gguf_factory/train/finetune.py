@@ -8,30 +8,32 @@ is never run; weights are read from safetensors, or from ``pytorch_model*.bin`` 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import files
 from ..errors import ModelError, TrainingError
+from .devices import Runtime, start_runtime
 from .loop import (
     LoopSettings,
     TrainResult,
     check_out_dir,
+    checkpoint_plan,
     count_params,
     encode_splits,
     load_splits,
+    output_folder,
     quiet_hf_progress,
     run_loop,
     seed_everything,
-    set_threads,
     time_now,
     train_result,
     training_record,
+    write_json,
 )
+from .options import RunOptions
 from .tokenizer import CHAT_TEMPLATE, ENDOFTEXT, IM_END, IM_START
 
 log = logging.getLogger(__name__)
@@ -70,8 +72,27 @@ def check_base_folder(base: str | os.PathLike[str]) -> Path:
     return folder
 
 
-def load_base(base: str | os.PathLike[str]) -> tuple[Any, Any]:
-    """Load model (float32, for CPU training) and tokenizer from a local folder, without remote code."""
+def quantization_4bit(rt: Runtime) -> dict[str, Any]:
+    """``from_pretrained`` arguments loading a base in 4 bits (NF4, bitsandbytes) on this process's GPU:
+    QLoRA (:func:`.devices.check_options` refuses it without CUDA or bitsandbytes)."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    from .devices import check_options
+
+    check_options(rt.options, lora=True)
+
+    compute = torch.bfloat16 if rt.precision == "bf16" else torch.float16
+    config = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute,
+        bnb_4bit_use_double_quant=True,
+    )  # fmt: skip
+    return {"quantization_config": config, "device_map": {"": rt.accelerator.local_process_index}}
+
+
+def load_base(base: str | os.PathLike[str], *, quantization: dict[str, Any] | None = None) -> tuple[Any, Any]:
+    """Load model (float32 master weights; ``quantization``: e.g. :func:`quantization_4bit`) and tokenizer
+    from a local folder, without remote code."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -89,6 +110,7 @@ def load_base(base: str | os.PathLike[str]) -> tuple[Any, Any]:
             local_files_only=True,
             use_safetensors=use_st,
             dtype=torch.float32,
+            **(quantization or {}),
         )
     except ValueError as e:
         raise ModelError(
@@ -171,6 +193,17 @@ def _max_positions(config: Any) -> int | None:
     return None
 
 
+def fit_seq_len(config: Any, given: int | None, default: int) -> int:
+    """``given`` (or ``default``), capped at the model's positions (a warning when ``given`` is over)."""
+    limit = _max_positions(config)
+    seq = given if given is not None else default
+    if limit is not None and seq > limit:
+        if given is not None:
+            log.warning("max_seq_len %d is over the model's %d positions; using %d", seq, limit, limit)
+        seq = limit
+    return seq
+
+
 def finetune(
     data_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -187,6 +220,7 @@ def finetune(
     threads: int | None = None,
     progress: bool = True,
     max_steps: int | None = None,
+    run: RunOptions | None = None,
 ) -> TrainResult:
     t0 = time_now()
     d = FINETUNE_DEFAULTS
@@ -199,41 +233,40 @@ def finetune(
     if out.resolve() == Path(base).resolve():
         raise TrainingError(f"the output folder is the base model folder: {out}")
     splits = load_splits(data_dir)
-    n_threads = set_threads(threads)
+    rt = start_runtime(run or RunOptions(), threads)
+    ckpt_dir, resume = checkpoint_plan(rt, out)
     seed_everything(seed)
 
     model, tokenizer = load_base(base)
     chat_info = prepare_chat(model, tokenizer)
-    limit = _max_positions(model.config)
-    seq = max_seq_len if max_seq_len is not None else d.max_seq_len
-    if limit is not None and seq > limit:
-        if max_seq_len is not None:
-            log.warning("max_seq_len %d is over the model's %d positions; using %d", seq, limit, limit)
-        seq = limit
+    seq = fit_seq_len(model.config, max_seq_len, d.max_seq_len)
     tr, va = encode_splits(tokenizer, splits, seq)
     n_params = count_params(model)
     log.info("fine-tuning %s (%.2f M parameters)", base, n_params / 1e6)
     pad_id = _token_id(tokenizer, tokenizer.pad_token)
 
-    with files.atomic_path(out) as tmp:
-        tmp.mkdir()
-        outcome = run_loop(model, tr.examples, va.examples, settings, pad_id=pad_id)
-        with quiet_hf_progress():
-            model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        seconds = time_now() - t0
-        record = training_record(
-            kind="finetune",
-            settings=settings,
-            outcome=outcome,
-            n_params=n_params,
-            max_seq_len=seq,
-            threads=n_threads,
-            train=tr,
-            val=va,
-            seconds=seconds,
-            extra={"preset": None, "base": str(Path(base).resolve()), "chat": chat_info},
-        )
-        (tmp / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    base_path = str(Path(base).resolve())
+    outcome = run_loop(
+        model, tr.examples, va.examples, settings, pad_id=pad_id, runtime=rt, checkpoint_dir=ckpt_dir,
+        resume_from=resume, identity={"kind": "finetune", "base": base_path, "max_seq_len": seq},
+    )  # fmt: skip
+    with output_folder(out, rt) as tmp:
+        if tmp is not None:
+            with quiet_hf_progress():
+                model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            record = training_record(
+                kind="finetune",
+                settings=settings,
+                outcome=outcome,
+                n_params=n_params,
+                max_seq_len=seq,
+                threads=rt.threads,
+                train=tr,
+                val=va,
+                seconds=time_now() - t0,
+                extra={"preset": None, "base": base_path, "chat": chat_info},
+            )
+            write_json(tmp / "training.json", record)
 
     return train_result(out, n_params, settings, outcome, tr, va, seconds=time_now() - t0)

@@ -1,20 +1,26 @@
-"""The training loop shared by from-scratch training and fine-tuning, and the chat-example encoder.
+"""The training loop shared by from-scratch training, fine-tuning, LoRA and distillation, and the
+chat-example encoder.
 
 Examples are conversations rendered with the tokenizer's own chat template; the loss is taken on the
-assistant turns only (their content and the template's closing token). Batches are padded dynamically and
-bucketed by length, which matters on a CPU: a batch costs as much as its longest example.
+assistant turns only (their content and the template's closing token), and the vocabulary logits are
+computed only at those positions. Batches are bucketed by length and padded dynamically (a batch costs as
+much as its longest example) or packed into one row without padding (``pack``). Devices, precision and
+processes go through Hugging Face Accelerate (:mod:`.devices`); checkpoints through :mod:`.checkpoints`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import inspect
+import json
 import logging
 import math
 import os
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import TrainingError
+from .devices import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +61,9 @@ class TrainResult:
     monitor: str = "accuracy"
     kept_epoch: int = 0
     """The epoch whose weights were saved: ``best_epoch``, or the last one run with ``keep="last"``."""
+    tokens_per_second: float | None = None
+    """Training tokens (all processes, no padding) per second of training steps."""
+    world_size: int = 1
 
 
 # --------------------------------------------------------------------------------------------- seeding
@@ -203,9 +213,15 @@ def encode_conversations(tokenizer: Any, conversations: Iterable[Any], max_seq_l
 
 
 def make_batches(
-    examples: Sequence[Example], batch_size: int, rng: random.Random | None, *, bucket_factor: int = 50
+    examples: Sequence[Example],
+    batch_size: int,
+    rng: random.Random | None,
+    *,
+    bucket_factor: int = 50,
+    group_by_length: bool = True,
 ) -> list[list[int]]:
-    """Index batches: shuffled, then sorted by length inside chunks of ``batch_size * bucket_factor``.
+    """Index batches: shuffled, then sorted by length inside chunks of ``batch_size * bucket_factor``
+    (``group_by_length=False``: only shuffled).
 
     With ``rng=None`` (validation) the batches are simply sorted by length.
     """
@@ -214,6 +230,8 @@ def make_batches(
         idx.sort(key=lambda i: len(examples[i].input_ids))
         return [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
     rng.shuffle(idx)
+    if not group_by_length:
+        return [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
     chunk = max(batch_size, batch_size * bucket_factor)
     batches: list[list[int]] = []
     for c in range(0, len(idx), chunk):
@@ -223,18 +241,120 @@ def make_batches(
     return batches
 
 
-def collate(examples: Sequence[Example], batch: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]:
+def next_labels(ex: Example) -> list[int]:
+    """What each position of ``ex`` predicts: the next token's label, ``IGNORE_INDEX`` at the end (per
+    conversation, so that packed conversations never predict each other's tokens)."""
+    return [*ex.labels[1:], IGNORE_INDEX]
+
+
+def n_next_targets(ex: Example) -> int:
+    """The positions of ``ex`` the loss is taken on (its targets after the first token)."""
+    return sum(1 for t in ex.labels[1:] if t != IGNORE_INDEX)
+
+
+def collate(
+    examples: Sequence[Example], batch: Sequence[int], pad_id: int, *, pack: bool = False
+) -> dict[str, torch.Tensor]:
+    """Model inputs for the examples ``batch`` and where the loss is taken.
+
+    Padded (default): ``input_ids``, ``attention_mask`` and ``labels`` of shape (rows, longest). Packed: one
+    row holding every example back to back, no padding, with ``position_ids`` restarting at 0 for each
+    conversation and no attention mask, from which transformers builds a block-diagonal causal mask:
+    attention stays within each conversation. Both: ``keep``, the positions whose next token is a
+    target, and ``targets``, those tokens in row-major order (the rows :func:`target_logits` returns).
+    """
+    if pack:
+        ids: list[int] = []
+        pos: list[int] = []
+        lab: list[int] = []
+        nxt: list[int] = []
+        for i in batch:
+            ex = examples[i]
+            ids += ex.input_ids
+            pos += range(len(ex.input_ids))
+            lab += ex.labels
+            nxt += next_labels(ex)
+        following = torch.tensor([nxt], dtype=torch.long)
+        keep = following != IGNORE_INDEX
+        return {
+            "input_ids": torch.tensor([ids], dtype=torch.long),
+            "position_ids": torch.tensor([pos], dtype=torch.long),
+            "labels": torch.tensor([lab], dtype=torch.long),
+            "keep": keep,
+            "targets": following[keep],
+        }
     width = max(len(examples[i].input_ids) for i in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    ids_t = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    following = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
     for r, i in enumerate(batch):
         ex = examples[i]
         n = len(ex.input_ids)
-        ids[r, :n] = torch.tensor(ex.input_ids)
+        ids_t[r, :n] = torch.tensor(ex.input_ids)
         labels[r, :n] = torch.tensor(ex.labels)
+        following[r, :n] = torch.tensor(next_labels(ex))
         mask[r, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    keep = following != IGNORE_INDEX
+    return {
+        "input_ids": ids_t, "attention_mask": mask, "labels": labels, "keep": keep, "targets": following[keep]
+    }  # fmt: skip
+
+
+def batch_slots(examples: Sequence[Example], batch: Sequence[int], pack: bool) -> int:
+    """Token positions the model computes for ``batch``: its tokens packed, rows x longest padded."""
+    lens = [len(examples[i].input_ids) for i in batch]
+    return sum(lens) if pack else len(lens) * max(lens)
+
+
+# --------------------------------------------------------------------------------------------- forward
+
+
+def inner_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside DDP and PEFT wrappers."""
+    m = model
+    while True:
+        if isinstance(m, torch.nn.parallel.DistributedDataParallel):
+            m = m.module
+            continue
+        get_base = getattr(m, "get_base_model", None)
+        if callable(get_base) and get_base() is not m:
+            m = get_base()
+            continue
+        return m
+
+
+_TAKES_KEEP_MASK: dict[type, bool] = {}
+
+
+def _takes_keep_mask(model: torch.nn.Module) -> bool:
+    cls = type(inner_model(model))
+    if cls not in _TAKES_KEEP_MASK:
+        try:
+            _TAKES_KEEP_MASK[cls] = "logits_to_keep" in inspect.signature(cls.forward).parameters
+        except (TypeError, ValueError):
+            _TAKES_KEEP_MASK[cls] = False
+    return _TAKES_KEEP_MASK[cls]
+
+
+def target_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The (N, vocab) logits at the batch's target positions (``batch["keep"]``), row-major.
+
+    They are computed only there when the model takes a boolean ``logits_to_keep`` (transformers' causal
+    LMs): on a small model the vocabulary projection and its softmax are a large share of the work, and
+    most tokens of a chat (the user's turns, the template) are not targets."""
+    kw: dict[str, Any] = {"input_ids": batch["input_ids"], "use_cache": False}
+    if "position_ids" in batch:
+        kw["position_ids"] = batch["position_ids"]
+    else:
+        kw["attention_mask"] = batch["attention_mask"]
+    keep = batch["keep"]
+    if _takes_keep_mask(model):
+        logits = model(**kw, logits_to_keep=keep).logits
+        if logits.dim() == 2 and logits.shape[0] == int(keep.sum()):
+            return logits
+        _TAKES_KEEP_MASK[type(inner_model(model))] = False  # an int-only logits_to_keep
+    return model(**kw).logits[keep]
 
 
 LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor], list[int]], tuple[torch.Tensor, int]]
@@ -243,47 +363,84 @@ LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor], list[int]], tuple[t
 
 def _loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over the target tokens, and their count."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    logits = out.logits[:, :-1, :]
-    target = batch["labels"][:, 1:]
-    n = int((target != IGNORE_INDEX).sum())
-    loss = F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)).float(),
-        target.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-    return loss, n
+    rows = target_logits(model, batch)
+    targets = batch["targets"]
+    return F.cross_entropy(rows.float(), targets, reduction="sum"), int(targets.numel())
+
+
+def _to(batch: dict[str, torch.Tensor], runtime: Runtime | None) -> dict[str, torch.Tensor]:
+    if runtime is None:
+        return batch
+    from accelerate.utils import send_to_device
+
+    return send_to_device(batch, runtime.device)
 
 
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module, examples: Sequence[Example], batch_size: int, pad_id: int
+    model: torch.nn.Module,
+    examples: Sequence[Example],
+    batch_size: int,
+    pad_id: int,
+    *,
+    pack: bool = False,
+    runtime: Runtime | None = None,
 ) -> tuple[float, float]:
     """Token-weighted mean loss and greedy (top-1) accuracy over the target tokens of ``examples``.
 
     The accuracy is the share of target tokens that are the model's argmax given the true prefix: what
-    greedy decoding depends on. Both are NaN when there is no example.
+    greedy decoding depends on. Both are NaN when there is no example. With several processes each
+    scores its share of the batches and the sums are added up.
     """
     if not examples:
         return float("nan"), float("nan")
     was_training = model.training
     model.eval()
+    batches = make_batches(examples, batch_size, None)
+    if runtime is not None and runtime.distributed:
+        batches = batches[runtime.rank :: runtime.world_size]
     total, count, correct = 0.0, 0, 0
-    for b in make_batches(examples, batch_size, None):
-        batch = collate(examples, b, pad_id)
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-        logits = out.logits[:, :-1, :].float()
-        target = batch["labels"][:, 1:]
-        mask = target != IGNORE_INDEX
-        total += float(
-            F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1),
-                            ignore_index=IGNORE_INDEX, reduction="sum")
-        )
-        count += int(mask.sum())
-        correct += int(((logits.argmax(-1) == target) & mask).sum())
+    for b in batches:
+        batch = _to(collate(examples, b, pad_id, pack=pack), runtime)
+        rows = target_logits(model, batch).float()
+        targets = batch["targets"]
+        total += float(F.cross_entropy(rows, targets, reduction="sum"))
+        count += int(targets.numel())
+        correct += int((rows.argmax(-1) == targets).sum())
     model.train(was_training)
+    if runtime is not None and runtime.distributed:
+        sums = torch.tensor([total, count, correct], dtype=torch.float64, device=runtime.device)
+        total, count, correct = runtime.accelerator.reduce(sums, "sum").tolist()
     return total / max(count, 1), correct / max(count, 1)
+
+
+def check_packing(
+    model: torch.nn.Module, examples: Sequence[Example], pad_id: int, runtime: Runtime | None = None
+) -> float:
+    """Score a few examples packed and padded; a model that lets packed conversations see each other
+    (its attention ignores per-conversation ``position_ids``) is a :class:`TrainingError`.
+
+    Returns the largest difference between the two losses per token."""
+    batch = list(range(min(4, len(examples))))
+    if len(batch) < 2:
+        return 0.0
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        rows = [
+            target_logits(model, _to(collate(examples, batch, pad_id, pack=p), runtime)).float()
+            for p in (False, True)
+        ]
+        targets = _to(collate(examples, batch, pad_id), runtime)["targets"]
+        losses = [F.cross_entropy(r, targets, reduction="none") for r in rows]
+    model.train(was)
+    diff = float((losses[0] - losses[1]).abs().max())
+    if not diff < 1e-2:
+        raise TrainingError(
+            f"--pack: {type(inner_model(model)).__name__} does not keep attention within each packed "
+            f"conversation (the packed loss differs from the padded one by {diff:.3g}); train without --pack"
+        )
+    return diff
 
 
 # --------------------------------------------------------------------------------------------- loop
@@ -355,9 +512,54 @@ class LoopOutcome:
     val_accuracies: list[float] = field(default_factory=list)
     best_val_accuracy: float = float("nan")
     kept_epoch: int = 0
+    run: dict[str, Any] = field(default_factory=dict)
+    """Device, precision, processes, batching: how the run executed."""
+    throughput: dict[str, Any] = field(default_factory=dict)
+    distributed: dict[str, Any] = field(default_factory=dict)
+    """World size, backend and, per process, the tokens it trained on and (several processes) a digest of
+    its final weights."""
+    epoch_log: list[dict[str, Any]] = field(default_factory=list)
+    resumed_from: str | None = None
 
 
-def _optimizer(model: torch.nn.Module, s: LoopSettings) -> torch.optim.Optimizer:
+@dataclass
+class _Local:
+    """One process's running counters (each process keeps its own; checkpoints keep every process's)."""
+
+    ep_loss: float = 0.0
+    ep_targets: int = 0
+    tokens: int = 0
+    targets: int = 0
+    examples: int = 0
+
+    def as_list(self) -> list[float]:
+        return [self.ep_loss, self.ep_targets, self.tokens, self.targets, self.examples]
+
+    @classmethod
+    def from_list(cls, v: Sequence[float]) -> _Local:
+        return cls(float(v[0]), int(v[1]), int(v[2]), int(v[3]), int(v[4]))
+
+
+@dataclass
+class _State:
+    """Where the loop is: what a checkpoint stores (with each process's :class:`_Local`)."""
+
+    epoch: int = 1
+    round: int = 0
+    """Rounds (one micro-batch per process) of ``epoch`` done."""
+    step: int = 0
+    epoch_rng: Any = None
+    """The data-order generator's state when ``epoch``'s batches were drawn (JSON form)."""
+    train_losses: list[float] = field(default_factory=list)
+    val_losses: list[float] = field(default_factory=list)
+    val_accs: list[float] = field(default_factory=list)
+    best: float = float("inf")
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    epoch_log: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _optimizer(model: torch.nn.Module, s: LoopSettings, device_type: str = "cpu") -> torch.optim.Optimizer:
     decay, no_decay, seen = [], [], set()
     for _, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
@@ -365,7 +567,10 @@ def _optimizer(model: torch.nn.Module, s: LoopSettings) -> torch.optim.Optimizer
         seen.add(id(p))
         (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=s.lr, betas=s.betas, eps=1e-8)
+    # the fused kernel (one pass over all parameters) on CPUs and CUDA: the optimizer step of a 135 M model
+    # is otherwise a large share of a CPU step
+    fused = device_type in ("cpu", "cuda") and all(p.is_floating_point() for p in decay + no_decay)
+    return torch.optim.AdamW(groups, lr=s.lr, betas=s.betas, eps=1e-8, fused=fused or None)
 
 
 def _lr_lambda(total: int, warmup: int, floor: float):
@@ -397,9 +602,46 @@ def _progress(enabled: bool):
         MofNCompleteColumn(),
         TextColumn("{task.fields[info]}"),
         TimeElapsedColumn(),
+        TextColumn("ETA"),
         TimeRemainingColumn(),
         console=Console(stderr=True),
     )
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """transformers' gradient checkpointing (non-reentrant: works with frozen embeddings, LoRA, DDP)."""
+    inner = inner_model(model)
+    if not getattr(inner, "supports_gradient_checkpointing", False):
+        raise TrainingError(f"--gradient-checkpointing: {type(inner).__name__} does not support it")
+    kwargs = {"use_reentrant": False}
+    if hasattr(inner, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+        inner.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    inner.config.use_cache = False
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of the trainable weights' bytes, in name order (equal digests: equal weights)."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters(), key=lambda x: x[0]):
+        if p.requires_grad:
+            h.update(name.encode())
+            h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def data_digest(examples: Sequence[Example]) -> str:
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(np.asarray(ex.input_ids, dtype=np.int64).tobytes())
+        h.update(np.asarray(ex.labels, dtype=np.int64).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _seconds(x: float) -> str:
+    x = max(0, int(round(x)))
+    return f"{x // 3600}:{x % 3600 // 60:02d}:{x % 60:02d}" if x >= 3600 else f"{x // 60}:{x % 60:02d}"
 
 
 def run_loop(
@@ -410,6 +652,10 @@ def run_loop(
     pad_id: int,
     *,
     loss_fn: LossFn | None = None,
+    runtime: Runtime | None = None,
+    checkpoint_dir: Path | None = None,
+    resume_from: Path | None = None,
+    identity: dict[str, Any] | None = None,
 ) -> LoopOutcome:
     """Train ``model`` in place and leave it holding the weights of its best epoch (``keep="best"``) or of
     its last epoch (``keep="last"``).
@@ -422,120 +668,316 @@ def run_loop(
     model's greedy answers (what a chat shows) keep getting better for many epochs after it; the top-1
     accuracy on the held-out answers follows the greedy behaviour.
 
+    Execution (``runtime``, default: one CPU process): every epoch's batches are drawn from the seed by
+    every process alike; with ``W`` processes, round ``k`` gives batch ``k*W + r`` to process ``r`` (its
+    shard), and ``grad_accum`` rounds make one optimizer step. The loss of a step is the sum over all its
+    target tokens (every process, every micro-batch) divided by their number, known in advance from the
+    batches: so 2 processes x batch 4, or batch 4 x 2 accumulated, take the same step as batch 8.
+    ``checkpoint_dir`` + ``runtime.options.save_every`` write checkpoints; ``resume_from`` continues one
+    (its ``identity`` must match).
+
     ``loss_fn(model, batch, indices)`` replaces the training objective (distillation): it returns a summed
     loss over the batch's target tokens and their count, like the default cross-entropy; ``indices`` are
     the positions in ``train_examples`` of the batch's rows. Validation stays cross-entropy.
     """
+    from . import checkpoints as ck
+    from .devices import start_runtime
+    from .options import RunOptions
+
     s = settings
     s.check()
     if not train_examples:
         raise TrainingError("no usable training example")
-    rng = random.Random(s.seed)
-    steps_per_epoch = math.ceil(len(train_examples) / s.batch_size)
+    rt = runtime if runtime is not None else start_runtime(RunOptions(), None)
+    opts = rt.options
+    acc = rt.accelerator
+    world, rank, accum = rt.world_size, rt.rank, opts.grad_accum
+    n_batches = math.ceil(len(train_examples) / s.batch_size)
+    rounds_per_epoch = n_batches // world
+    if rounds_per_epoch < 1:
+        raise TrainingError(
+            f"{len(train_examples)} training examples make {n_batches} batches of {s.batch_size}, fewer than "
+            f"the {world} processes: lower the batch size"
+        )
+    if n_batches % world:
+        log.info(
+            "each epoch leaves out %d of its %d batches so that the %d processes take as many (drawn anew "
+            "every epoch)", n_batches % world, n_batches, world,
+        )  # fmt: skip
+    steps_per_epoch = math.ceil(rounds_per_epoch / accum)
     total = s.epochs * steps_per_epoch
     if s.max_steps is not None:
         total = min(total, s.max_steps)
     warmup = max(1, round(s.warmup_ratio * total))
-    opt = _optimizer(model, s)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, warmup, s.min_lr_ratio))
+    lens = [len(e.input_ids) for e in train_examples]
+    n_next = [n_next_targets(e) for e in train_examples]
+
+    ident = {
+        **(identity or {}),
+        "epochs": s.epochs, "batch_size": s.batch_size, "lr": s.lr, "patience": s.patience, "seed": s.seed,
+        "max_steps": s.max_steps, "monitor": s.monitor, "keep": s.keep, "grad_accum": accum,
+        "pack": opts.pack, "group_by_length": opts.group_by_length, "world_size": world,
+        "train_examples": len(train_examples), "train_data": data_digest(train_examples),
+    }  # fmt: skip
+    if opts.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    raw_opt = _optimizer(model, s, rt.device_type)
+    sched = torch.optim.lr_scheduler.LambdaLR(raw_opt, _lr_lambda(total, warmup, s.min_lr_ratio))
+    prepared, opt = acc.prepare(model, raw_opt)
+    scored = acc.unwrap_model(prepared)  # the model itself (with the precision's autocast), no DDP hooks
+    if opts.pack:
+        check_packing(scored, train_examples, pad_id, rt)
     val_bs = max(1, s.batch_size * 2)
 
-    train_losses: list[float] = []
-    val_losses: list[float] = []
-    val_accs: list[float] = []
-    best, best_epoch, best_state = float("inf"), 0, None
-    bad_epochs, step, stopped_early = 0, 0, False
-    epochs_run = 0
+    st = _State()
+    local = _Local()
+    best_state: dict[str, torch.Tensor] | None = None
+    resumed = None
+    if resume_from is not None:
+        saved = ck.read_state(resume_from)
+        ck.check_identity(resume_from, saved.get("identity", {}), ident)
+        loop, best_state = ck.load_checkpoint(
+            resume_from, model=scored, optimizer=opt, scheduler=sched, rank=rank
+        )
+        loop = loop["loop"]
+        local = _Local.from_list(loop.pop("local")[rank])
+        st = _State(**loop)
+        resumed = str(resume_from)
+        log.info("resumed from %s: step %d, epoch %d", resume_from, st.step, st.epoch)
+
+    def save(step: int, eta: float) -> None:
+        from accelerate.utils import gather_object
+
+        rngs = gather_object([ck.rng_state()]) if rt.distributed else [ck.rng_state()]
+        locals_ = gather_object([local.as_list()]) if rt.distributed else [local.as_list()]
+        if rt.is_main:
+            assert checkpoint_dir is not None
+            state = {
+                "identity": ident,
+                "threads": rt.threads,
+                "loop": {**asdict(st), "local": locals_},
+                "eta_seconds": round(eta, 1),
+                "saved": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            }
+            path = ck.save_checkpoint(
+                checkpoint_dir, step, model=scored, optimizer=opt, scheduler=sched, state=state,
+                rng_states=rngs, best=best_state, keep=opts.keep_checkpoints,
+            )  # fmt: skip
+            log.info("checkpoint %s", path)
+        rt.wait()
+
+    rng = random.Random(s.seed)
     log.info(
-        "training on %d examples (%d validation), %d steps/epoch, up to %d steps",
+        "training on %d examples (%d validation), %d steps/epoch, up to %d steps%s",
         len(train_examples), len(val_examples), steps_per_epoch, total,
-    )
-    progress = _progress(s.progress)
+        f" (batch {s.batch_size} x {accum} accumulated x {world} processes)" if accum * world > 1 else "",
+    )  # fmt: skip
+    progress = _progress(s.progress and rt.is_main)
     task = None
     if progress is not None:
         progress.start()
-        task = progress.add_task(f"epoch 1/{s.epochs}", total=total, info="")
+        task = progress.add_task(f"epoch {st.epoch}/{s.epochs}", total=total, completed=st.step, info="")
+    stopped_early = False
+    run_tokens = run_targets = run_slots = 0
+    train_seconds = cpu_seconds = 0.0
+    steps_this_run = 0
+    epoch = st.epoch
     try:
-        model.train()
-        for epoch in range(1, s.epochs + 1):
-            epochs_run = epoch
-            ep_loss, ep_tokens = 0.0, 0
-            for b in make_batches(train_examples, s.batch_size, rng):
-                batch = collate(train_examples, b, pad_id)
-                loss_sum, n = _loss_sum(model, batch) if loss_fn is None else loss_fn(model, batch, b)
-                if n == 0:
+        prepared.train()
+        for epoch in range(st.epoch, s.epochs + 1):
+            resuming_here = st.epoch == epoch and st.epoch_rng is not None
+            st.epoch = epoch
+            if resuming_here:
+                rng.setstate(ck.unflatten(st.epoch_rng, {}))
+            else:
+                st.epoch_rng = ck.flatten(rng.getstate(), {})
+                st.round = 0
+            plan = make_batches(train_examples, s.batch_size, rng, group_by_length=opts.group_by_length)
+            rounds = [plan[k * world : (k + 1) * world] for k in range(rounds_per_epoch)]
+            hit_max = False
+            for w0 in range(0, rounds_per_epoch, accum):
+                window = rounds[w0 : w0 + accum]
+                if w0 + len(window) <= st.round:  # done before the checkpoint this run resumed from
                     continue
-                loss = loss_sum / n
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
+                if s.max_steps is not None and st.step >= s.max_steps:
+                    hit_max = True
+                    break
+                t_win, c_win = time.perf_counter(), time.process_time()
+                n_global = sum(n_next[i] for rnd in window for b in rnd for i in b)
+                if n_global == 0:
+                    st.round = w0 + len(window)
+                    continue
+                win_loss = 0.0
+                for j, rnd in enumerate(window):
+                    b = rnd[rank]
+                    batch = _to(collate(train_examples, b, pad_id, pack=opts.pack), rt)
+                    sync = j == len(window) - 1
+                    with contextlib.nullcontext() if sync else acc.no_sync(prepared):
+                        if loss_fn is None:
+                            loss_sum, n = _loss_sum(prepared, batch)
+                        else:
+                            loss_sum, n = loss_fn(prepared, batch, b)
+                        acc.backward(loss_sum * (world / n_global))
+                    lv = float(loss_sum.detach())
+                    win_loss += lv
+                    local.ep_loss += lv
+                    local.ep_targets += n
+                    local.tokens += sum(lens[i] for i in b)
+                    local.targets += n
+                    local.examples += len(b)
                 if s.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+                    acc.clip_grad_norm_(prepared.parameters(), s.grad_clip)
                 opt.step()
-                sched.step()
-                step += 1
-                lv = float(loss.detach())
-                if not math.isfinite(lv):
+                if not acc.optimizer_step_was_skipped:
+                    sched.step()
+                opt.zero_grad(set_to_none=True)
+                st.step += 1
+                steps_this_run += 1
+                st.round = w0 + len(window)
+                if rt.distributed:
+                    summed = acc.reduce(torch.tensor([win_loss], dtype=torch.float64, device=rt.device))
+                    win_loss = float(summed)
+                step_loss = win_loss / n_global
+                if not math.isfinite(step_loss):
                     raise TrainingError(
-                        f"the loss became {lv} at step {step}; try a lower learning rate (now {s.lr})"
+                        f"the loss became {step_loss} at step {st.step}; try a lower learning rate "
+                        f"(now {s.lr})"
                     )
-                ep_loss += lv * n
-                ep_tokens += n
+                run_tokens += sum(lens[i] for rnd in window for b in rnd for i in b)
+                run_targets += n_global
+                run_slots += sum(batch_slots(train_examples, b, opts.pack) for rnd in window for b in rnd)
+                train_seconds += time.perf_counter() - t_win
+                cpu_seconds += time.process_time() - c_win
+                rate = run_tokens / max(train_seconds, 1e-9)
+                eta = (total - st.step) * train_seconds / steps_this_run
                 if progress is not None:
                     progress.update(
                         task, advance=1, description=f"epoch {epoch}/{s.epochs}",
-                        info=f"step {step} loss {lv:.3f}",
-                    )
-                if s.max_steps is not None and step >= s.max_steps:
-                    break
-            tl = ep_loss / max(ep_tokens, 1)
-            vl, va = evaluate(model, val_examples, val_bs, pad_id)
-            train_losses.append(tl)
+                        info=f"step {st.step} loss {step_loss:.3f} {rate:,.0f} tok/s",
+                    )  # fmt: skip
+                if opts.save_every and checkpoint_dir is not None and st.step % opts.save_every == 0:
+                    save(st.step, eta)
+            # the epoch's end (or max_steps): its training loss over every process, validation, best epoch
+            sums = torch.tensor([local.ep_loss, local.ep_targets], dtype=torch.float64, device=rt.device)
+            if rt.distributed:
+                sums = acc.reduce(sums, "sum")
+            ep_loss, ep_targets = sums.tolist()
+            tl = ep_loss / max(ep_targets, 1)
+            vl, va = evaluate(scored, val_examples, val_bs, pad_id, pack=opts.pack, runtime=rt)
+            st.train_losses.append(tl)
             if val_examples:
-                val_losses.append(vl)
-                val_accs.append(va)
+                st.val_losses.append(vl)
+                st.val_accs.append(va)
             score = (-va if s.monitor == "accuracy" else vl) if val_examples else tl
-            improved = score < best - s.min_delta
+            improved = score < st.best - s.min_delta
             if improved:
-                best, best_epoch, bad_epochs = score, epoch, 0
+                st.best, st.best_epoch, st.bad_epochs = score, epoch, 0
                 if s.keep == "best":
-                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                    best_state = {n: t.clone() for n, t in ck.trainable_tensors(scored).items()}
             else:
-                bad_epochs += 1
+                st.bad_epochs += 1
+            eta = (total - st.step) * train_seconds / max(steps_this_run, 1)
+            rate = run_tokens / max(train_seconds, 1e-9)
+            st.epoch_log.append({
+                "epoch": epoch, "step": st.step, "tokens_per_second": round(rate, 1),
+                "eta_seconds": round(eta, 1),
+            })  # fmt: skip
             msg = f"epoch {epoch}: train loss {tl:.4f}" + (
                 f", val loss {vl:.4f}, val accuracy {va:.2%}" if val_examples else ""
             )
-            log.info("%s%s", msg, " (best)" if improved else "")
+            log.info("%s%s; %.0f tokens/s, ETA %s", msg, " (best)" if improved else "", rate, _seconds(eta))
             if progress is not None:
                 progress.update(task, info=msg)
-            if s.max_steps is not None and step >= s.max_steps:
+            local.ep_loss, local.ep_targets = 0.0, 0
+            st.epoch_rng = None
+            st.round = 0
+            if hit_max or (s.max_steps is not None and st.step >= s.max_steps):
                 break
-            if bad_epochs >= s.patience and epoch < s.epochs:
+            if st.bad_epochs >= s.patience and epoch < s.epochs:
                 stopped_early = True
                 log.info(
                     "early stop: no improvement for %d epochs; keeping epoch %d",
-                    s.patience, best_epoch if s.keep == "best" else epoch,
-                )
+                    s.patience, st.best_epoch if s.keep == "best" else epoch,
+                )  # fmt: skip
                 break
     finally:
         if progress is not None:
             progress.stop()
+    epochs_run = len(st.train_losses)
     kept = epochs_run
-    if best_state is not None:
-        model.load_state_dict(best_state)
-        kept = best_epoch
+    if best_state is not None and s.keep == "best":
+        ck.load_trainable(scored, best_state, Path("(best epoch)"))
+        kept = st.best_epoch
+    acc.unwrap_model(prepared, keep_fp32_wrapper=False)  # the caller's model, without the autocast wrapper
     model.eval()
+
+    mine = [local.tokens, local.targets, local.examples]
+    digest = weights_digest(scored) if rt.distributed else None
+    if rt.distributed:
+        from accelerate.utils import gather_object
+
+        everyone = gather_object([[rank, *mine, digest]])
+    else:
+        everyone = [[rank, *mine, digest]]
+    ranks = [
+        {"rank": r, "tokens": t, "target_tokens": n, "examples": e, **({"weights_sha256": d} if d else {})}
+        for r, t, n, e, d in sorted(everyone)
+    ]
+    rt.wait()
+    acc.free_memory()
+    best_epoch = st.best_epoch
     return LoopOutcome(
         epochs_run=epochs_run,
-        train_losses=train_losses,
-        val_losses=val_losses,
-        best_val_loss=val_losses[best_epoch - 1] if val_examples and best_epoch else float("nan"),
+        train_losses=st.train_losses,
+        val_losses=st.val_losses,
+        best_val_loss=st.val_losses[best_epoch - 1] if val_examples and best_epoch else float("nan"),
         best_epoch=best_epoch,
         stopped_early=stopped_early,
-        steps=step,
-        val_accuracies=val_accs,
-        best_val_accuracy=val_accs[best_epoch - 1] if val_examples and best_epoch else float("nan"),
+        steps=st.step,
+        val_accuracies=st.val_accs,
+        best_val_accuracy=st.val_accs[best_epoch - 1] if val_examples and best_epoch else float("nan"),
         kept_epoch=kept,
+        run={
+            **rt.describe(),
+            "grad_accum": accum,
+            "effective_batch": s.batch_size * accum * world,
+            "pack": opts.pack,
+            "group_by_length": opts.group_by_length,
+            "gradient_checkpointing": opts.gradient_checkpointing,
+        },
+        throughput={
+            "tokens": run_tokens,
+            "target_tokens": run_targets,
+            "computed_positions": run_slots,
+            "padding_fraction": round(1 - run_tokens / run_slots, 4) if run_slots else 0.0,
+            "train_seconds": round(train_seconds, 2),
+            "cpu_seconds": round(cpu_seconds, 2),
+            "tokens_per_second": round(run_tokens / train_seconds, 1) if train_seconds else None,
+            "steps": steps_this_run,
+        },
+        distributed={"world_size": world, "backend": rt.backend, "ranks": ranks},
+        epoch_log=st.epoch_log,
+        resumed_from=resumed,
     )
+
+
+# --------------------------------------------------------------------------------------------- outputs
+
+
+@contextlib.contextmanager
+def output_folder(out: Path, runtime: Runtime) -> Iterator[Path | None]:
+    """The main process gets a new temporary folder beside ``out``, renamed over it when the block ends
+    without error (never a half-written model at ``out``); the other processes get ``None``. Everyone
+    waits for the write."""
+    from .. import files
+
+    if runtime.is_main:
+        with files.atomic_path(out) as tmp:
+            tmp.mkdir()
+            yield tmp
+    else:
+        yield None
+    runtime.wait()
 
 
 def check_out_dir(out_dir: str | os.PathLike[str]) -> Path:
@@ -550,6 +992,31 @@ def check_out_dir(out_dir: str | os.PathLike[str]) -> Path:
     if not out.exists():
         files.check_output_path(out)
     return out
+
+
+def checkpoint_plan(runtime: Runtime, out: Path) -> tuple[Path | None, Path | None]:
+    """(checkpoints folder or None, checkpoint to resume from or None) for the run's options."""
+    from .checkpoints import find_resume
+
+    opts = runtime.options
+    folder = opts.checkpoints_folder(out)
+    resume = find_resume(opts.resume, folder)
+    if opts.save_every is None and resume is None:
+        return None, None
+    if resume is not None and opts.checkpoint_dir is None and opts.resume is not True:
+        folder = resume.parent  # keep writing beside the checkpoint resumed from
+    if not folder.parent.is_dir():
+        from ..errors import InputError
+
+        raise InputError(f"checkpoint folder's parent does not exist: {folder.parent}")
+    if resume is not None and not runtime.threads_chosen:
+        from .checkpoints import read_state
+
+        saved = read_state(resume).get("threads")
+        if isinstance(saved, int) and saved != runtime.threads:  # the same sums, the same weights
+            log.info("resuming with the checkpoint's %d threads (--threads to choose)", saved)
+            runtime.use_threads(saved)
+    return folder, resume
 
 
 def load_splits(data_dir: str | os.PathLike[str]) -> dict[str, list[Any]]:
@@ -578,7 +1045,9 @@ def encode_splits(
     if tr.skipped or va.skipped:
         log.warning(
             "skipped %d training and %d validation conversations with no assistant token within %d tokens",
-            tr.skipped, va.skipped, max_seq_len,
+            tr.skipped,
+            va.skipped,
+            max_seq_len,
         )
     if not va.examples:
         log.warning("no validation example: the best epoch is chosen on the training loss")
@@ -590,8 +1059,14 @@ def _finite_or_none(x: float) -> float | None:
 
 
 def train_result(
-    out: Path, n_params: int, settings: LoopSettings, outcome: LoopOutcome, train: EncodedSplit,
-    val: EncodedSplit, *, seconds: float,
+    out: Path,
+    n_params: int,
+    settings: LoopSettings,
+    outcome: LoopOutcome,
+    train: EncodedSplit,
+    val: EncodedSplit,
+    *,
+    seconds: float,
 ) -> TrainResult:
     """The :class:`TrainResult` of a finished run (scratch and fine-tuning alike)."""
     return TrainResult(
@@ -612,12 +1087,23 @@ def train_result(
         n_train_examples=len(train.examples),
         n_val_examples=len(val.examples),
         skipped_examples=train.skipped + val.skipped,
+        tokens_per_second=outcome.throughput.get("tokens_per_second"),
+        world_size=int(outcome.distributed.get("world_size", 1)),
     )
 
 
 def training_record(
-    *, kind: str, settings: LoopSettings, outcome: LoopOutcome, n_params: int, max_seq_len: int,
-    threads: int, train: EncodedSplit, val: EncodedSplit, seconds: float, extra: dict[str, Any],
+    *,
+    kind: str,
+    settings: LoopSettings,
+    outcome: LoopOutcome,
+    n_params: int,
+    max_seq_len: int,
+    threads: int,
+    train: EncodedSplit,
+    val: EncodedSplit,
+    seconds: float,
+    extra: dict[str, Any],
 ) -> dict[str, Any]:
     """The content of ``training.json``."""
     import transformers
@@ -644,6 +1130,7 @@ def training_record(
             "weight_decay": settings.weight_decay,
             "grad_clip": settings.grad_clip,
         },
+        "run": outcome.run,
         "examples": {
             "train": len(train.examples),
             "val": len(val.examples),
@@ -661,11 +1148,22 @@ def training_record(
         "val_accuracies": [round(x, 6) for x in outcome.val_accuracies],
         "best_val_loss": _finite_or_none(outcome.best_val_loss),
         "best_val_accuracy": _finite_or_none(outcome.best_val_accuracy),
+        "throughput": outcome.throughput,
+        "epoch_log": outcome.epoch_log,
+        "world_size": outcome.distributed.get("world_size", 1),
+        "distributed": outcome.distributed,
+        "resumed_from": outcome.resumed_from,
         "seconds": round(seconds, 2),
         "versions": {
-            "gguf_factory": __version__, "torch": torch.__version__, "transformers": transformers.__version__
+            "gguf_factory": __version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
         },
     }
+
+
+def write_json(path: Path, record: dict[str, Any]) -> None:
+    path.write_text(json.dumps(record, indent=2) + "\n")
 
 
 @contextlib.contextmanager

@@ -13,7 +13,6 @@ A LoRA adapter cannot add tokens: a base without a chat template whose vocabular
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -21,25 +20,28 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import files
 from ..errors import TrainingError
-from .finetune import _max_positions, _token_id, check_base_folder, load_base, prepare_chat
+from .devices import start_runtime
+from .finetune import _token_id, check_base_folder, fit_seq_len, load_base, prepare_chat, quantization_4bit
 from .loop import (
     LoopSettings,
     TrainResult,
     check_out_dir,
+    checkpoint_plan,
     count_params,
     encode_splits,
     evaluate,
     load_splits,
+    output_folder,
     quiet_hf_progress,
     run_loop,
     seed_everything,
-    set_threads,
     time_now,
     train_result,
     training_record,
+    write_json,
 )
+from .options import RunOptions
 
 log = logging.getLogger(__name__)
 
@@ -152,11 +154,13 @@ def train_lora(
     threads: int | None = None,
     progress: bool = True,
     max_steps: int | None = None,
+    run: RunOptions | None = None,
 ) -> TrainResult:
     """Train a LoRA adapter for the HF model folder ``base`` on the dataset in ``data_dir``.
 
     ``TrainResult.model_dir`` is the adapter folder and ``n_params`` the adapter's (trainable) parameters.
-    ``training.json`` also records the base's validation loss and accuracy before training.
+    ``training.json`` also records the base's validation loss and accuracy (the adapter disabled).
+    ``run.load_in_4bit`` loads the base in 4 bits (QLoRA, CUDA and bitsandbytes only).
     """
     import torch
     from peft import LoraConfig, get_peft_model
@@ -174,10 +178,12 @@ def train_lora(
     if out.resolve() == base_dir:
         raise TrainingError(f"the output folder is the base model folder: {out}")
     splits = load_splits(data_dir)
-    n_threads = set_threads(threads)
+    rt = start_runtime(run or RunOptions(), threads)
+    quantization = quantization_4bit(rt) if rt.options.load_in_4bit else None
+    ckpt_dir, resume = checkpoint_plan(rt, out)
     seed_everything(seed)
 
-    model, tokenizer = load_base(base_dir)
+    model, tokenizer = load_base(base_dir, quantization=quantization)
     n_emb = model.get_input_embeddings().weight.shape[0]
     chat_info = prepare_chat(model, tokenizer)
     if "resized_embeddings" in chat_info:
@@ -187,12 +193,7 @@ def train_lora(
             f"a LoRA adapter cannot add tokens ({n_emb} embeddings): fine-tune the base fully first "
             "(train --base without --lora) or use a base with a chat template"
         )
-    limit = _max_positions(model.config)
-    seq = max_seq_len if max_seq_len is not None else d.max_seq_len
-    if limit is not None and seq > limit:
-        if max_seq_len is not None:
-            log.warning("max_seq_len %d is over the model's %d positions; using %d", seq, limit, limit)
-        seq = limit
+    seq = fit_seq_len(model.config, max_seq_len, d.max_seq_len)
     tr, va = encode_splits(tokenizer, splits, seq)
     pad_id = _token_id(tokenizer, tokenizer.pad_token)
     base_params = count_params(model)
@@ -200,7 +201,11 @@ def train_lora(
     if not targets:
         raise TrainingError(f"{base_dir}: no linear layer to adapt was found; name them with --lora-targets")
     _check_targets(model, targets)
-    base_loss, base_acc = evaluate(model, va.examples, max(1, settings.batch_size * 2), pad_id)
+    if quantization is not None:
+        from peft import prepare_model_for_kbit_training
+
+        # gradient checkpointing, if asked, is enabled by the loop (non-reentrant)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model.name_or_path = str(base_dir)  # PEFT records it as base_model_name_or_path
     conv1d = any(not isinstance(m, torch.nn.Linear) for n, m in model.named_modules() if _is_linear(m))
     config = LoraConfig(
@@ -219,53 +224,64 @@ def train_lora(
         raise TrainingError(f"cannot add LoRA to {base_dir} with targets {targets}: {e}") from None
     n_params = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     log.info(
-        "LoRA on %s: rank %d, alpha %g, targets %s: %.3f M trainable of %.2f M parameters",
+        "LoRA on %s: rank %d, alpha %g, targets %s: %.3f M trainable of %.2f M parameters%s",
         base_dir,
         lora.rank,
         lora.alpha,
         ",".join(targets),
         n_params / 1e6,
         base_params / 1e6,
+        " (base in 4 bits)" if quantization is not None else "",
     )
+    lora_record = {
+        "rank": lora.rank,
+        "alpha": lora.alpha,
+        "dropout": lora.dropout,
+        "targets": targets,
+        **({"extra": lora.extra} if lora.extra else {}),
+    }
 
-    with files.atomic_path(out) as tmp:
-        tmp.mkdir()
-        outcome = run_loop(peft_model, tr.examples, va.examples, settings, pad_id=pad_id)
-        with quiet_hf_progress():
-            peft_model.save_pretrained(tmp, save_embedding_layers=False)
-        tokenizer.save_pretrained(tmp)
-        seconds = time_now() - t0
-        extra = {
-            "preset": None,
-            "base": str(base_dir),
-            "base_architecture": list(getattr(model.config, "architectures", None) or []),
-            "base_n_params": base_params,
-            "lora": {
-                "rank": lora.rank,
-                "alpha": lora.alpha,
-                "dropout": lora.dropout,
-                "targets": targets,
-                **({"extra": lora.extra} if lora.extra else {}),
-            },
-            "base_val_loss": base_loss if math.isfinite(base_loss) else None,
-            "base_val_accuracy": base_acc if math.isfinite(base_acc) else None,
-            "chat": chat_info,
-        }
-        record = training_record(
-            kind="lora",
-            settings=settings,
-            outcome=outcome,
-            n_params=n_params,
-            max_seq_len=seq,
-            threads=n_threads,
-            train=tr,
-            val=va,
-            seconds=seconds,
-            extra=extra,
+    outcome = run_loop(
+        peft_model, tr.examples, va.examples, settings, pad_id=pad_id, runtime=rt, checkpoint_dir=ckpt_dir,
+        resume_from=resume,
+        identity={"kind": "lora", "base": str(base_dir), "max_seq_len": seq, "lora": lora_record},
+    )  # fmt: skip
+    with peft_model.disable_adapter():  # the base alone, on the run's device(s)
+        base_loss, base_acc = evaluate(
+            peft_model, va.examples, max(1, settings.batch_size * 2), pad_id, pack=rt.options.pack, runtime=rt
         )
-        (tmp / "training.json").write_text(json.dumps(record, indent=2) + "\n")
-        readme = tmp / "README.md"  # PEFT's model-card stub: not ours to ship half-filled
-        if readme.is_file():
-            readme.unlink()
+
+    with output_folder(out, rt) as tmp:
+        if tmp is not None:
+            with quiet_hf_progress():
+                peft_model.save_pretrained(tmp, save_embedding_layers=False)
+            tokenizer.save_pretrained(tmp)
+            extra = {
+                "preset": None,
+                "base": str(base_dir),
+                "base_architecture": list(getattr(model.config, "architectures", None) or []),
+                "base_n_params": base_params,
+                "lora": lora_record,
+                "load_in_4bit": quantization is not None,
+                "base_val_loss": base_loss if math.isfinite(base_loss) else None,
+                "base_val_accuracy": base_acc if math.isfinite(base_acc) else None,
+                "chat": chat_info,
+            }
+            record = training_record(
+                kind="lora",
+                settings=settings,
+                outcome=outcome,
+                n_params=n_params,
+                max_seq_len=seq,
+                threads=rt.threads,
+                train=tr,
+                val=va,
+                seconds=time_now() - t0,
+                extra=extra,
+            )
+            write_json(tmp / "training.json", record)
+            readme = tmp / "README.md"  # PEFT's model-card stub: not ours to ship half-filled
+            if readme.is_file():
+                readme.unlink()
 
     return train_result(out, n_params, settings, outcome, tr, va, seconds=time_now() - t0)

@@ -5,30 +5,33 @@ Every width is a multiple of 256 so that llama.cpp's K-quants apply to every wei
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from .. import files
 from ..errors import TrainingError
+from .devices import Runtime, start_runtime
 from .loop import (
     LoopSettings,
     TrainResult,
     check_out_dir,
+    checkpoint_plan,
     count_params,
     encode_splits,
     load_splits,
+    output_folder,
     quiet_hf_progress,
     run_loop,
     seed_everything,
-    set_threads,
     time_now,
     train_result,
     training_record,
+    write_json,
 )
+from .options import RunOptions
 from .tokenizer import ENDOFTEXT, IM_END, save_hf_tokenizer, train_bpe_tokenizer
 
 log = logging.getLogger(__name__)
@@ -170,6 +173,20 @@ def build_model(preset: ModelPreset, vocab_size: int, *, max_seq_len: int, speci
     return model
 
 
+def shared_tokenizer(rt: Runtime, texts: Iterable[str], vocab_size: int) -> Any:
+    """The byte-level BPE learnt by the main process, the same object in every process."""
+    from tokenizers import Tokenizer
+
+    bpe = train_bpe_tokenizer(texts, vocab_size) if rt.is_main else None
+    if not rt.distributed:
+        return bpe
+    from accelerate.utils import broadcast_object_list
+
+    text = [bpe.to_str() if bpe is not None else None]
+    broadcast_object_list(text, from_process=0)
+    return bpe if bpe is not None else Tokenizer.from_str(text[0])
+
+
 def train_scratch(
     data_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -186,6 +203,7 @@ def train_scratch(
     threads: int | None = None,
     progress: bool = True,
     max_steps: int | None = None,
+    run: RunOptions | None = None,
 ) -> TrainResult:
     from transformers import AutoTokenizer
 
@@ -200,42 +218,47 @@ def train_scratch(
     )  # fmt: skip
     out = check_out_dir(out_dir)
     splits = load_splits(data_dir)
-    n_threads = set_threads(threads)
+    rt = start_runtime(run or RunOptions(), threads)
+    ckpt_dir, resume = checkpoint_plan(rt, out)
     seed_everything(seed)
 
-    with files.atomic_path(out) as tmp:
-        tmp.mkdir()
-        log.info("training a %d-token byte-level BPE tokenizer", p.vocab_size)
-        bpe = train_bpe_tokenizer(tokenizer_texts(splits["train"]), p.vocab_size)
-        save_hf_tokenizer(bpe, tmp, model_max_length=p.max_seq_len)
-        tokenizer = AutoTokenizer.from_pretrained(tmp)
-        vocab = bpe.get_vocab_size()
-        if vocab < p.vocab_size:
-            log.info("the tokenizer vocabulary ended at %d tokens (asked %d)", vocab, p.vocab_size)
-        special_ids = {t: bpe.token_to_id(t) for t in (ENDOFTEXT, IM_END)}
+    log.info("training a %d-token byte-level BPE tokenizer", p.vocab_size)
+    bpe = shared_tokenizer(rt, tokenizer_texts(splits["train"]), p.vocab_size)
+    with tempfile.TemporaryDirectory(prefix="gguf-factory-tok-") as tdir:
+        save_hf_tokenizer(bpe, tdir, model_max_length=p.max_seq_len)
+        tokenizer = AutoTokenizer.from_pretrained(tdir)
+    vocab = bpe.get_vocab_size()
+    if vocab < p.vocab_size:
+        log.info("the tokenizer vocabulary ended at %d tokens (asked %d)", vocab, p.vocab_size)
+    special_ids = {t: bpe.token_to_id(t) for t in (ENDOFTEXT, IM_END)}
 
-        tr, va = encode_splits(tokenizer, splits, p.max_seq_len)
-        model = build_model(p, vocab, max_seq_len=p.max_seq_len, special_ids=special_ids)
-        n_params = count_params(model)
-        log.info("model %s: %.2f M parameters, vocabulary %d", p.name, n_params / 1e6, vocab)
+    tr, va = encode_splits(tokenizer, splits, p.max_seq_len)
+    model = build_model(p, vocab, max_seq_len=p.max_seq_len, special_ids=special_ids)
+    n_params = count_params(model)
+    log.info("model %s: %.2f M parameters, vocabulary %d", p.name, n_params / 1e6, vocab)
 
-        outcome = run_loop(model, tr.examples, va.examples, settings, pad_id=special_ids[ENDOFTEXT])
+    outcome = run_loop(
+        model, tr.examples, va.examples, settings, pad_id=special_ids[ENDOFTEXT], runtime=rt,
+        checkpoint_dir=ckpt_dir, resume_from=resume, identity={"kind": "scratch", "preset": asdict(p)},
+    )  # fmt: skip
 
-        with quiet_hf_progress():
-            model.save_pretrained(tmp)
-        seconds = time_now() - t0
-        record = training_record(
-            kind="scratch",
-            settings=settings,
-            outcome=outcome,
-            n_params=n_params,
-            max_seq_len=p.max_seq_len,
-            threads=n_threads,
-            train=tr,
-            val=va,
-            seconds=seconds,
-            extra={"preset": {**asdict(p), "vocab_size_trained": vocab}, "base": None},
-        )
-        (tmp / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    with output_folder(out, rt) as tmp:
+        if tmp is not None:
+            save_hf_tokenizer(bpe, tmp, model_max_length=p.max_seq_len)
+            with quiet_hf_progress():
+                model.save_pretrained(tmp)
+            record = training_record(
+                kind="scratch",
+                settings=settings,
+                outcome=outcome,
+                n_params=n_params,
+                max_seq_len=p.max_seq_len,
+                threads=rt.threads,
+                train=tr,
+                val=va,
+                seconds=time_now() - t0,
+                extra={"preset": {**asdict(p), "vocab_size_trained": vocab}, "base": None},
+            )
+            write_json(tmp / "training.json", record)
 
     return train_result(out, n_params, settings, outcome, tr, va, seconds=time_now() - t0)
