@@ -8,6 +8,7 @@ the imatrix comes from train.jsonl, auto-quant's sensitivities from val.jsonl), 
 against the F16 model.
 
     python benchmarks/quant_quality.py [--f16 small-F16.gguf --data data] [--work benchmarks/work/qq]
+        [--mode fast|exhaustive]
 
 Without --f16, the model is made in --work: `prepare` (bundled chatterbot corpus), `train --preset small`
 (about 11 minutes on 2 cores), `convert` to F16. Writes benchmarks/results/quant_quality.{json,md,png}.
@@ -96,6 +97,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path(__file__).parent / "work" / "quant_quality")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--overhead-runs", type=int, default=5)
+    ap.add_argument("--mode", choices=("fast", "exhaustive"), default="fast", help="auto-quant's mode")
     args = ap.parse_args()
     console = Console()
     work = args.work
@@ -129,7 +131,9 @@ def main() -> None:
 
     t0 = time.perf_counter()
     auto = {}
-    with AutoQuantizer(f16, data=data, imatrix=imat.path, threads=args.threads, work_dir=work) as aq:
+    with AutoQuantizer(
+        f16, data=data, imatrix=imat.path, threads=args.threads, work_dir=work, mode=args.mode
+    ) as aq:
         timings["autoquant_measure_s"] = time.perf_counter() - t0
         probes = aq.probes
         for qt in COMPARED:
@@ -223,7 +227,11 @@ def main() -> None:
         },
         "data": {"test": ev.data_path, "conversations": ev.n_conversations, "tokens": ev.n_tokens},
         "imatrix": {"entries": imat.entries, "tokens": imat.tokens},
-        "autoquant": {"probes": probes, "calibration_tokens": next(iter(auto.values())).calibration_tokens},
+        "autoquant": {
+            "mode": args.mode,
+            "probes": probes,
+            "calibration_tokens": next(iter(auto.values())).calibration_tokens,
+        },
         "comparison": comparison,
         "ladder": ladder_result.to_json(),
         "imatrix_rungs": [asdict(r) for r in imat_rungs],
@@ -242,7 +250,7 @@ def main() -> None:
         f"test conversations ({ev.n_conversations} conversations, {ev.n_tokens} assistant tokens), against "
         "the F16 model's token distributions, all files evaluated side by side in one run. The importance "
         f"matrix comes from train.jsonl ({imat.tokens} tokens); auto-quant's per-tensor sensitivities from "
-        f"val.jsonl ({probes} probes); neither saw the test set.",
+        f"val.jsonl ({probes} probes, {args.mode} mode); neither saw the test set.",
         "",
         "## Stock preset vs ours at equal or smaller size",
         "",

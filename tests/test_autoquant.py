@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
 from cli_helpers import assert_one_line_error, run_cli
-from gguf_factory.autoquant import Option, TensorCosts, autoquant, solve
+from gguf_factory.autoquant import (
+    AutoQuantizer,
+    Option,
+    TensorCosts,
+    autoquant,
+    probe_groups,
+    size_bounds,
+    solve,
+)
 from gguf_factory.errors import InputError
 from gguf_factory.evaluate import evaluate_many
 from gguf_factory.quantize import quantize, read_gguf_info
@@ -39,13 +48,13 @@ def test_size_budget_beats_the_stock_preset_on_held_out_data(
     budget = stock_q4.stat().st_size
     r = autoquant(
         tiny_f16_gguf, tmp_path / "auto.gguf", data=tiny_data_dir, max_size=budget, imatrix=imatrix_file,
-        candidates=CANDIDATES, threads=2, progress=False,
+        candidates=CANDIDATES, threads=2, progress=False, mode="exhaustive",
     )  # fmt: skip
     assert r.size_bytes <= budget and r.path.stat().st_size == r.size_bytes
     written = read_gguf_info(r.path).tensor_types
     assert {n: written[n] for n in r.types} == r.types
     assert set(r.types.values()) <= {"Q2_K", "IQ4_NL", "Q5_0", "Q5_1", "Q8_0"}  # Q5_K falls back to Q5_1
-    assert r.probes == len(r.types) and r.kld_mean >= 0
+    assert r.mode == "exhaustive" and r.probes == len(r.types) and r.kld_mean >= 0
     # the model the measurements predicted is the model measured (within 50 %)
     assert abs(r.kld_predicted - r.kld_mean) <= 0.5 * r.kld_mean + 1e-9
     # on the held-out test conversations (not used to choose), lower KLD than the stock preset
@@ -60,29 +69,97 @@ def test_size_budget_beats_the_stock_preset_on_held_out_data(
     assert "auto size" in (again.recipe or "")
 
 
-def test_kld_budget_gives_a_smaller_file_within_the_cap(
-    tiny_f16_gguf: Path, tiny_data_dir: Path, imatrix_file: Path, tmp_path: Path
+def test_fast_mode_shares_probes_and_still_beats_the_stock_preset(
+    tiny_f16_gguf: Path, tiny_data_dir: Path, imatrix_file: Path, stock_q4: Path, tmp_path: Path
 ) -> None:
-    from gguf_factory.evaluate import KLDScorer
+    """One band: every role's tensors share one probe (the tiny model has 2 blocks: 7 roles + the 2 tensors
+    outside the blocks), measured on fewer conversations than the proof."""
+    budget = stock_q4.stat().st_size
+    with AutoQuantizer(
+        tiny_f16_gguf, data=tiny_data_dir, imatrix=imatrix_file, candidates=CANDIDATES, threads=2,
+        progress=False, work_dir=tmp_path, bands=1, probe_conversations=8,
+    ) as aq:  # fmt: skip
+        r = aq.build(tmp_path / "fast.gguf", max_size=budget)
+        roles = {re.sub(r"^blk\.\d+\.", "", n) for n in r.types}
+        assert r.mode == "fast" and r.probes == len(roles) < len(r.types)
+        assert r.probe_tokens < r.calibration_tokens
+        # members of a group share the KLD per unit of error, not the error: their choices may differ
+        by_role: dict[str, set[float]] = {}
+        for tc in aq.tensors:
+            by_role.setdefault(re.sub(r"^blk\.\d+\.", "", tc.name), set()).add(tc.sensitivity)
+        assert all(len(s) == 1 for s in by_role.values())
+    assert r.size_bytes <= budget and r.path.stat().st_size == r.size_bytes
+    ev = evaluate_many([stock_q4, r.path], tiny_data_dir, ref=tiny_f16_gguf, threads=2)
+    stock, auto = ev.models
+    assert auto.kld_mean < stock.kld_mean, (auto.kld_mean, stock.kld_mean)
 
-    q8 = quantize(tiny_f16_gguf, tmp_path / "q8.gguf", "Q8_0")
-    smallest = quantize(tiny_f16_gguf, tmp_path / "nl.gguf", "IQ4_NL", pure=True, imatrix=imatrix_file)
-    scorer = KLDScorer(tiny_f16_gguf, tiny_data_dir / "val.jsonl", threads=2)
-    cap = scorer.score(smallest.path).kld_mean / 2  # the smallest mixture is over it, Q8_0 far under
-    r = autoquant(
-        tiny_f16_gguf, tmp_path / "auto.gguf", data=tiny_data_dir, max_kld=cap, imatrix=imatrix_file,
-        candidates=CANDIDATES, threads=2, progress=False,
+
+def test_probe_groups_of_a_30_layer_llama() -> None:
+    """SmolLM2-135M's names: 7 roles x 3 depth bands + token_embd = 22 probes instead of 211."""
+    roles = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+    names = ["token_embd.weight"] + [f"blk.{i}.{r}.weight" for i in range(30) for r in roles]
+    opt = Option("Q8_0", 1, 0.0)
+    tensors = [TensorCosts(n, [opt], opt) for n in names]
+    groups = probe_groups(tensors)
+    assert len(groups) == 22 and sorted(i for g in groups for i in g) == list(range(len(names)))
+    for g in groups:  # one role, consecutive layers of one band
+        members = [names[i] for i in g]
+        assert len({re.sub(r"^blk\.\d+\.", "", n) for n in members}) == 1
+        layers = sorted(int(n.split(".")[1]) for n in members if n.startswith("blk."))
+        assert (
+            layers == list(range(layers[0], layers[-1] + 1)) if layers else members == ["token_embd.weight"]
+        )
+    assert {len(g) for g in groups} == {1, 10}
+    assert len(probe_groups(tensors, "exhaustive")) == len(names)
+
+
+def test_size_bounds_are_exact_enough_to_decide(
+    tiny_f16_gguf: Path, imatrix_file: Path, tmp_path: Path
+) -> None:
+    """From llama.cpp's dry runs and the shapes alone: the smallest mixture, within the header's few added
+    keys of the file llama.cpp writes with every tensor at its smallest type."""
+    b = size_bounds(tiny_f16_gguf, CANDIDATES)
+    smallest: dict[str, str] = {}
+    for types in b.written.values():
+        for name, t in types.items():
+            if t not in ("F32", "F16") and (name not in smallest or _bytes(t) < _bytes(smallest[name])):
+                smallest[name] = t
+    assert len(smallest) == b.tensors and b.narrow == b.tensors  # 64-wide rows: no 256-value block fits
+    assert b.narrow_floor_bpw == 4.5  # IQ4_NL (Q2_K falls back to Q4_0, same size)
+    made = quantize(
+        tiny_f16_gguf, tmp_path / "smallest.gguf", "Q8_0", pure=True, imatrix=imatrix_file,
+        tensor_types=[f"^{re.escape(n)}$={t}" for n, t in smallest.items()],
     )  # fmt: skip
-    assert r.kld_mean <= cap
-    assert smallest.size_bytes < r.size_bytes < q8.size_bytes
-    assert len(set(r.types.values())) >= 2  # a real mixture, not one preset
+    assert b.smallest <= made.size_bytes <= b.smallest + 1024, (b.smallest, made.size_bytes)
+    assert b.smallest < b.largest <= tiny_f16_gguf.stat().st_size
+
+
+def _bytes(t: str) -> float:
+    import gguf
+
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[t]]
+    return size / block
+
+
+def test_smollm2_cannot_go_under_its_smallest_mixture() -> None:
+    """SmolLM2-135M (30 blocks, 576-wide rows): only ffn_down's 1536-wide rows take K-quants; the other
+    241 tensors take no block type below 4.5 bits/weight, so about 70 MB is the floor."""
+    from gguf_factory.bases import named_base
+
+    b = size_bounds(named_base("smollm2-135m-instruct").gguf_path())
+    assert b.tensors == 211 and b.narrow == 181 and b.narrow_floor_bpw == 4.5
+    assert 65e6 < b.smallest < 72e6 and b.largest > 140e6
+    why = b.refusal(50_000_000)
+    assert why is not None and "impossible" in why and "4.5 bits/weight" in why and "\n" not in why
+    assert b.refusal(b.smallest) is None
 
 
 def test_impossible_budgets_are_refused_and_nothing_is_written(
     tiny_f16_gguf: Path, tiny_data_dir: Path, imatrix_file: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "auto.gguf"
-    with pytest.raises(InputError, match="impossible.*smallest mixture"):
+    # refused from the shapes, before measuring: the reason names the narrow rows
+    with pytest.raises(InputError, match=r"impossible.*smallest mixture.*rows no 256-value block fits"):
         autoquant(
             tiny_f16_gguf, out, data=tiny_data_dir, max_size="10KB", imatrix=imatrix_file,
             candidates=CANDIDATES, threads=2, progress=False,

@@ -3,20 +3,37 @@ from sensitivities measured with llama.cpp on the user's own conversations.
 
 How it decides (measured, nothing assumed about the architecture):
 
-1. **Costs.** Each candidate type is applied to every tensor at once (a pure quantization). That file
-   tells, per tensor, the type llama.cpp really wrote (a row width that is not a multiple of a K-quant's
-   256-value block falls back to a 32-block type), its exact size, and its quantization error
-   ``e_i(T) = sum_c w_c * (W - W_hat)^2`` of the dequantized weights against the input's, each input column
-   weighted by the importance matrix when there is one (the expected squared error of the tensor's output).
-2. **Sensitivity.** Starting from every tensor at the top candidate (Q8_0), one tensor at a time is
-   lowered to its smallest option and the KL divergence against the input model is measured on the
-   calibration conversations: ``s_i = dKLD_i / de_i``. An assignment's predicted KLD is
-   ``KLD(top) + sum_i s_i * (e_i(t_i) - e_i(top))``.
+0. **What is possible.** llama.cpp's quantizer is asked, in a dry run per candidate type (nothing written),
+   which type it would write for every tensor: a row width that is not a multiple of a K-quant's 256-value
+   block falls back to a 32-block type. From those types and the tensors' shapes come the smallest and the
+   largest file the candidates can make (:func:`size_bounds`), before anything is measured: a size budget
+   below the smallest is refused at once, naming it.
+1. **Costs.** Each candidate type is applied to every tensor at once (a pure quantization; tensors whose
+   written type an earlier candidate already produced are written as Q8_0 instead, which costs nothing to
+   make). That file tells, per tensor, the type llama.cpp really wrote, its exact size, and its quantization
+   error ``e_i(T) = sum_c w_c * (W - W_hat)^2`` of the dequantized weights against the input's, each input
+   column weighted by the importance matrix when there is one (the expected squared error of the tensor's
+   output). The fast mode sums it over at most 256 evenly spaced rows and scales it to the whole tensor.
+2. **Sensitivity.** Starting from every tensor at the top candidate (Q8_0), a group of tensors is lowered
+   to its smallest options and the KL divergence against the input model is measured on calibration
+   conversations; every member gets the group's KLD per unit of error, ``s = dKLD / sum_i de_i``.
+   An assignment's predicted KLD is ``KLD(top) + sum_i s_i * (e_i(t_i) - e_i(top))``: quantization noise of
+   different tensors is independent, so their contributions add. Members of a group share ``s``, not their
+   error: each keeps its own measured ``e_i(T)`` for every type, which carries what differs between them
+   (size, importance-weighted activations, how well a type fits its values).
+
+   * ``mode="fast"`` (default): a group is one role (``attn_q``, ``attn_k``, … ``ffn_down``; tensors outside
+     the blocks, such as ``token_embd``, each alone) within one of three bands of consecutive layers
+     (early, middle, late), probed on the first 16 calibration conversations. A 30-layer Llama takes
+     7 x 3 + 1 = 22 probes instead of 211. An automatic importance matrix reads at most 16k training
+     tokens.
+   * ``mode="exhaustive"``: one probe per tensor, on all calibration conversations, errors over all rows,
+     the importance matrix from up to 100k training tokens.
 3. **Choice.** A multiple-choice knapsack picks one option per tensor: Lagrangian relaxation (bisection on
    the price of a byte), then greedy moves into whatever budget is left.
-4. **Proof.** The file is quantized with one tensor-type override per tensor, then measured: its size is
-   exact, its KLD is measured on the calibration data. When the measurement misses the budget, the budget
-   is tightened and solved again; when it cannot be met, nothing is written.
+4. **Proof.** The file is quantized with one tensor-type override per tensor, then measured on all the
+   calibration conversations: its size is exact, its KLD measured. When the measurement misses the budget,
+   the budget is tightened and solved again; when it cannot be met, nothing is written.
 
 Calibration uses the dataset's ``val.jsonl`` (not ``test.jsonl``, which stays for reports) and, with
 ``imatrix="auto"``, an importance matrix computed from its ``train.jsonl``.
@@ -25,6 +42,7 @@ Calibration uses the dataset's ``val.jsonl`` (not ``test.jsonl``, which stays fo
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import math
 import os
@@ -36,7 +54,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -53,6 +71,17 @@ TOP_TYPE = "Q8_0"
 """Every tensor starts here for the sensitivity probes: near-lossless, and a quantized file type (llama.cpp
 applies tensor-type overrides only when the file type is quantized)."""
 
+Mode = Literal["fast", "exhaustive"]
+MODES: tuple[Mode, ...] = ("fast", "exhaustive")
+FAST_BANDS = 3
+"""Fast mode: bands of consecutive layers whose tensors of one role share a probe."""
+FAST_PROBE_CONVERSATIONS = 16
+"""Fast mode: calibration conversations each probe is measured on (the proof uses all of them)."""
+FAST_ERROR_ROWS = 256
+"""Fast mode: rows (evenly spaced) the quantization error of a tensor is summed over, then scaled."""
+FAST_IMATRIX_TOKENS = 16384
+"""Fast mode, ``imatrix="auto"``: training tokens the importance matrix is computed from (at most)."""
+
 # the file type to pure-quantize with to get a tensor type everywhere
 _FILE_TYPE_OF = {
     "Q2_K": "Q2_K", "Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M", "Q6_K": "Q6_K", "Q8_0": "Q8_0",
@@ -61,6 +90,8 @@ _FILE_TYPE_OF = {
     "IQ1_M": "IQ1_M", "IQ1_S": "IQ1_S", "F16": "F16", "BF16": "BF16",
 }  # fmt: skip
 _ROW_CHUNK = 16384
+_FLOAT_NAMES = ("F32", "F16", "BF16")
+_BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
 
 
 @dataclass(frozen=True)
@@ -79,6 +110,7 @@ class TensorCosts:
     top: Option
     sensitivity: float = 0.0  # KLD per unit of error
     probe_kld: float | None = None
+    """KLD measured by the probe that set the sensitivity (the group's, in fast mode)."""
 
 
 @dataclass
@@ -102,6 +134,14 @@ class AutoQuantResult:
     attempts: int
     probes: int
     seconds: float
+    mode: str = "fast"
+    probe_tokens: int = 0
+    """Scored tokens each sensitivity probe was measured on."""
+    evaluated_tokens: int = 0
+    """Tokens llama.cpp evaluated to measure the model (references, probes), before any build."""
+    imatrix_tokens: int = 0
+    """Training tokens the importance matrix was computed from (0: given, or none)."""
+    measure_seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -113,11 +153,153 @@ class AutoQuantResult:
         return 1.0 - self.size_bytes / self.input_bytes if self.input_bytes else 0.0
 
 
+# --------------------------------------------------------------------------------------------- bounds
+
+_DRY_RUN_LINE = re.compile(
+    r"^\[\s*\d+/\s*(\d+)\]\s+(\S+)\s+- \[[^\]]*\], type =\s*(\w+), size =[^(\n]*(?:\((\w+)\))?[ \t]*$", re.M
+)
+
+
+def _dry_run_types(src: Path, ftype: str, threads: int | None) -> dict[str, str]:
+    """Tensor name -> the type llama.cpp would write when pure-quantizing ``src`` to ``ftype``: its
+    quantizer's dry run (no file written), read from the per-tensor report it logs."""
+    import llama_cpp
+    from llama_cpp import _logger
+
+    from .quantize import QUANT_TYPES
+
+    pieces: list[str] = []
+
+    @llama_cpp.llama_log_callback  # type: ignore[misc]
+    def collect(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        pieces.append(text.decode("utf-8", errors="replace"))
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, QUANT_TYPES[ftype])
+    params.nthread = threads or os.cpu_count() or 1
+    params.pure = True
+    params.dry_run = True
+    llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
+    try:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), os.devnull.encode(), ctypes.byref(params))
+    finally:  # llama-cpp-python's own callback back in place
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+    found = _DRY_RUN_LINE.findall("".join(pieces))
+    types = {name: (new or cur).upper() for _n, name, cur, new in found}
+    if rc != 0 or not found or len(types) != int(found[0][0]):
+        raise QuantizeError(
+            f"llama.cpp's dry run of {ftype} on {src} did not report every tensor (return code {rc}, "
+            f"{len(types)} reported): run with -v to see its log"
+        )
+    return types
+
+
+def _nbytes(type_name: str, n_elements: int) -> int:
+    import gguf
+
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]]
+    return n_elements // block * size
+
+
+@dataclass(frozen=True)
+class SizeBounds:
+    """What the candidate types can make of a model, from its shapes and llama.cpp's dry runs alone."""
+
+    input_path: Path
+    candidates: tuple[str, ...]
+    smallest: int
+    """Bytes with every tensor at its smallest option (a lower bound: the written header carries a few
+    keys more than the input's, a few hundred bytes)."""
+    largest: int
+    """Bytes with every tensor at its largest option (same bound)."""
+    tensors: int
+    """Tensors llama.cpp quantizes (the ones auto-quant chooses a type for)."""
+    narrow: int
+    """Of them, those whose rows fit no 256-value block type asked for (they fall back to 32-block types)."""
+    narrow_floor_bpw: float | None
+    """Bits per weight of the smallest type the narrow tensors can take."""
+    written: Mapping[str, Mapping[str, str]]
+    """Candidate -> tensor -> the type llama.cpp writes for it."""
+
+    def refusal(self, max_size: int) -> str | None:
+        """The one-line reason ``max_size`` is impossible, or None when it may be possible."""
+        if max_size >= self.smallest:
+            return None
+        why = ""
+        if self.narrow and self.narrow_floor_bpw is not None:
+            why = (
+                f" ({self.narrow} of {self.tensors} tensors have rows no 256-value block fits: no candidate "
+                f"below {self.narrow_floor_bpw:.1f} bits/weight takes them)"
+            )
+        return (
+            f"--max-size {human_size(max_size)} is impossible for {self.input_path.name}: the smallest "
+            f"mixture of the candidate types is {human_size(self.smallest)}{why}"
+        )
+
+
+def size_bounds(
+    input_path: str | os.PathLike[str],
+    candidates: Sequence[str] = DEFAULT_CANDIDATES,
+    *,
+    threads: int | None = None,
+) -> SizeBounds:
+    """The smallest and largest file auto-quant can make of ``input_path`` with ``candidates``, without
+    measuring anything (about a second: one llama.cpp dry run per candidate type)."""
+    import gguf
+
+    from .doctor.reader import pad, read_gguf
+    from .quantize import check_gguf_magic
+
+    src = require_file(input_path, "input GGUF")
+    check_gguf_magic(src)
+    cands = _candidates(candidates)
+    written = {c: _dry_run_types(src, _FILE_TYPE_OF[c], threads) for c in cands}
+    g = read_gguf(src)
+    align = g.alignment
+    smallest = largest = g.data_offset
+    n_quant = narrow = 0
+    floor: float | None = None
+    k_asked = any(_block_of(c) == 256 for c in cands)
+    for t in g.tensors:
+        types = {written[c].get(t.name, t.type_name) for c in cands}
+        sizes = [_nbytes(ty, t.n_elements) for ty in types]
+        smallest += pad(min(sizes), align)
+        largest += pad(max(sizes), align)
+        if all(ty in _FLOAT_NAMES for ty in types):
+            continue
+        n_quant += 1
+        if k_asked and all(_block_of(ty) != 256 for ty in types):
+            narrow += 1
+            low = min(types, key=lambda ty: _nbytes(ty, t.n_elements))
+            block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[low]]
+            bpw = 8 * size / block
+            floor = bpw if floor is None else min(floor, bpw)
+    return SizeBounds(src, tuple(cands), smallest, largest, n_quant, narrow, floor, written)
+
+
+def _block_of(type_name: str) -> int:
+    import gguf
+
+    return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]][0]
+
+
+def _candidates(candidates: Sequence[str]) -> list[str]:
+    from .quantize import normalize_tensor_type
+
+    cands = list(dict.fromkeys(normalize_tensor_type(c, "candidate type") for c in candidates))
+    if TOP_TYPE not in cands:
+        cands.append(TOP_TYPE)
+    unknown = [c for c in cands if c not in _FILE_TYPE_OF or c in ("F16", "BF16")]
+    if unknown:
+        raise InputError(f"candidate type(s) {', '.join(unknown)} not supported by auto-quant")
+    return cands
+
+
 # --------------------------------------------------------------------------------------------- costs
 
 
-def _float_rows(g: Any, t: Any) -> Iterator[np.ndarray]:
-    """The tensor as float32 rows, in chunks (the input: F32, F16 or BF16)."""
+def _float_rows(g: Any, t: Any, rows: np.ndarray | None = None) -> Iterator[np.ndarray]:
+    """The tensor as float32 rows, in chunks (all rows, or the ``rows`` given, in order)."""
     import gguf
 
     from .doctor.reader import tensor_data
@@ -126,29 +308,34 @@ def _float_rows(g: Any, t: Any) -> Iterator[np.ndarray]:
     if raw is None:
         raise InputError(f"{g.path}: tensor {t.name} lies outside the file")
     width = t.dims[0]
-    rows = t.n_elements // width
-    row_bytes = t.n_bytes // rows
-    for start in range(0, rows, _ROW_CHUNK):
-        stop = min(rows, start + _ROW_CHUNK)
-        block = np.asarray(raw[start * row_bytes : stop * row_bytes]).reshape(stop - start, row_bytes)
-        yield gguf.quants.dequantize(block, t.type).reshape(stop - start, width).astype(np.float32)
+    n_rows = t.n_elements // width
+    blocks = np.asarray(raw).reshape(n_rows, t.n_bytes // n_rows)
+    if rows is not None:
+        blocks = blocks[rows]
+    for start in range(0, len(blocks), _ROW_CHUNK):
+        chunk = blocks[start : start + _ROW_CHUNK]
+        yield gguf.quants.dequantize(chunk, t.type).reshape(len(chunk), width).astype(np.float32)
 
 
-def _weighted_error(orig: Any, q: Any, t_orig: Any, t_q: Any, weights: np.ndarray | None) -> float:
-    total = 0.0
-    for a, b in zip(_float_rows(orig, t_orig), _float_rows(q, t_q), strict=True):
-        d2 = np.square(a - b, dtype=np.float64).sum(axis=0)
-        total += float(d2 @ weights) if weights is not None else float(d2.sum())
-    return total
+def _sample_rows(n_rows: int, max_rows: int | None) -> np.ndarray | None:
+    if max_rows is None or n_rows <= max_rows:
+        return None
+    return np.unique(np.linspace(0, n_rows - 1, max_rows).round().astype(np.int64))
 
 
 def measure_costs(
     input_path: Path,
     pure_files: Mapping[str, Path],
     imatrix: Mapping[str, np.ndarray] | None,
+    *,
+    max_rows: int | None = None,
 ) -> tuple[list[TensorCosts], int]:
     """Per quantizable tensor, its options (type written, bytes, weighted error) from the pure files;
-    and the bytes that no choice changes (header, norms, padding) in the top type's file."""
+    and the bytes that no choice changes (header, norms, padding) in the top type's file.
+
+    ``max_rows``: sum each error over at most that many evenly spaced rows, scaled to all rows (rows are
+    quantized independently, so the sample is unbiased). The top type's file comes first in the errors'
+    order when present, so a type several files hold is measured from the first."""
     from .doctor.reader import pad, read_gguf
 
     orig = read_gguf(input_path)
@@ -157,27 +344,58 @@ def measure_costs(
     out: list[TensorCosts] = []
     quantized_bytes = 0
     for t in orig.tensors:
-        per_type: dict[str, Option] = {}
-        for _cand, g in files.items():
+        infos = {}
+        for c, g in files.items():
             tq = g.tensor(t.name)
             if tq is None or tq.type is None or tq.n_bytes is None:
                 raise QuantizeError(f"llama.cpp's pure quantization of {input_path} lost tensor {t.name}")
-            if tq.type_name in ("F32", "F16", "BF16") or tq.type_name in per_type:
-                continue
-            w = imatrix.get(t.name) if imatrix else None
-            if w is not None and w.size != t.dims[0]:
-                w = None
-            err = _weighted_error(orig, g, t, tq, w.astype(np.float64) if w is not None else None)
-            per_type[tq.type_name] = Option(tq.type_name, tq.n_bytes, err)
-        top_t = top_file.tensor(t.name)
-        if not per_type or top_t is None or top_t.type_name not in per_type:
+            infos[c] = tq
+        top_t = infos[TOP_TYPE]
+        if top_t.type_name in _FLOAT_NAMES:
             continue  # llama.cpp never quantizes it (norms, 1-D tensors): part of the fixed bytes
+        w = imatrix.get(t.name) if imatrix else None
+        weights = w.astype(np.float64) if w is not None and w.size == t.dims[0] else None
+        n_rows = t.n_elements // t.dims[0]
+        rows = _sample_rows(n_rows, max_rows)
+        scale = n_rows / len(rows) if rows is not None else 1.0
+        ref: list[np.ndarray] | None = None
+        per_type: dict[str, Option] = {}
+        for c in sorted(files, key=lambda c: c != TOP_TYPE):
+            tq, g = infos[c], files[c]
+            if tq.type_name in _FLOAT_NAMES or tq.type_name in per_type:
+                continue
+            if ref is None:
+                ref = list(_float_rows(orig, t, rows))
+            total = 0.0
+            for a, b in zip(ref, _float_rows(g, tq, rows), strict=True):
+                d2 = np.square(a - b, dtype=np.float64).sum(axis=0)
+                total += float(d2 @ weights) if weights is not None else float(d2.sum())
+            per_type[tq.type_name] = Option(tq.type_name, int(tq.n_bytes), total * scale)
         top = per_type[top_t.type_name]
         quantized_bytes += pad(top.nbytes, top_file.alignment)
         opts = sorted(per_type.values(), key=lambda o: (o.nbytes, o.error))
         out.append(TensorCosts(t.name, opts, top))
     fixed = top_file.file_size - quantized_bytes
     return out, fixed
+
+
+# --------------------------------------------------------------------------------------------- probes
+
+
+def probe_groups(
+    tensors: Sequence[TensorCosts], mode: Mode = "fast", bands: int = FAST_BANDS
+) -> list[list[int]]:
+    """Indices of ``tensors`` probed together: one tensor each (exhaustive), or (fast) one role in one of
+    ``bands`` bands of consecutive layers (``blk.N.<role>``), each tensor outside the blocks alone."""
+    if mode == "exhaustive":
+        return [[i] for i in range(len(tensors))]
+    layers = [_BLOCK.match(tc.name) for tc in tensors]
+    n_layers = 1 + max((int(m.group(1)) for m in layers if m), default=0)
+    groups: dict[tuple[str, int], list[int]] = {}
+    for i, (tc, m) in enumerate(zip(tensors, layers, strict=True)):
+        key = (m.group(2), int(m.group(1)) * bands // n_layers) if m else (tc.name, -1)
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
 
 
 # --------------------------------------------------------------------------------------------- choice
@@ -363,22 +581,31 @@ def autoquant(
     context_length: int | None = None,
     progress: bool = True,
     attempts: int = 4,
+    mode: Mode = "fast",
 ) -> AutoQuantResult:
     """Quantize ``input_path`` (F32/F16/BF16) with per-tensor types that meet ``max_size`` (bytes or a
     string such as ``"50MB"``) and/or ``max_kld`` (mean KL divergence against the input on the calibration
     conversations of ``data``) with the lowest measured KLD (``max_size``) or the smallest file
     (``max_kld`` alone). ``imatrix="auto"`` computes one from ``data``; None quantizes without.
+    ``mode``: ``"fast"`` (sensitivities shared by role and depth band) or ``"exhaustive"`` (one probe per
+    tensor); see the module docstring.
 
     Writes the GGUF and, beside it, ``<name>.recipe.yaml`` (the per-tensor rules, reusable with
-    ``quantize --recipe``). Raises :class:`InputError` for an impossible budget, naming what is possible.
+    ``quantize --recipe``). Raises :class:`InputError` for an impossible budget, naming what is possible;
+    a size below the smallest mixture is refused before anything is measured (:func:`size_bounds`).
     To build several budgets from one set of measurements, use :class:`AutoQuantizer`.
     """
     src = require_file(input_path, "input GGUF")
     size_cap, max_kld = _check_budget(max_size, max_kld)
     dst = _output_paths(src, output_path)[0]
+    cands = _check_inputs(src, data, imatrix, candidates, mode)[0]
+    bounds = size_bounds(src, cands, threads=threads)
+    why = bounds.refusal(size_cap) if size_cap is not None else None
+    if why:
+        raise InputError(why)
     with AutoQuantizer(
-        src, data=data, imatrix=imatrix, candidates=candidates, limit=limit, threads=threads,
-        progress=progress, work_dir=dst.parent,
+        src, data=data, imatrix=imatrix, candidates=cands, limit=limit, threads=threads,
+        progress=progress, work_dir=dst.parent, mode=mode, bounds=bounds,
     ) as aq:  # fmt: skip
         return aq.build(
             dst, max_size=size_cap, max_kld=max_kld, profile=profile, context_length=context_length,
@@ -395,6 +622,37 @@ def _check_budget(max_size: int | str | None, max_kld: float | None) -> tuple[in
     return size_cap, max_kld
 
 
+def _check_inputs(
+    src: Path,
+    data: str | os.PathLike[str],
+    imatrix: str | os.PathLike[str] | Mapping[str, Any] | None,
+    candidates: Sequence[str],
+    mode: str,
+) -> tuple[list[str], Path]:
+    """The candidate types and the calibration file, after every check that needs no measurement."""
+    from .quantize import FLOAT_TYPES, IMATRIX_TENSOR_TYPES, check_gguf_magic, read_gguf_info
+
+    if mode not in MODES:
+        raise InputError(f"unknown auto-quant mode {mode!r}; choose one of: {', '.join(MODES)}")
+    check_gguf_magic(src)
+    quantized = sorted({t for t in read_gguf_info(src).tensor_types.values() if t not in FLOAT_TYPES})
+    if quantized:
+        raise InputError(
+            f"{src} is already quantized ({', '.join(quantized)}): auto-quant measures every type "
+            "against the float model, so start from the F16/F32 file"
+        )
+    cands = _candidates(candidates)
+    data_path = Path(data)
+    if not data_path.exists():
+        raise InputError(f"calibration data not found: {data_path}")
+    calib = _calibration_file(data_path)
+    if imatrix is None and any(c in IMATRIX_TENSOR_TYPES for c in cands):
+        raise InputError(
+            f"{', '.join(c for c in cands if c in IMATRIX_TENSOR_TYPES)} need an importance matrix"
+        )
+    return cands, calib
+
+
 def _output_paths(src: Path, output_path: str | os.PathLike[str] | None) -> tuple[Path, Path]:
     from .files import check_output_path
 
@@ -406,10 +664,19 @@ def _output_paths(src: Path, output_path: str | os.PathLike[str] | None) -> tupl
     return dst, check_output_path(dst.with_suffix(".recipe.yaml"))
 
 
+def _evaluated_tokens(scorer: Any) -> int:
+    """Tokens one pass of ``scorer`` runs through llama.cpp (prompts and replies, not only scored ones)."""
+    return sum(len(e.ids) for e in scorer.encoded)
+
+
 class AutoQuantizer:
     """Measures a model once (costs of every candidate type, sensitivity of every tensor), then builds as
     many budgets as asked with :meth:`build`. Holds a work folder of temporary GGUFs: use it as a context
-    manager (or call :meth:`close`)."""
+    manager (or call :meth:`close`).
+
+    ``mode`` is ``"fast"`` or ``"exhaustive"`` (module docstring); ``bands``, ``probe_conversations``,
+    ``error_rows`` and ``imatrix_tokens`` override the fast mode's settings. ``bounds``: :func:`size_bounds`
+    of the same input and candidates, already computed (saves its dry runs)."""
 
     def __init__(
         self,
@@ -422,47 +689,45 @@ class AutoQuantizer:
         threads: int | None = None,
         progress: bool = True,
         work_dir: str | os.PathLike[str] | None = None,
+        mode: Mode = "fast",
+        bands: int | None = None,
+        probe_conversations: int | None = None,
+        error_rows: int | None = None,
+        imatrix_tokens: int | None = None,
+        bounds: SizeBounds | None = None,
     ):
         from .doctor.reader import read_gguf
         from .evaluate import KLDScorer
-        from .quantize import (
-            FLOAT_TYPES,
-            IMATRIX_TENSOR_TYPES,
-            check_gguf_magic,
-            load_imatrix,
-            normalize_tensor_type,
-            read_gguf_info,
-        )
+        from .quantize import load_imatrix
 
         t0 = time.perf_counter()
         src = self.src = require_file(input_path, "input GGUF")
-        check_gguf_magic(src)
-        quantized = sorted({t for t in read_gguf_info(src).tensor_types.values() if t not in FLOAT_TYPES})
-        if quantized:
-            raise InputError(
-                f"{src} is already quantized ({', '.join(quantized)}): auto-quant measures every type "
-                "against the float model, so start from the F16/F32 file"
-            )
-        cands = list(dict.fromkeys(normalize_tensor_type(c, "candidate type") for c in candidates))
-        if TOP_TYPE not in cands:
-            cands.append(TOP_TYPE)
-        unknown = [c for c in cands if c not in _FILE_TYPE_OF or c in ("F16", "BF16")]
-        if unknown:
-            raise InputError(f"candidate type(s) {', '.join(unknown)} not supported by auto-quant")
+        cands, calib = _check_inputs(src, data, imatrix, candidates, mode)
         data_path = Path(data)
-        if not data_path.exists():
-            raise InputError(f"calibration data not found: {data_path}")
-        calib = _calibration_file(data_path)
-        if imatrix is None and any(c in IMATRIX_TENSOR_TYPES for c in cands):
-            raise InputError(
-                f"{', '.join(c for c in cands if c in IMATRIX_TENSOR_TYPES)} need an importance matrix"
-            )
+        fast = mode == "fast"
+        self.mode: str = mode
+        self.bands = (bands or FAST_BANDS) if fast else None
+        probe_convs = (probe_conversations or FAST_PROBE_CONVERSATIONS) if fast else None
+        rows = (error_rows or FAST_ERROR_ROWS) if fast else None
+        imat_tokens = imatrix_tokens or (FAST_IMATRIX_TOKENS if fast else None)
+        for name, value in (
+            ("bands", bands), ("probe_conversations", probe_conversations), ("error_rows", error_rows),
+            ("imatrix_tokens", imatrix_tokens),
+        ):  # fmt: skip
+            if value is not None and value < 1:
+                raise InputError(f"{name} must be positive, got {value}")
         self.threads = threads
         self.progress = progress
         self.work = Path(tempfile.mkdtemp(prefix=".autoquant-", dir=work_dir))
         try:
             with _Progress(progress) as prog:
+                prog.step("types llama.cpp writes for each candidate (dry runs)")
+                if bounds is None or bounds.input_path != src or set(bounds.candidates) != set(cands):
+                    bounds = size_bounds(src, cands, threads=threads)
+                self.bounds = bounds
+
                 self.imatrix_path: Path | None = None
+                self.imatrix_tokens = 0
                 imat_src: Any = imatrix
                 if isinstance(imatrix, str) and imatrix == "auto":
                     from .imatrix import compute_imatrix
@@ -470,23 +735,21 @@ class AutoQuantizer:
                     prog.step("importance matrix from the training conversations")
                     self.imatrix_path = imat_src = self.work / "imatrix.gguf"
                     with _quiet():
-                        compute_imatrix(
+                        im = compute_imatrix(
                             src,
                             data_path if data_path.is_dir() else calib,
                             self.imatrix_path,
                             threads=threads,
+                            **({"max_tokens": imat_tokens} if imat_tokens else {}),
                         )
+                    self.imatrix_tokens = im.tokens
                 elif imatrix is not None and not isinstance(imatrix, Mapping):
                     self.imatrix_path = Path(imatrix)
                 self.imat = load_imatrix(imat_src) if imat_src is not None else None
 
-                pure: dict[str, Path] = {}
-                task = prog.task("pure quantization per candidate type", len(cands))
-                for c in cands:
-                    pure[c] = self._q(self.work / f"pure-{c}.gguf", _FILE_TYPE_OF[c])
-                    prog.advance(task)
+                pure = self._pure_files(cands, bounds, prog)
                 prog.step("quantization error of every tensor in every type")
-                self.tensors, self.fixed = measure_costs(src, pure, self.imat)
+                self.tensors, self.fixed = measure_costs(src, pure, self.imat, max_rows=rows)
                 if not self.tensors:
                     raise QuantizeError(f"{src} has no tensor llama.cpp quantizes")
                 self.align = read_gguf(pure[TOP_TYPE]).alignment
@@ -495,26 +758,81 @@ class AutoQuantizer:
                     if c != TOP_TYPE:
                         path.unlink()
 
-                prog.step(f"reference log-probabilities on {calib.name}")
+                prog.step("reference log-probabilities, top type's KLD")
                 self.scorer = KLDScorer(src, calib, limit=limit, threads=threads)
                 self.kld_top = self.scorer.score(pure[TOP_TYPE]).kld_mean
-                task = prog.task("sensitivity of each tensor", len(self.tensors))
-                self.probes = 0
-                for tc in self.tensors:
-                    low = tc.options[0]
-                    if low.type != tc.top.type and low.error > tc.top.error:
-                        probe = self._q(
-                            self.work / "probe.gguf", TOP_TYPE, tensor_types=[_rule(tc.name, low.type)]
-                        )
-                        tc.probe_kld = self.scorer.score(probe).kld_mean
-                        probe.unlink()
-                        self.probes += 1
-                        tc.sensitivity = max(tc.probe_kld - self.kld_top, 0.0) / (low.error - tc.top.error)
-                    prog.advance(task)
+                self.evaluated_tokens = 2 * _evaluated_tokens(self.scorer)
+                probe_scorer, probe_top = self.scorer, self.kld_top
+                if probe_convs is not None and probe_convs < len(self.scorer.encoded):
+                    probe_scorer = KLDScorer(src, calib, limit=probe_convs, threads=threads)
+                    probe_top = probe_scorer.score(pure[TOP_TYPE]).kld_mean
+                    self.evaluated_tokens += 2 * _evaluated_tokens(probe_scorer)
+                self.probe_tokens = probe_scorer.n_tokens
+                self.probes = self._probe(probe_scorer, probe_top, prog)
+                self.evaluated_tokens += self.probes * _evaluated_tokens(probe_scorer)
+            self.step_seconds = prog.seconds
         except BaseException:
             self.close()
             raise
         self.measure_seconds = time.perf_counter() - t0
+
+    def _pure_files(self, cands: Sequence[str], bounds: SizeBounds, prog: _Progress) -> dict[str, Path]:
+        """One pure quantization per candidate type, the top type first; a tensor whose written type an
+        earlier file already holds is written as the top type (no work), a file that would add nothing is
+        not made."""
+        order = sorted(cands, key=lambda c: (c != TOP_TYPE, _block_of(c) != 32))
+        seen: dict[str, set[str]] = {}
+        pure: dict[str, Path] = {}
+        task = prog.task("pure quantization per candidate type", len(order))
+        for c in order:
+            rules: list[str] = []
+            new = False
+            for name, ty in bounds.written[c].items():
+                if ty in _FLOAT_NAMES:
+                    continue
+                if ty in seen.setdefault(name, set()):
+                    rules.append(_rule(name, TOP_TYPE))
+                else:
+                    seen[name].add(ty)
+                    new = True
+            if new:
+                pure[c] = self._q(self.work / f"pure-{c}.gguf", _FILE_TYPE_OF[c], tensor_types=rules)
+            prog.advance(task)
+        return pure
+
+    def _probe(self, scorer: Any, kld_top: float, prog: _Progress) -> int:
+        """Set every tensor's sensitivity from probes of its group; returns the number of probes."""
+        groups = probe_groups(self.tensors, "fast" if self.bands else "exhaustive", self.bands or 1)
+        # per probe: the tensors lowered together, the KLD measured, the sensitivity they got
+        self.probe_log: list[dict[str, Any]] = []
+        task = prog.task("sensitivity probes", len(groups))
+        probes = 0
+        for group in groups:
+            members = [
+                self.tensors[i] for i in group
+                if self.tensors[i].options[0].type != self.tensors[i].top.type
+                and self.tensors[i].options[0].error > self.tensors[i].top.error
+            ]  # fmt: skip
+            if members:
+                rules = [_rule(tc.name, tc.options[0].type) for tc in members]
+                probe = self._q(self.work / "probe.gguf", TOP_TYPE, tensor_types=rules)
+                kld = scorer.score(probe).kld_mean
+                probe.unlink()
+                probes += 1
+                de = sum(tc.options[0].error - tc.top.error for tc in members)
+                for tc in members:
+                    tc.probe_kld = kld
+                    tc.sensitivity = max(kld - kld_top, 0.0) / de
+                self.probe_log.append(
+                    {
+                        "tensors": [tc.name for tc in members],
+                        "kld": kld,
+                        "sensitivity": members[0].sensitivity,
+                    }
+                )
+                log.debug("probe of %d tensors (%s, ...): KLD %.4g", len(members), members[0].name, kld)
+            prog.advance(task)
+        return probes
 
     def _q(self, out: Path, ftype: str, **kw: Any) -> Path:
         from .quantize import quantize
@@ -615,6 +933,11 @@ class AutoQuantizer:
             attempts=attempt,
             probes=self.probes,
             seconds=self.measure_seconds + time.perf_counter() - t0,
+            mode=self.mode,
+            probe_tokens=self.probe_tokens,
+            evaluated_tokens=self.evaluated_tokens,
+            imatrix_tokens=self.imatrix_tokens,
+            measure_seconds=self.measure_seconds,
             notes=list(self.notes),
         )
 
@@ -695,12 +1018,14 @@ def _quiet() -> Iterator[None]:
 
 
 class _Progress:
-    """A rich progress display on stderr (nothing when disabled)."""
+    """A rich progress display on stderr (nothing when disabled), and the seconds each step took."""
 
     def __init__(self, enabled: bool):
         self.enabled = enabled
         self._p: Any = None
         self._step: Any = None
+        self.seconds: dict[str, float] = {}
+        self._current: tuple[str, float] | None = None
 
     def __enter__(self) -> _Progress:
         if self.enabled:
@@ -715,11 +1040,20 @@ class _Progress:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._lap()
         if self._p is not None:
             self._p.__exit__(*exc)
 
+    def _lap(self) -> None:
+        if self._current is not None:
+            name, t0 = self._current
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+            self._current = None
+
     def step(self, text: str) -> None:
         log.debug("auto-quant: %s", text)
+        self._lap()
+        self._current = (text, time.perf_counter())
         if self._p is not None:
             if self._step is not None:
                 self._p.update(self._step, completed=1, visible=False)
