@@ -36,8 +36,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--manifest", type=Path, default=Path(__file__).parents[1] / "examples" / "domains.yaml")
     ap.add_argument("--work", type=Path, default=Path(__file__).parent / "work" / "build")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="Ray runs per worker count (0: no Ray comparison)")
     args = ap.parse_args()
+    stem = "build" if args.manifest.stem == "domains" else f"build_{args.manifest.stem.replace('-', '_')}"
     console = Console()
     work = args.work.resolve()
     shutil.rmtree(work, ignore_errors=True)
@@ -73,9 +74,10 @@ def main() -> None:
         xs = [r.seconds if key is None else r.executor_stats[key] for r in runs[workers]]
         return statistics.median(xs)
 
-    steps_1, steps_2 = med(1, "graph_s"), med(2, "graph_s")
-    wall_1, wall_2 = med(1, None), med(2, None)
-    speedup = steps_1 / steps_2
+    nan = float("nan")
+    steps_1, steps_2 = (med(1, "graph_s"), med(2, "graph_s")) if args.repeats else (nan, nan)
+    wall_1, wall_2 = (med(1, None), med(2, None)) if args.repeats else (nan, nan)
+    speedup = steps_1 / steps_2 if args.repeats else nan
 
     routing = cold.routing or {}
     result = {
@@ -102,13 +104,17 @@ def main() -> None:
         "step_seconds": {s.name: s.seconds for s in cold.steps},
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "build.json").write_text(json.dumps(result, indent=2) + "\n")
+    result["command"] = "python benchmarks/build.py " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in (("manifest", args.manifest), ("repeats", args.repeats))
+    )
+    result["commit"] = _commit()
+    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     doms = routing.get("domains", {})
     md = [
-        "# Build benchmark: examples/domains.yaml",
+        f"# Build benchmark: {args.manifest.name}",
         "",
-        f"{os.cpu_count()} CPU cores, {platform.platform()}, {time.strftime('%Y-%m-%d')}; "
-        "all figures from one invocation.",
+        f"{os.cpu_count()} CPU cores, {platform.platform()}, {time.strftime('%Y-%m-%d')}, commit "
+        f"{result['commit']}; all figures from one invocation: `{result['command']}`.",
         "",
         "| figure | measured | goal |",
         "|---|---:|---:|",
@@ -142,8 +148,21 @@ def main() -> None:
         "|---|---:|",
         *(f"| {s.name} | {s.seconds:.1f} |" for s in sorted(cold.steps, key=lambda s: -s.seconds)[:10]),
     ]
-    (RESULTS / "build.md").write_text("\n".join(md) + "\n")
-    console.print(f"wrote {RESULTS / 'build.md'}")
+    if not args.repeats:  # no Ray rows
+        md = [line for line in md if "Ray" not in line and "2 workers" not in line]
+    (RESULTS / f"{stem}.md").write_text("\n".join(md) + "\n")
+    console.print(f"wrote {RESULTS / f'{stem}.md'}")
+
+
+def _commit() -> str:
+    import subprocess
+
+    here = Path(__file__).parent
+    proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          check=False, cwd=here)  # fmt: skip
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                           text=True, check=False, cwd=here).stdout.strip()  # fmt: skip
+    return proc.stdout.strip() + ("+uncommitted" if dirty else "")
 
 
 if __name__ == "__main__":
