@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from cli_helpers import assert_one_line_error, run_cli
+from generation_checks import assert_generates
 from gguf_factory.autoquant import (
     AutoQuantizer,
     Option,
@@ -63,7 +64,7 @@ def test_size_budget_beats_the_stock_preset_on_held_out_data(
     assert auto.kld_mean < stock.kld_mean, (auto.kld_mean, stock.kld_mean)
     # llama.cpp runs it, and the recipe it wrote reproduces it type for type
     with load(r.path) as m:
-        assert m.generate("user\nhello", max_tokens=4, temperature=0.0) is not None
+        assert_generates(m, "user\nhello", max_tokens=4)
     again = quantize(tiny_f16_gguf, tmp_path / "again.gguf", recipe=r.recipe_path, imatrix=imatrix_file)
     assert {n: read_gguf_info(again.path).tensor_types[n] for n in r.types} == r.types
     assert "auto size" in (again.recipe or "")
@@ -234,4 +235,4 @@ def test_quantize_with_data_computes_an_importance_matrix(
     assert meta["quantize.imatrix.dataset"].value == tiny_data_dir.name
     assert meta["gguf_factory.profile"].value == "mobile"
     with load(r.path) as m:
-        assert m.generate("user\nhi", max_tokens=2, temperature=0.0) is not None
+        assert_generates(m, "user\nhi", max_tokens=2)

@@ -7,6 +7,7 @@ from pathlib import Path
 import gguf
 import pytest
 
+from generation_checks import assert_generates
 from gguf_factory.errors import InputError, ModelError, QuantizeError
 from gguf_factory.quantize import QUANT_TYPES, quantize
 from gguf_factory.runtime import load
@@ -30,7 +31,7 @@ def test_quantize_writes_a_smaller_loadable_gguf(tiny_f16_gguf: Path, tmp_path: 
     # leftovers of the temp-then-rename dance must be gone
     assert [p.name for p in tmp_path.iterdir()] == [out.name]
     with load(out) as m:
-        assert m.generate("hello", max_tokens=4) is not None
+        assert_generates(m, "hello", max_tokens=4)
 
 
 def test_quantize_refuses_to_overwrite_its_input(tiny_f16_gguf: Path) -> None:

@@ -466,7 +466,8 @@ def test_cli_serve(tiny_f16_gguf: Path) -> None:
             time.sleep(0.1)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="from-env", max_retries=0)
         r = client.chat.completions.create(model=tiny_f16_gguf.stem, messages=MESSAGES, max_tokens=8)
-        assert r.choices[0].message.content is not None
+        reply = r.choices[0].message.content
+        assert isinstance(reply, str) and reply.strip(), reply
         with pytest.raises(openai.BadRequestError):
             client.chat.completions.create(model="auto", messages=MESSAGES, max_tokens=9)
         assert httpx.get(f"{url}/v1/models").status_code == 401
@@ -486,3 +487,61 @@ def test_cli_serve_bad_input(tmp_path: Path) -> None:
     not_gguf.write_bytes(b"nope")
     assert_one_line_error(run_cli("serve", str(not_gguf)), "not a GGUF")
     assert_one_line_error(run_cli("serve", str(tmp_path / "missing.gguf")), "not found")
+
+
+def test_one_sse_path_for_both_endpoints() -> None:
+    """Both endpoints' streams come from one generator: same framing, closing chunk, usage, error and
+    close-on-every-end behaviour; only the chunk's object name and where the text goes differ."""
+    import json
+
+    from gguf_factory.serve.app import _chat_events, _completion_events
+
+    class FakeModel:
+        def tokenize(self, text: str) -> list[int]:
+            return list(range(len(text.split())))
+
+    class Chunks:
+        def __init__(self, items: list[dict], fail: bool = False) -> None:
+            self.items, self.fail, self.closed = iter(items), fail, False
+
+        def __iter__(self) -> Chunks:
+            return self
+
+        def __next__(self) -> dict:
+            item = next(self.items, None)
+            if item is None:
+                raise ValueError("bad token") if self.fail else StopIteration
+            return item
+
+        def close(self) -> None:
+            self.closed = True
+
+    def parse(events: list[str]) -> list:
+        assert all(e.startswith("data: ") and e.endswith("\n\n") for e in events)
+        return [e[6:-2] if e == "data: [DONE]\n\n" else json.loads(e[6:-2]) for e in events]
+
+    chat = Chunks([{"choices": [{"delta": {"content": p}, "finish_reason": f}]} for p, f in
+                   (("Hello", None), (None, None), (" there", "length"))])  # fmt: skip
+    out = parse(list(_chat_events(chat, "c1", 7, "m", FakeModel(), 3, True)))
+    assert chat.closed
+    assert [o["choices"][0]["delta"] for o in out[:4]] == [
+        {"role": "assistant", "content": ""}, {"content": "Hello"}, {"content": " there"}, {}
+    ]  # fmt: skip
+    assert {o["object"] for o in out[:-1]} == {"chat.completion.chunk"}
+    assert out[3]["choices"][0]["finish_reason"] == "length"
+    assert out[4]["choices"] == [] and out[4]["usage"] == {
+        "prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5
+    }  # fmt: skip
+    assert out[-1] == "[DONE]"
+
+    comp = Chunks([{"choices": [{"text": "a b", "finish_reason": None}]}], fail=True)
+    out = parse(list(_completion_events(comp, "c2", 7, "m", FakeModel(), 3, False)))
+    assert comp.closed
+    assert out[0]["object"] == "text_completion" and out[0]["choices"][0]["text"] == "a b"
+    assert out[1]["error"]["message"] == "bad token" and out[1]["error"]["type"] == "invalid_request_error"
+    assert out[-1] == "[DONE]" and len(out) == 3
+    ok = Chunks([{"choices": [{"text": "x", "finish_reason": "stop"}]}])
+    out = parse(list(_completion_events(ok, "c3", 7, "m", FakeModel(), 3, False)))
+    assert ok.closed
+    assert [o["choices"][0]["text"] for o in out[:-1]] == ["x", ""]
+    assert out[1]["choices"][0]["finish_reason"] == "stop" and out[-1] == "[DONE]"

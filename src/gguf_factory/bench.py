@@ -28,7 +28,7 @@ from .errors import FactoryError
 from .files import human_size, require_dir, require_file
 
 if TYPE_CHECKING:  # not imported at run time: the measuring child imports only what a system needs
-    from .evaluate import BitsPerByte
+    from .scoring import BitsPerByte
 
 log = logging.getLogger(__name__)
 

@@ -50,6 +50,18 @@ import numpy as np
 from .errors import DataError, InputError, ModelError
 from .files import atomic_write_json, atomic_write_text, human_size, require_file
 from .runtime.templates import ChatTemplate as BoundedChatTemplate
+from .scoring import (  # noqa: F401  (re-exported: their home was here)
+    LN2,
+    BitsPerByte,
+    BitsTally,
+    EncodedConversation,
+    ReplySpan,
+    read_eval_conversations,
+    reply_bytes,
+    scored_replies,
+)
+from .splitset import set_size
+from .turns import assistant_spans
 
 log = logging.getLogger(__name__)
 
@@ -60,99 +72,6 @@ MAX_EVAL_CTX = 4096
 
 
 # --------------------------------------------------------------------------------------------- results
-
-LN2 = math.log(2)
-
-
-@dataclass
-class BitsPerByte:
-    """Bits per UTF-8 byte of the held-out reference replies, teacher-forced (see the module docstring)."""
-
-    bits: float
-    """Negative log2-likelihood of the scored replies' tokens, their end of turn included."""
-    bytes: int
-    """UTF-8 bytes of the scored replies' text (:func:`reply_bytes`)."""
-    bpb: float
-    """``bits / bytes``: the figure to compare."""
-    n_replies: int
-    n_tokens: int
-    """Scored tokens (the system's own: subwords, or the LSTM's words), end-of-turn tokens included."""
-    end_bits: float = 0.0
-    """Of :attr:`bits`, those of the end-of-turn tokens."""
-    n_end_tokens: int = 0
-    bpb_reply_only: float = 0.0
-    """``(bits - end_bits) / bytes``: the reply's own tokens only."""
-    skipped_replies: int = 0
-    """Replies of the data not scored (cut by the context, or a template that failed): bytes left out."""
-    system: str = ""
-    kind: str = ""
-    """``gguf`` (llama.cpp), ``hf`` (transformers) or ``lstm`` (the seq2seq baseline)."""
-    data_path: str = ""
-    n_words: int = 0
-    """LSTM only: words of the scored replies."""
-    n_oov: int = 0
-    """LSTM only: of them, out of its vocabulary (each charged p(<unk>) and then its spelling)."""
-    oov_bits: float = 0.0
-    """LSTM only: bits spent spelling the out-of-vocabulary words (in :attr:`bits`)."""
-    case_space_bits: float = 0.0
-    """LSTM only: bits spent on letter case and whitespace, which its words leave out (in :attr:`bits`)."""
-    fallback_replies: int = 0
-    """LSTM only: replies its words cannot represent, charged as raw bytes (log2(257) bits a byte, + 1)."""
-
-    @property
-    def oov_rate(self) -> float:
-        return self.n_oov / self.n_words if self.n_words else 0.0
-
-
-def reply_bytes(text: str) -> int:
-    """The bytes a reply is charged for: its text's UTF-8 bytes, as written in the data."""
-    return len(text.encode("utf-8"))
-
-
-def scored_replies(messages: Sequence[dict[str, str]]) -> list[int]:
-    """Indices of the messages whose bits per byte every system scores: the non-blank assistant turns."""
-    return [i for i, m in enumerate(messages) if m["role"] == "assistant" and m["content"].strip()]
-
-
-class BitsTally:
-    """Sums of bits, bytes and tokens over replies, into a :class:`BitsPerByte`."""
-
-    def __init__(self) -> None:
-        self.bits = self.end_bits = 0.0
-        self.bytes = self.replies = self.tokens = self.end_tokens = 0
-
-    def add(self, bits: float, end_bits: float, n_tokens: int, n_end: int, n_bytes: int) -> None:
-        self.bits += bits + end_bits
-        self.end_bits += end_bits
-        self.tokens += n_tokens + n_end
-        self.end_tokens += n_end
-        self.bytes += n_bytes
-        self.replies += 1
-
-    def add_conversation(self, enc: EncodedConversation, nll: np.ndarray) -> None:
-        """Add the replies of ``enc`` that lie whole in its (possibly truncated) ids; ``nll``: nats of
-        each of ``enc.targets``."""
-        per_position = np.full(len(enc.ids), np.nan)
-        per_position[enc.targets] = nll
-        for r in enc.replies:
-            if r.start < 1 or r.end > len(enc.ids):
-                continue
-            reply, end = per_position[r.start : r.content_end], per_position[r.content_end : r.end]
-            self.add(float(reply.sum()) / LN2, float(end.sum()) / LN2, reply.size, end.size, r.n_bytes)
-
-    def result(
-        self, total_replies: int, system: str = "", kind: str = "", data_path: str = ""
-    ) -> BitsPerByte:
-        if not self.bytes:
-            raise DataError(f"{data_path or 'the data'}: no reply left to score for bits per byte")
-        if not math.isfinite(self.bits):
-            raise ModelError(f"{system}: non-finite log-likelihood on the reference replies")
-        return BitsPerByte(
-            bits=self.bits, bytes=self.bytes, bpb=self.bits / self.bytes, n_replies=self.replies,
-            n_tokens=self.tokens, end_bits=self.end_bits, n_end_tokens=self.end_tokens,
-            bpb_reply_only=(self.bits - self.end_bits) / self.bytes,
-            skipped_replies=total_replies - self.replies, system=system, kind=kind, data_path=data_path,
-        )  # fmt: skip
 
 
 @dataclass
@@ -273,71 +192,9 @@ def write_report(
 # --------------------------------------------------------------------------------------------- data
 
 
-def read_eval_conversations(
-    data: str | os.PathLike[str], limit: int | None = None
-) -> tuple[Path, list[list[dict[str, str]]]]:
-    """The conversations of a chat file (or of ``test.jsonl`` in a dataset folder written by ``prepare``)."""
-    from .data import read_chat_file
-
-    p = Path(data)
-    if p.is_dir():
-        p = p / "test.jsonl"
-        if not p.is_file():
-            raise InputError(
-                f"no test.jsonl in dataset folder {data} (write one with `gguf-factory prepare`)"
-            )
-    result = read_chat_file(p)
-    convs = [[{"role": m.role, "content": m.content} for m in c.messages] for c in result.conversations]
-    convs = [c for c in convs if any(m["role"] == "assistant" for m in c)]
-    if not convs:
-        raise DataError(f"{p}: no conversation has an assistant turn to score")
-    if limit is not None:
-        if limit <= 0:
-            raise InputError(f"limit must be positive, got {limit}")
-        convs = convs[:limit]
-    return p, convs
-
-
 # The GGUF's chat template, rendered the way transformers' ``apply_chat_template`` does, bounded (a worker
 # process with a time, CPU and memory limit; checked on the probe conversations when made).
 ChatTemplate = BoundedChatTemplate
-
-
-def _assistant_spans(
-    template: Any, messages: Sequence[dict[str, str]]
-) -> tuple[str, list[tuple[int, int, int]]]:
-    """The rendered conversation and its assistant turns as (message index, start, end) character spans.
-
-    A turn starts where the conversation before it, rendered with the generation prompt, ends, and ends
-    where the conversation through it ends, less trailing whitespace. A turn whose prefix does not render
-    as a prefix of the whole conversation (templates that rewrite history) is located by its content
-    instead, followed by the end-of-sequence text when present. ``template``: anything with
-    ``render(messages, add_generation_prompt)`` and ``eos_token``.
-    """
-    full = template.render(messages, False)
-    spans: list[tuple[int, int, int]] = []
-    cursor = 0
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        start = end = -1
-        try:
-            before = template.render(messages[:i], True)
-            upto = template.render(messages[: i + 1], False)
-        except Exception:  # a template that refuses a prefix (e.g. must start with a user turn)
-            before = upto = None
-        if before is not None and upto is not None and full.startswith(upto) and upto.startswith(before):
-            start, end = len(before), len(upto.rstrip())
-        else:
-            idx = full.find(m["content"], cursor) if m["content"] else -1
-            if idx >= 0:
-                start, end = idx, idx + len(m["content"])
-                if template.eos_token and full.startswith(template.eos_token, end):
-                    end += len(template.eos_token)
-        if cursor <= start < end:
-            spans.append((i, start, end))
-            cursor = end
-    return full, spans
 
 
 def assistant_segments(template: Any, messages: Sequence[dict[str, str]]) -> list[tuple[str, bool]]:
@@ -349,7 +206,7 @@ def _turn_pieces(template: Any, messages: Sequence[dict[str, str]]) -> list[tupl
     """The rendered conversation as (text, kind, message index) pieces: kind ``context``, ``reply`` (an
     assistant turn up to the end of its text) or ``end`` (what its template puts after the text inside
     the turn: the end-of-turn marker). A turn whose text its template rewrote is all ``reply``."""
-    full, spans = _assistant_spans(template, messages)
+    full, spans = assistant_spans(template.render, messages, getattr(template, "eos_token", None))
     pieces: list[tuple[str, str, int]] = []
     pos = 0
     for i, a, b in spans:
@@ -365,35 +222,6 @@ def _turn_pieces(template: Any, messages: Sequence[dict[str, str]]) -> list[tupl
     if pos < len(full):
         pieces.append((full[pos:], "context", -1))
     return pieces
-
-
-@dataclass
-class ReplySpan:
-    """Where one scored reply's tokens lie in :attr:`EncodedConversation.ids`."""
-
-    message: int
-    start: int
-    content_end: int
-    """Tokens ``start:content_end`` are the reply's text, ``content_end:end`` its end of turn."""
-    end: int
-    n_bytes: int
-
-
-@dataclass
-class EncodedConversation:
-    ids: list[int]
-    targets: np.ndarray
-    """Positions (>= 1) whose token is scored; predicted by the logits at position - 1."""
-    replies: list[ReplySpan] = field(default_factory=list)
-    """The replies that count for bits per byte (:func:`scored_replies`)."""
-
-    def truncate(self, n_ctx: int) -> bool:
-        """Keep the first ``n_ctx`` tokens; True if some were cut."""
-        if len(self.ids) <= n_ctx:
-            return False
-        self.ids = self.ids[:n_ctx]
-        self.targets = self.targets[self.targets < n_ctx]
-        return True
 
 
 def encode(
@@ -757,7 +585,7 @@ def _score(
         s = ModelScores(
             path=str(path),
             name=label,
-            size_bytes=path.stat().st_size,
+            size_bytes=set_size(path),  # every part of a split set
             n_tokens=n_tok,
             nll=mean,
             perplexity=math.exp(mean),

@@ -271,7 +271,7 @@ def _data_texts(
     if not convs:
         raise DataError(f"{p}: no conversations")
     if template_src:
-        from .evaluate import ChatTemplate
+        from .runtime.templates import ChatTemplate
 
         tpl = ChatTemplate(template_src, bos_token=bos, eos_token=eos)
         try:

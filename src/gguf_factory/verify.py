@@ -426,11 +426,11 @@ class VerifyReport:
 def gguf_main_type(gguf_path: str | Path) -> str:
     """The GGUF's main tensor type: the type holding most elements among its 2-D tensors (e.g. ``F16``).
 
-    From the bounded header scan (:func:`gguf_factory.quantize.scan_gguf_header`): a hostile header costs
+    From the bounded header scan (:func:`gguf_factory.gguf_header.scan_gguf_header`): a hostile header costs
     no more than its size."""
     import gguf
 
-    from .quantize import scan_gguf_header
+    from .gguf_header import scan_gguf_header
 
     path = require_file(gguf_path, "GGUF file")
     try:

@@ -48,7 +48,7 @@ from ..errors import DataError, InputError, ModelError, TrainingError
 from ..files import atomic_path, check_output_dir, require_dir
 
 if TYPE_CHECKING:
-    from ..evaluate import BitsPerByte
+    from ..scoring import BitsPerByte
 
 log = logging.getLogger(__name__)
 
@@ -585,7 +585,7 @@ def lstm_bits_per_byte(
     was trained on. Returns a :class:`gguf_factory.evaluate.BitsPerByte`.
     """
     from ..data import load_split
-    from ..evaluate import BitsTally, read_eval_conversations, reply_bytes, scored_replies
+    from ..scoring import BitsTally, read_eval_conversations, reply_bytes, scored_replies
 
     bot = model if isinstance(model, LSTMChatbot) else load_lstm(model, threads=threads)
     data_path, convs = read_eval_conversations(data, limit)

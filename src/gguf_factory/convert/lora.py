@@ -36,7 +36,7 @@ from typing import Any
 import gguf
 import numpy as np
 
-from .. import __version__
+from .._version import __version__
 from ..errors import ConversionError, InputError, ModelError
 from ..files import atomic_path, check_output_path, require_dir
 from . import FACTORY_VERSION_KEY, _read_config

@@ -260,7 +260,7 @@ def build(
 ) -> BuildResult:
     """Run the whole build of ``manifest_path`` into ``out_dir`` (default: ``build/<name>`` beside the
     manifest); steps already in the cache (``<out_dir>/../.cache`` unless given) are reused."""
-    from .. import __version__
+    from .._version import __version__
     from . import steps as _steps  # noqa: F401  (registers the step kinds)
 
     t0 = time.perf_counter()

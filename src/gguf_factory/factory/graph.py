@@ -18,29 +18,19 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import FactoryError, InputError
+from .registry import STEP_FILE, STEP_KINDS, StepFunc, step_kind  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
-STEP_FILE = "step.json"
-StepFunc = Callable[[Mapping[str, Any], Mapping[str, Path], Path], dict[str, Any]]
-STEP_KINDS: dict[str, StepFunc] = {}
 UNHASHED = frozenset({"threads"})
 """Settings of how a step runs, not of what it makes: left out of its hash (a build resumed with another
 thread count reuses the finished steps)."""
-
-
-def step_kind(name: str) -> Callable[[StepFunc], StepFunc]:
-    def register(fn: StepFunc) -> StepFunc:
-        STEP_KINDS[name] = fn
-        return fn
-
-    return register
 
 
 class BuildError(FactoryError):

@@ -8,15 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import FactoryError
-from .graph import step_kind
-
-
-def _step_summary(step_dir: Path) -> dict[str, Any]:
-    import json
-
-    from .graph import STEP_FILE
-
-    return json.loads((step_dir / STEP_FILE).read_text()).get("summary") or {}
+from .registry import step_kind, step_summary
 
 
 def _threads(settings: Mapping[str, Any]) -> int | None:
@@ -180,7 +172,7 @@ def router_step(settings: Mapping[str, Any], deps: Mapping[str, Path], out: Path
             "model": d["model"],
             "adapter": d.get("adapter"),
             "profile": d["profile"],
-            "context_length": _step_summary(deps[d["quantize"]]).get("context_length"),
+            "context_length": step_summary(deps[d["quantize"]]).get("context_length"),
             "keywords": d["keywords"],
             "description": d["description"],
             "data": str(deps[d["data"]] / "data"),

@@ -267,7 +267,7 @@ def check_chat_templates(path: Path, meta: dict[str, Any] | None = None) -> None
 
 
 def _header(path: Path) -> dict[str, Any]:
-    from ..quantize import scan_gguf_header  # header only: fast even with a 262 k-token vocabulary
+    from ..gguf_header import scan_gguf_header  # header only: fast even with a 262 k-token vocabulary
 
     try:
         meta, _ = scan_gguf_header(path)

@@ -774,7 +774,33 @@ def _stream_error(e: Exception) -> str:
     return _sse(error_body(str(e), kind))
 
 
-def _chat_events(
+@dataclass(frozen=True)
+class _StreamShape:
+    """What differs between the two endpoints' event streams: the chunk's object name, where a chunk of
+    llama-cpp-python carries its text, and how ours carries it (``fields(None)``: the closing chunk's)."""
+
+    object_name: str
+    piece: Callable[[dict[str, Any]], str | None]
+    fields: Callable[[str | None], dict[str, Any]]
+    opening: dict[str, Any] | None = None
+    """The fields of a chunk sent before any text (the chat stream's assistant role), or None."""
+
+
+_CHAT_STREAM = _StreamShape(
+    object_name="chat.completion.chunk",
+    piece=lambda choice: choice.get("delta", {}).get("content"),
+    fields=lambda piece: {"delta": {"content": piece} if piece is not None else {}},
+    opening={"delta": {"role": "assistant", "content": ""}},
+)
+_COMPLETION_STREAM = _StreamShape(
+    object_name="text_completion",
+    piece=lambda choice: choice.get("text") or "",
+    fields=lambda piece: {"text": piece or ""},
+)
+
+
+def _sse_events(
+    shape: _StreamShape,
     chunks: Iterator[dict[str, Any]],
     cid: str,
     created: int,
@@ -783,24 +809,29 @@ def _chat_events(
     n_prompt: int,
     include_usage: bool,
 ) -> Iterator[str]:
-    def chunk(delta: dict[str, str], finish: str | None) -> dict[str, Any]:
+    """The one SSE path of both endpoints: a chunk per non-empty piece of text, a closing chunk with the
+    finish reason, the usage chunk when asked, ``[DONE]``; an error mid-stream is one error event and
+    ``[DONE]``. ``chunks`` is closed however the stream ends (llama.cpp stops generating)."""
+
+    def chunk(fields: dict[str, Any], finish: str | None) -> dict[str, Any]:
         return {
             "id": cid,
-            "object": "chat.completion.chunk",
+            "object": shape.object_name,
             "created": created,
             "model": model_id,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+            "choices": [{"index": 0, **fields, "logprobs": None, "finish_reason": finish}],
         }
 
-    yield _sse(chunk({"role": "assistant", "content": ""}, None))
+    if shape.opening is not None:
+        yield _sse(chunk(shape.opening, None))
     text, finish = [], None
     try:
         for c in chunks:
             choice = c["choices"][0]
-            piece = choice.get("delta", {}).get("content")
+            piece = shape.piece(choice)
             if piece:
                 text.append(piece)
-                yield _sse(chunk({"content": piece}, None))
+                yield _sse(chunk(shape.fields(piece), None))
             finish = choice.get("finish_reason") or finish
     except Exception as e:
         yield _stream_error(e)
@@ -809,50 +840,20 @@ def _chat_events(
     finally:
         with contextlib.suppress(Exception):
             chunks.close()  # type: ignore[attr-defined]
-    yield _sse(chunk({}, finish or "stop"))
+    yield _sse(chunk(shape.fields(None), finish or "stop"))
     if include_usage:
-        yield _sse(_usage_chunk(chunk({}, None), model, n_prompt, "".join(text)))
+        yield _sse(_usage_chunk(chunk(shape.fields(None), None), model, n_prompt, "".join(text)))
     yield "data: [DONE]\n\n"
 
 
-def _completion_events(
-    chunks: Iterator[dict[str, Any]],
-    cid: str,
-    created: int,
-    model_id: str,
-    model: ChatModel,
-    n_prompt: int,
-    include_usage: bool,
-) -> Iterator[str]:
-    def chunk(piece: str, finish: str | None) -> dict[str, Any]:
-        return {
-            "id": cid,
-            "object": "text_completion",
-            "created": created,
-            "model": model_id,
-            "choices": [{"index": 0, "text": piece, "logprobs": None, "finish_reason": finish}],
-        }
+def _chat_events(*args: Any) -> Iterator[str]:
+    """/v1/chat/completions' stream (arguments as :func:`_sse_events` takes them after ``shape``)."""
+    return _sse_events(_CHAT_STREAM, *args)
 
-    text, finish = [], None
-    try:
-        for c in chunks:
-            choice = c["choices"][0]
-            piece = choice.get("text") or ""
-            if piece:
-                text.append(piece)
-                yield _sse(chunk(piece, None))
-            finish = choice.get("finish_reason") or finish
-    except Exception as e:
-        yield _stream_error(e)
-        yield "data: [DONE]\n\n"
-        return
-    finally:
-        with contextlib.suppress(Exception):
-            chunks.close()  # type: ignore[attr-defined]
-    yield _sse(chunk("", finish or "stop"))
-    if include_usage:
-        yield _sse(_usage_chunk(chunk("", None), model, n_prompt, "".join(text)))
-    yield "data: [DONE]\n\n"
+
+def _completion_events(*args: Any) -> Iterator[str]:
+    """/v1/completions' stream (arguments as :func:`_sse_events` takes them after ``shape``)."""
+    return _sse_events(_COMPLETION_STREAM, *args)
 
 
 def _usage_chunk(base: dict[str, Any], model: ChatModel, n_prompt: int, text: str) -> dict[str, Any]:

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import TrainingError
+from ..turns import assistant_spans
 from .devices import Runtime
 
 log = logging.getLogger(__name__)
@@ -132,32 +133,14 @@ def assistant_char_spans(tokenizer: Any, messages: list[dict[str, str]]) -> tupl
     ends where ``messages[:i+1]`` rendered ends, less trailing whitespace (so ChatML's ``<|im_end|>`` is in
     and the newline after it is out). Templates for which a prefix does not render as a prefix of the whole
     (some drop reasoning from history) fall back to locating the content itself plus the end token.
+    The rule is :func:`gguf_factory.turns.assistant_spans`, the one evaluation scores with.
     """
-    full = _render(tokenizer, messages, False)
-    spans: list[tuple[int, int]] = []
-    cursor = 0
-    eos = getattr(tokenizer, "eos_token", None)
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        start = end = -1
-        try:
-            before = _render(tokenizer, messages[:i], True)
-            upto = _render(tokenizer, messages[: i + 1], False)
-        except Exception:  # a template that refuses a prefix (e.g. must start with a user turn)
-            before = upto = None
-        if before is not None and upto is not None and full.startswith(upto) and upto.startswith(before):
-            start, end = len(before), len(upto.rstrip())
-        else:
-            idx = full.find(m["content"], cursor) if m["content"] else -1
-            if idx >= 0:
-                start, end = idx, idx + len(m["content"])
-                if eos and full.startswith(eos, end):
-                    end += len(eos)
-        if 0 <= start < end:
-            spans.append((start, end))
-            cursor = end
-    return full, spans
+
+    def render(msgs: Sequence[dict[str, str]], add_generation_prompt: bool) -> str:
+        return _render(tokenizer, list(msgs), add_generation_prompt)
+
+    full, spans = assistant_spans(render, messages, getattr(tokenizer, "eos_token", None))
+    return full, [(start, end) for _, start, end in spans]
 
 
 def encode_conversation(tokenizer: Any, messages: list[dict[str, str]], max_seq_len: int) -> Example | None:
@@ -1108,7 +1091,7 @@ def training_record(
     """The content of ``training.json``."""
     import transformers
 
-    from .. import __version__
+    from .._version import __version__
 
     return {
         "kind": kind,

@@ -8,8 +8,8 @@ from __future__ import annotations
 import gguf
 
 from ...errors import ConversionError
-from . import register
 from .gemma2 import GemmaBase
+from .registry import register
 
 
 @register

@@ -22,8 +22,8 @@ import numpy as np
 
 from ...errors import ConversionError
 from ..base import ArchConverter
-from . import register
 from .llama import rope_config
+from .registry import register
 
 log = logging.getLogger(__name__)
 

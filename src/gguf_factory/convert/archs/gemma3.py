@@ -13,8 +13,8 @@ import numpy as np
 
 from ...errors import ConversionError
 from ..base import ArchConverter
-from . import register
 from .gemma2 import GemmaBase
+from .registry import register
 
 
 @register

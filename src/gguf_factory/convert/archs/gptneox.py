@@ -15,7 +15,7 @@ import numpy as np
 
 from ...errors import ConversionError
 from ..base import ArchConverter
-from . import register
+from .registry import register
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import gguf
 
-from . import register
 from .llama import LlamaConverter
+from .registry import register
 
 
 @register

@@ -13,7 +13,7 @@ import numpy as np
 
 from ...errors import ConversionError
 from ..base import QT, ArchConverter, PlannedTensor, llama3_rope_factors, rope_config
-from . import register
+from .registry import register
 
 log = logging.getLogger(__name__)
 

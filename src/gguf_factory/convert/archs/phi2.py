@@ -9,7 +9,7 @@ import gguf
 
 from ...errors import ConversionError
 from ..base import ArchConverter
-from . import register
+from .registry import register
 
 
 @register

@@ -19,8 +19,8 @@ import numpy as np
 
 from ...errors import ConversionError
 from ..base import QT, ArchConverter, PlannedTensor
-from . import register
 from .llama import rope_config
+from .registry import register
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ import gguf
 import numpy as np
 
 from ...errors import ConversionError
-from . import register
 from .llama import LlamaConverter
+from .registry import register
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ import gguf
 import numpy as np
 
 from ...errors import ConversionError
-from . import register
 from .qwen2 import Qwen2Converter
 from .qwen3 import Qwen3Converter
+from .registry import register
 
 
 def _check_all_layers_sparse(conv: Qwen2Converter | Qwen3Converter) -> None:

@@ -8,8 +8,8 @@ from __future__ import annotations
 import gguf
 
 from ...errors import ConversionError
-from . import register
 from .llama import LlamaConverter
+from .registry import register
 
 LLAMA_CPP_NO_ROPE_STEP = 4
 

@@ -11,7 +11,7 @@ import gguf
 
 from ...errors import ConversionError
 from ..base import ArchConverter
-from . import register
+from .registry import register
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ import gguf
 
 from ....errors import ModelError
 from ..base import OUTPUT
-from . import register
 from .gemma2 import GemmaReverseBase
+from .registry import register
 
 
 @register

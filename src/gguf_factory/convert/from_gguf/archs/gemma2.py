@@ -22,7 +22,7 @@ import numpy as np
 
 from ....errors import ModelError
 from ..base import KA, KL, KR, OUTPUT, ReverseArch
-from . import register
+from .registry import register
 
 NO_ATTN_CAP = 1e5  # what the forward converter writes for "no attention soft-capping"
 

@@ -11,8 +11,8 @@ from typing import Any
 import gguf
 
 from ..base import KR
-from . import register
 from .gemma2 import GemmaReverseBase
+from .registry import register
 
 
 @register

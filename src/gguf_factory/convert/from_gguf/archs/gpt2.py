@@ -15,7 +15,7 @@ import numpy as np
 
 from ....errors import ModelError
 from ..base import KA, KL, ReverseArch
-from . import register
+from .registry import register
 
 POSITION_EMBD = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.POS_EMBD] + ".weight"
 _CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")

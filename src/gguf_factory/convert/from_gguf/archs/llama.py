@@ -19,7 +19,7 @@ import numpy as np
 from ....errors import ModelError
 from ...base import llama3_rope_factors
 from ..base import KA, KL, KR, ReverseArch
-from . import register
+from .registry import register
 
 ROPE_FREQS = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
 

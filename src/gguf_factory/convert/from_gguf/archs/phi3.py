@@ -15,7 +15,7 @@ import gguf
 
 from ....errors import ModelError
 from ..base import KA, KL, KR, ReverseArch
-from . import register
+from .registry import register
 
 LONG = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FACTORS_LONG] + ".weight"
 SHORT = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT] + ".weight"

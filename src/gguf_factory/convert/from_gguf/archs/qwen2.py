@@ -9,7 +9,7 @@ import gguf
 
 from ....errors import ModelError
 from ..base import KA, KL, KR, ReverseArch
-from . import register
+from .registry import register
 
 
 @register
