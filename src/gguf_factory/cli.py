@@ -25,6 +25,16 @@ err_console = Console(stderr=True)
 
 Out = Annotated[Path, typer.Option("--output", "-o", help="Output path (its folder must exist).")]
 Threads = Annotated[int | None, typer.Option(help="CPU threads (default: all cores).")]
+SplitMaxSize = Annotated[
+    str | None,
+    typer.Option(
+        help="Write llama.cpp's split layout (NAME-00001-of-0000N.gguf ...), parts of at most this much "
+        "tensor data: 2G, 500M (powers of 1000), 1.5GiB."
+    ),
+]
+SplitMaxTensors = Annotated[
+    int | None, typer.Option(help="Write llama.cpp's split layout, at most this many tensors per part.")
+]
 
 
 @app.callback()
@@ -303,6 +313,8 @@ def convert(
     verify_data: Annotated[
         Path | None, typer.Option(help="Held-out data for --verify: a `prepare` folder or its test.jsonl.")
     ] = None,
+    split_max_size: SplitMaxSize = None,
+    split_max_tensors: SplitMaxTensors = None,
 ) -> None:
     """Convert a Hugging Face checkpoint to GGUF, or a GGUF back to a Hugging Face checkpoint (the direction
     comes from the input)."""
@@ -317,11 +329,24 @@ def convert(
         raise InputError("convert: give a MODEL and --output (or --list)")
     gguf_in = gguf_of_source(model)
     if gguf_in is not None:
+        if split_max_size is not None or split_max_tensors is not None:
+            raise InputError(
+                "--split-max-size/--split-max-tensors split GGUF output; this writes a HF folder"
+            )
         _convert_from_gguf(gguf_in, output, dtype, verify, verify_data)
         return
-    r = do_convert(model, output, outtype=outtype, name=name)
+    r = do_convert(
+        model,
+        output,
+        outtype=outtype,
+        name=name,
+        split_max_size=split_max_size,
+        split_max_tensors=split_max_tensors,
+    )
     console.print(
-        f"wrote {r.path} ({r.outtype}, {r.n_tensors} tensors, {r.size_bytes / 1e6:.1f} MB, {r.seconds:.1f} s)"
+        f"wrote {_parts_text(r.parts)} ({r.outtype}, {r.n_tensors} tensors, {r.size_bytes / 1e6:.1f} MB, "
+        f"{r.seconds:.1f} s)",
+        soft_wrap=True,
     )
     if verify:
         from .verify import render_verify
@@ -332,6 +357,13 @@ def convert(
         if not report.ok:
             err_console.print(f"verify failed; the file is kept at {r.path}", highlight=False)
         sys.exit(report.exit_code)
+
+
+def _parts_text(parts: list[Path]) -> str:
+    """A written GGUF: its path, or a split set's first part and how many parts."""
+    if len(parts) <= 1:
+        return str(parts[0]) if parts else "?"
+    return f"{parts[0]} (+{len(parts) - 1} more parts, to {parts[-1].name})"
 
 
 def _print_families() -> None:
@@ -378,7 +410,7 @@ def _convert_from_gguf(gguf: Path, output: Path, dtype: str, verify: bool, verif
 
 @app.command()
 def quantize(
-    input: Annotated[Path, typer.Argument(help="Input GGUF (F32/F16/BF16).")],
+    input: Annotated[Path, typer.Argument(help="Input GGUF (F32/F16/BF16; a split set: its first part).")],
     output: Annotated[
         Path | None,
         typer.Option("--output", "-o", help="Output .gguf (default: <input>-<TYPE>.gguf beside the input)."),
@@ -439,12 +471,26 @@ def quantize(
     candidates: Annotated[
         str | None, typer.Option(help="Auto-quant: comma-separated tensor types to choose from.")
     ] = None,
+    split_max_size: SplitMaxSize = None,
+    split_max_tensors: SplitMaxTensors = None,
+    keep_split: Annotated[
+        bool,
+        typer.Option("--keep-split", help="A split input: one output part per input part (llama.cpp's own)."),
+    ] = False,
     threads: Threads = None,
 ) -> None:
-    """Quantize a GGUF with llama.cpp's quantizer: any type, profiles, hybrid recipes, auto-quant."""
+    """Quantize a GGUF with llama.cpp's quantizer: any type, profiles, hybrid recipes, auto-quant.
+
+    A split GGUF is given by its first part (NAME-00001-of-0000N.gguf)."""
     from .quantize import quantize as do_quantize
 
     if max_size is not None or max_kld is not None:
+        if split_max_size is not None or split_max_tensors is not None or keep_split:
+            from .errors import InputError
+
+            raise InputError(
+                "auto-quant writes one file: drop --split-max-size, --split-max-tensors, --keep-split"
+            )
         _autoquant_cmd(
             input, output, data, max_size, max_kld, candidates, imatrix, profile, ctx, threads,
             conflicts={
@@ -472,11 +518,14 @@ def quantize(
         recipe=recipe,
         imatrix=imatrix,
         data=data,
+        split_max_size=split_max_size,
+        split_max_tensors=split_max_tensors,
+        keep_split=keep_split,
     )
     facts = (("profile", r.profile), ("ctx", r.context_length), ("recipe", r.recipe))
     extra = "".join(f", {k} {v}" for k, v in facts if v)
     console.print(
-        f"wrote {r.path} ({r.qtype}{extra}, {r.size_bytes / 1e6:.1f} MB, "
+        f"wrote {_parts_text(r.parts)} ({r.qtype}{extra}, {r.size_bytes / 1e6:.1f} MB, "
         f"{r.reduction:.0%} smaller, {r.seconds:.1f} s)",
         soft_wrap=True,
     )
@@ -767,7 +816,7 @@ def bases_cmd(
 
 @app.command("inspect")
 def inspect_(
-    model: Annotated[Path, typer.Argument(help="GGUF file.")],
+    model: Annotated[Path, typer.Argument(help="GGUF file (a split set: its first part).")],
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
     ctx: Annotated[
         int | None, typer.Option(help="Context length for the RAM estimate (default: a few usual sizes).")
@@ -789,7 +838,7 @@ def inspect_(
 
 @app.command()
 def validate(
-    model: Annotated[Path, typer.Argument(help="GGUF file.")],
+    model: Annotated[Path, typer.Argument(help="GGUF file (a split set: its first part).")],
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     smoke: Annotated[bool, typer.Option(help="Load in llama.cpp and generate a few tokens.")] = True,
     data: Annotated[bool, typer.Option(help="Read tensor data (NaN/Inf/all-zero checks).")] = True,
@@ -827,6 +876,8 @@ def repair(
             "to rebuild damaged tensors from."
         ),
     ] = None,
+    split_max_size: SplitMaxSize = None,
+    split_max_tensors: SplitMaxTensors = None,
 ) -> None:
     """Fix what the file alone allows (metadata, token ids, file_type, alignment, template) or refuse."""
     from .doctor.repair import repair as do_repair
@@ -836,7 +887,15 @@ def repair(
     template = None
     if chat_template is not None:
         template = require_file(chat_template, "chat template").read_text(encoding="utf-8")
-    r = do_repair(model, output, chat_template=template, smoke=smoke, source=source)
+    r = do_repair(
+        model,
+        output,
+        chat_template=template,
+        smoke=smoke,
+        source=source,
+        split_max_size=split_max_size,
+        split_max_tensors=split_max_tensors,
+    )
     for action in r.actions:
         console.print(f"  fixed: {action}", highlight=False)
     if not r.actions:
@@ -1113,7 +1172,7 @@ export_app = typer.Typer(
     help="Package GGUF files: Ollama Modelfile, LM Studio layout, release folder.", no_args_is_help=True
 )
 app.add_typer(export_app, name="export")
-GGUFArg = Annotated[Path, typer.Argument(help="GGUF file.")]
+GGUFArg = Annotated[Path, typer.Argument(help="GGUF file (a split set: its first part).")]
 SystemOpt = Annotated[str | None, typer.Option(help="System prompt (a SYSTEM line in the Modelfile).")]
 
 
@@ -1162,15 +1221,40 @@ def export_release_cmd(
     ] = None,
     system: SystemOpt = None,
     name: Annotated[str | None, typer.Option(help="Model name (default: general.basename).")] = None,
+    base_model: Annotated[
+        str | None,
+        typer.Option(help="Model card base_model, a Hub id (default: the source the GGUF metadata names)."),
+    ] = None,
+    license: Annotated[
+        str | None, typer.Option(help="Model card license (default: the GGUF's general.license).")
+    ] = None,
+    push: Annotated[
+        str | None,
+        typer.Option(
+            help="Upload the folder to this Hugging Face repo (OWNER/NAME; created if missing; HF_TOKEN)."
+        ),
+    ] = None,
 ) -> None:
-    """A release folder: GGUFs, SHA256SUMS, README.md model card, Modelfile."""
+    """A release folder: GGUFs, SHA256SUMS, README.md model card (Hugging Face metadata header), Modelfile;
+    --push uploads it to the Hub."""
     from .package import export_release
 
-    r = export_release(models, output, ladder=ladder, system=system, name=name)
+    r = export_release(
+        models,
+        output,
+        ladder=ladder,
+        system=system,
+        name=name,
+        base_model=base_model,
+        license=license,
+        push=push,
+    )
     _print_warnings(r.warnings)
     console.print(
         f"wrote {r.folder}: {len(r.ggufs)} GGUF(s), Modelfile, README.md, SHA256SUMS", soft_wrap=True
     )
+    if r.pushed:
+        console.print(f"pushed {r.folder} to {r.pushed}", soft_wrap=True)
 
 
 @app.command("verify-release")

@@ -173,6 +173,47 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def atomic_paths(finals: Sequence[str | os.PathLike[str]], inputs: Paths = ()) -> Iterator[list[Path]]:
+    """:func:`atomic_path` for an output made of several files (the parts of a split GGUF).
+
+    Every final path is checked first (:func:`check_output_path` with ``inputs``); one temporary file
+    beside each is yielded; only when the block ends without error, and every temporary file exists,
+    are they renamed, the first part last (a reader finds a split set from its first part, so the set
+    appears complete or not at all). On any error every temporary file is deleted, and parts already
+    renamed by a failing rename are deleted again."""
+    paths = [check_output_path(f, inputs=inputs) for f in finals]
+    if len({str(p.resolve()) for p in paths}) != len(paths):
+        raise InputError(f"the same output path is named twice: {', '.join(map(str, paths))}")
+    tmps: list[Path] = []
+    done: list[Path] = []
+    try:
+        for final in paths:
+            fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent or ".")
+            os.close(fd)
+            tmps.append(Path(name))
+            tmps[-1].unlink()  # the writer creates it
+        yield list(tmps)
+        for final, tmp in zip(paths, tmps, strict=True):
+            if not tmp.is_file():
+                raise InputError(f"nothing was written for {final}")
+        for final, tmp in reversed(list(zip(paths, tmps, strict=True))):
+            _refuse_symlink(final, "output")  # made a link while we wrote
+            if final.is_dir():
+                raise InputError(f"output path is a folder, expected a file: {final}")
+            os.replace(tmp, final)
+            done.append(final)
+    except BaseException:
+        for tmp in tmps:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        if done and len(done) < len(paths):
+            for final in done:
+                with contextlib.suppress(FileNotFoundError):
+                    final.unlink()
+        raise
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)

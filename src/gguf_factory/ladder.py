@@ -116,7 +116,7 @@ def _f(v: float | None, scale: float, spec: str) -> str:
 def rung_of(qtype: str, path: Path, ref_bytes: int) -> Rung:
     """A :class:`Rung` for a file: size, bits per weight, reduction, tensor types (no scores yet)."""
     info = read_gguf_info(path)
-    size = path.stat().st_size
+    size = sum(p.stat().st_size for p in info.parts or [path])  # every part of a split set
     return Rung(
         qtype=qtype,
         path=str(path),
@@ -180,7 +180,7 @@ def ladder(
     out = prepare_output_dir(out_dir)
     stem = re.sub(r"[-_.](F32|F16|BF16|f32|f16|bf16)$", "", src.stem)
     ref_label = _float_label(info.type_counts())
-    reference = rung_of(ref_label, src, src.stat().st_size)
+    reference = rung_of(ref_label, src, sum(p.stat().st_size for p in info.parts or [src]))
     rungs: list[Rung] = []
     for name in names:
         path = out / f"{stem}-{name}.gguf"

@@ -32,10 +32,11 @@ from __future__ import annotations
 import ctypes
 import logging
 import math
-import mmap
 import os
 import re
+import shutil
 import struct
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -44,7 +45,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import InputError, QuantizeError
-from .files import atomic_path, check_output_path, require_file
+from .files import atomic_paths, check_output_path, require_file
+from .gguf_header import MAX_ARRAY_NESTING, scan_gguf_bytes, scan_gguf_header  # noqa: F401  (re-exported)
+from .splitset import part_path
 
 if TYPE_CHECKING:  # numpy is imported where used: `import gguf_factory` stays light
     import numpy as np
@@ -161,6 +164,8 @@ class QuantizeResult:
     recipe: str | None = None
     rules: list[TensorRule] = field(default_factory=list)
     imatrix_entries: int = 0
+    parts: list[Path] = field(default_factory=list)
+    """Every file written, first part first (``[path]`` when not split); ``size_bytes`` counts them all."""
 
     @property
     def reduction(self) -> float:
@@ -374,6 +379,8 @@ class GGUFInfo:
     """Tensor name -> ggml type name."""
     n_elements: int
     tensor_bytes: int
+    parts: list[Path] = field(default_factory=list)
+    """The file, or every part of a split set (first part first)."""
 
     @property
     def bits_per_weight(self) -> float:
@@ -384,10 +391,13 @@ class GGUFInfo:
 
 
 def read_gguf_info(path: str | os.PathLike[str]) -> GGUFInfo:
-    """Architecture, block count, trained context and per-tensor types of a GGUF, from its header only."""
+    """Architecture, block count, trained context and per-tensor types of a GGUF, from its header only
+    (every part's, for a split set given its first part)."""
     import gguf
 
-    meta, tensors = scan_gguf_header(path)
+    from .splitset import scan_gguf_set
+
+    meta, tensors, parts = scan_gguf_set(path)
     arch = meta.get("general.architecture")
     arch = arch if isinstance(arch, str) else None
     n_layers = int(meta.get(f"{arch}.block_count") or 0) if arch else 0
@@ -411,111 +421,8 @@ def read_gguf_info(path: str | os.PathLike[str]) -> GGUFInfo:
         tensor_types=types,
         n_elements=n_elements,
         tensor_bytes=n_bytes,
+        parts=parts,
     )
-
-
-MAX_ARRAY_NESTING = 8  # arrays of arrays of ...: deeper is refused (the doctor's reader allows 4)
-# GGUF value type id -> struct format of a scalar (8 = string, 9 = array are handled apart).
-_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-
-
-def scan_gguf_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any], list[tuple[str, int, list[int]]]]:
-    """Scalar metadata (arrays skipped) and (name, ggml type id, dims) of every tensor of a GGUF.
-
-    Reads only the header, skipping array contents without decoding them: a 262 k-token vocabulary costs
-    a few hundred milliseconds here, where gguf-py's full reader builds every string.
-    """
-    p = Path(path)
-    try:
-        with open(p, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            return scan_gguf_bytes(mm, str(p))
-    except (OSError, ValueError) as e:  # cannot open or map it (a folder, an empty file, ...)
-        raise InputError(f"cannot read the GGUF header of {p}: {e}") from None
-
-
-def scan_gguf_bytes(
-    data: Any, name: str = "<bytes>"
-) -> tuple[dict[str, Any], list[tuple[str, int, list[int]]]]:
-    """:func:`scan_gguf_header` over a buffer (bytes or a memory map). Raises only :class:`InputError`
-    for a file's content: nesting is capped, every count is checked against the size."""
-    try:
-        return _scan(data)
-    except (struct.error, ValueError, UnicodeDecodeError, IndexError, OverflowError) as e:
-        raise InputError(f"cannot read the GGUF header of {name}: {e}") from None
-
-
-def _scan(mm: Any) -> tuple[dict[str, Any], list[tuple[str, int, list[int]]]]:
-    if mm[:4] != b"GGUF":
-        raise ValueError(f"bad magic {bytes(mm[:4])!r}")
-    version, n_tensors, n_kv = struct.unpack_from("<IQQ", mm, 4)
-    if version not in (2, 3):
-        raise ValueError(f"unsupported GGUF version {version}")
-    size = len(mm)
-    if n_tensors > size or n_kv > size:
-        raise ValueError("implausible tensor or metadata count")
-    pos = 24
-
-    def string() -> str:
-        nonlocal pos
-        (n,) = struct.unpack_from("<Q", mm, pos)
-        if pos + 8 + n > size:
-            raise ValueError("string runs past the end of the file")
-        text = mm[pos + 8 : pos + 8 + n].decode("utf-8")
-        pos += 8 + n
-        return text
-
-    def skip_array(depth: int = 0) -> None:
-        nonlocal pos
-        if depth >= MAX_ARRAY_NESTING:  # llama.cpp accepts no nesting at all: a few levels are plenty
-            raise ValueError(f"arrays nested more than {MAX_ARRAY_NESTING} deep")
-        item_type, count = struct.unpack_from("<IQ", mm, pos)
-        pos += 12
-        if count > size:
-            raise ValueError(f"an array claims {count} items, more than the file's {size} bytes")
-        if item_type == 8:
-            for _ in range(count):
-                (n,) = struct.unpack_from("<Q", mm, pos)
-                pos += 8 + n
-                if pos > size:
-                    raise ValueError("array runs past the end of the file")
-        elif item_type == 9:
-            for _ in range(count):
-                skip_array(depth + 1)
-                if pos > size:
-                    raise ValueError("array runs past the end of the file")
-        elif item_type in _GGUF_SCALARS:
-            pos += count * struct.calcsize("<" + _GGUF_SCALARS[item_type])
-        else:
-            raise ValueError(f"unknown array item type {item_type}")
-        if pos > size:
-            raise ValueError("array runs past the end of the file")
-
-    meta: dict[str, Any] = {}
-    for _ in range(n_kv):
-        key = string()
-        (vtype,) = struct.unpack_from("<I", mm, pos)
-        pos += 4
-        if vtype == 8:
-            meta[key] = string()
-        elif vtype == 9:
-            skip_array()
-        elif vtype in _GGUF_SCALARS:
-            fmt = "<" + _GGUF_SCALARS[vtype]
-            (meta[key],) = struct.unpack_from(fmt, mm, pos)
-            pos += struct.calcsize(fmt)
-        else:
-            raise ValueError(f"metadata {key!r} has unknown value type {vtype}")
-    tensors = []
-    for _ in range(n_tensors):
-        name = string()
-        (n_dims,) = struct.unpack_from("<I", mm, pos)
-        if n_dims > 8:
-            raise ValueError(f"tensor {name!r} claims {n_dims} dimensions")
-        dims = list(struct.unpack_from(f"<{n_dims}Q", mm, pos + 4))
-        type_id, _offset = struct.unpack_from("<IQ", mm, pos + 4 + 8 * n_dims)
-        pos += 4 + 8 * n_dims + 12
-        tensors.append((name, int(type_id), [int(d) for d in dims]))
-    return meta, tensors
 
 
 # --------------------------------------------------------------------------------------------- imatrix
@@ -599,9 +506,13 @@ def _read_legacy_imatrix(p: Path) -> dict[str, np.ndarray]:
 
 
 def default_output_path(input_path: str | os.PathLike[str], qtype: str) -> Path:
-    """``<name>-<TYPE>.gguf`` beside the input, less a trailing ``-F16``/``-F32``/``-BF16`` of its stem."""
+    """``<name>-<TYPE>.gguf`` beside the input, less a trailing ``-F16``/``-F32``/``-BF16`` of its stem (and
+    less the ``-00001-of-0000N`` of a split set's first part)."""
+    from .splitset import PART_NAME, output_prefix
+
     src = Path(input_path)
-    stem = re.sub(r"[-_.](F32|F16|BF16|f32|f16|bf16)$", "", src.stem)
+    stem = output_prefix(src).name if PART_NAME.match(src.name) else src.stem
+    stem = re.sub(r"[-_.](F32|F16|BF16|f32|f16|bf16)$", "", stem)
     return src.with_name(f"{stem}-{normalize_qtype(qtype)}.gguf")
 
 
@@ -622,8 +533,18 @@ def quantize(
     recipe: str | os.PathLike[str] | Recipe | None = None,
     imatrix: str | os.PathLike[str] | Mapping[str, Any] | None = None,
     data: str | os.PathLike[str] | None = None,
+    split_max_size: int | str | None = None,
+    split_max_tensors: int | None = None,
+    keep_split: bool = False,
 ) -> QuantizeResult:
     """Quantize ``input_path`` to ``qtype``; the result appears at ``output_path`` only when complete.
+
+    A split input is given by its first part (llama.cpp reads the set itself). The output is one file,
+    unless ``keep_split`` (llama.cpp's own ``keep_split``: one output part per input part, named
+    ``<output less .gguf>-0000i-of-0000N.gguf``) or ``split_max_size`` / ``split_max_tensors`` (llama.cpp
+    quantizes to one temporary file, which gguf-py's writer then splits by those limits, as ``convert``
+    does); ``QuantizeResult.path`` is then the first part. Every part is written to a temporary file and
+    renamed once all are complete.
 
     ``qtype`` defaults to the profile's type (or the recipe's, or Q4_K_M). ``tensor_types`` are
     ``REGEX=TYPE`` rules; they take precedence over the recipe's rules. ``context_length`` (or the
@@ -633,6 +554,15 @@ def quantize(
     """
     import llama_cpp  # imported lazily: loading the shared library costs time the CLI's --help need not pay
 
+    from .gguf_writer import split_limits
+    from .splitset import SplitSetError
+
+    split_size, split_tensors = split_limits(split_max_size, split_max_tensors)
+    if keep_split and (split_size or split_tensors):
+        raise InputError(
+            "--keep-split keeps the input's parts; --split-max-size/--split-max-tensors make new ones: "
+            "choose one"
+        )
     src = require_file(input_path, "input GGUF")
     check_gguf_magic(src)
     prof = resolve_profile(profile) if profile else None
@@ -650,6 +580,8 @@ def quantize(
 
     try:
         info = read_gguf_info(src)
+    except SplitSetError:
+        raise  # names the part at fault
     except InputError as e:  # right magic, damaged inside: the quantizer cannot use it
         raise QuantizeError(f"llama.cpp cannot quantize {src}: {e}") from e
     quantized_inputs = sorted({t for t in info.tensor_types.values() if t not in FLOAT_TYPES})
@@ -684,12 +616,22 @@ def quantize(
                 "(make one from your chat data with `gguf-factory imatrix`)"
             )
 
+    in_parts = info.parts or [src]
+    imatrix_path = imatrix if isinstance(imatrix, str | os.PathLike) else None
     dst = check_output_path(
         output_path if output_path is not None else default_output_path(src, name),
-        inputs=[src, imatrix if isinstance(imatrix, str | os.PathLike) else None],
+        inputs=[*in_parts, imatrix_path],
     )
     if dst.resolve() == src.resolve():
         raise InputError(f"output would overwrite the input: {dst}")
+    from .splitset import output_paths
+
+    n_keep = len(in_parts) if keep_split else 1
+    if keep_split and n_keep == 1:
+        log.info("--keep-split: %s is not split; writing one file", src)
+    finals = output_paths(dst, n_keep)
+    for f in finals:  # before any work: no part may land on an input
+        check_output_path(f, inputs=[*in_parts, imatrix_path])
 
     ctx = context_length if context_length is not None else (prof.context_length if prof else None)
     if ctx is not None and info.context_length and ctx > info.context_length:
@@ -764,30 +706,54 @@ def quantize(
     if not log.isEnabledFor(logging.DEBUG):
         lc_logger.setLevel(logging.ERROR)
     t0 = time.perf_counter()
-    with atomic_path(dst) as tmp:
+    scratch = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent or "."))
+    try:
+        # llama.cpp writes into a private folder beside the output: one file, or with keep_split
+        # <prefix>-0000i-of-0000N.gguf; the parts then reach their final names together
+        target = scratch / ("part" if n_keep > 1 else "model.gguf")
+        params.keep_split = n_keep > 1
         try:
-            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(target).encode(), ctypes.byref(params))
         finally:
             lc_logger.setLevel(old_level)
-        if rc != 0 or not tmp.exists():
+        written = [part_path(target, i, n_keep) for i in range(1, n_keep + 1)] if n_keep > 1 else [target]
+        if rc != 0 or not all(w.is_file() for w in written):
             raise QuantizeError(
                 f"llama.cpp could not quantize {src} to {name} (return code {rc}); "
                 "is it a valid GGUF model? (run with -v to see llama.cpp's reason)"
             )
+        if split_size or split_tensors:  # gguf-py splits llama.cpp's one file by the new limits
+            from .gguf_writer import resplit_gguf
+
+            parts = resplit_gguf(
+                target,
+                dst,
+                split_max_size=split_size or None,
+                split_max_tensors=split_tensors or None,
+                inputs=[*in_parts, imatrix_path],
+            )
+        else:
+            with atomic_paths(finals, inputs=[*in_parts, imatrix_path]) as tmps:
+                for w, tmp in zip(written, tmps, strict=True):
+                    os.replace(w, tmp)
+            parts = finals
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     seconds = time.perf_counter() - t0
     del keep_alive
     return QuantizeResult(
-        path=dst,
+        path=parts[0],
         qtype=name,
         input_path=src,
-        input_bytes=src.stat().st_size,
-        size_bytes=dst.stat().st_size,
+        input_bytes=sum(p.stat().st_size for p in in_parts),
+        size_bytes=sum(p.stat().st_size for p in parts),
         seconds=seconds,
         profile=prof.name if prof else None,
         context_length=ctx,
         recipe=recipe_label,
         rules=rules,
         imatrix_entries=len(imat) if imat else 0,
+        parts=parts,
     )
 
 

@@ -10,21 +10,21 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
-import struct
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import gguf
 import numpy as np
-from gguf.gguf_writer import WriterState
 
-from .. import __version__
-from ..errors import ConversionError, InputError, ModelError
-from ..files import atomic_path, check_output_path
+from .._version import __version__
+from ..errors import InputError, ModelError
+from ..files import check_output_path
+from ..gguf_writer import StreamingWriter, split_limits, write_gguf
+from ..splitset import output_prefix
 from .archs import converter_for, supported_architectures
 from .base import OUTTYPES, ArchConverter, PlannedTensor, open_weights
 from .vocab import Vocab, load_vocab
@@ -40,12 +40,16 @@ FACTORY_SOURCE_KEY = "gguf_factory.source_model"
 @dataclass
 class ConvertResult:
     path: Path
+    """The GGUF written: the file, or the first part of a split set (what llama.cpp loads)."""
     outtype: str
     arch: str
     n_tensors: int
     n_params: int
     size_bytes: int
+    """All parts together."""
     seconds: float
+    parts: list[Path] = field(default_factory=list)
+    """Every file written, first part first (``[path]`` when not split)."""
 
 
 def _read_config(model_dir: Path) -> dict[str, Any]:
@@ -118,18 +122,29 @@ def _write_metadata(
 
 
 def convert(
-    hf_dir: str | Path, out_path: str | Path, *, outtype: str = "f16", name: str | None = None
+    hf_dir: str | Path,
+    out_path: str | Path,
+    *,
+    outtype: str = "f16",
+    name: str | None = None,
+    split_max_size: int | str | None = None,
+    split_max_tensors: int | None = None,
 ) -> ConvertResult:
     """Convert a Hugging Face model folder (or any model source: :func:`gguf_factory.bases.resolve_path`)
     to a GGUF file at ``out_path``.
 
     ``outtype``: f32 | f16 | bf16 | q8_0 (1-D tensors such as norms always stay F32).
     ``name``: ``general.name`` (default: the folder name).
+    ``split_max_size`` (``2G``, bytes of tensor data per part) / ``split_max_tensors`` (tensors per part):
+    write llama.cpp's split layout, ``<out_path less .gguf>-00001-of-0000N.gguf`` ... with the ``split.*``
+    keys (gguf-py's own splitting); llama.cpp loads the set from its first part. A model that fits in one
+    part is written as one file at ``out_path``.
     """
     t0 = time.perf_counter()
     outtype = outtype.lower()
     if outtype not in OUTTYPES:
         raise InputError(f"unknown outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
+    max_size, max_tensors = split_limits(split_max_size, split_max_tensors)
     out = check_output_path(out_path)
     model_dir = Path(hf_dir)
     if not model_dir.is_dir():  # a GGUF, a named base or a Hub id: the HF folder it leads to
@@ -137,6 +152,8 @@ def convert(
 
         model_dir = resolve_path(hf_dir)
     check_output_path(out, inputs=[model_dir])  # never over (or inside) the model it reads
+    if max_size or max_tensors:  # the parts are named from the prefix: it may not lie inside the model
+        check_output_path(f"{os.fspath(output_prefix(out))}-00001-of-00002.gguf", inputs=[model_dir])
     config = _read_config(model_dir)
     cls = converter_for(config, str(model_dir / "config.json"))
     weights = open_weights(model_dir)
@@ -146,26 +163,34 @@ def convert(
         vocab = load_vocab(model_dir, config, conv.vocab_rows(plan))
         n_params = sum(p.n_elements for p in plan)
         name = name or model_dir.resolve().name
-        with atomic_path(out) as tmp:
-            _write_gguf(tmp, conv, plan, vocab, model_dir, config, name, n_params)
+        writer = StreamingWriter(None, conv.arch_name, split_max_tensors=max_tensors, split_max_size=max_size)
+        _declare(writer, conv, plan, vocab, model_dir, config, name, n_params)
+
+        def data(w: StreamingWriter) -> None:
+            for p in plan:
+                w.write_tensor_chunks(p.chunks(), p.nbytes)
+
+        parts = write_gguf(writer, out, data, inputs=[model_dir])
     finally:
         weights.close()
-    size = out.stat().st_size
+    size = sum(p.stat().st_size for p in parts)
     seconds = time.perf_counter() - t0
-    log.info("wrote %s (%s, %d tensors, %.1f MB, %.1f s)", out, outtype, len(plan), size / 1e6, seconds)
+    where = parts[0] if len(parts) == 1 else f"{parts[0]} (+{len(parts) - 1} parts)"
+    log.info("wrote %s (%s, %d tensors, %.1f MB, %.1f s)", where, outtype, len(plan), size / 1e6, seconds)
     return ConvertResult(
-        path=out,
+        path=parts[0],
         outtype=outtype,
         arch=conv.arch_name,
         n_tensors=len(plan),
         n_params=n_params,
         size_bytes=size,
         seconds=seconds,
+        parts=parts,
     )
 
 
-def _write_gguf(
-    tmp: Path,
+def _declare(
+    writer: StreamingWriter,
     conv: ArchConverter,
     plan: list[PlannedTensor],
     vocab: Vocab,
@@ -174,83 +199,16 @@ def _write_gguf(
     name: str,
     n_params: int,
 ) -> None:
-    writer = _Writer(tmp, conv.arch_name)
-    try:
-        _write_metadata(writer, model_dir, config, name, n_params, conv)
-        conv.set_gguf_parameters(writer)
-        writer.add_vocab_size(len(vocab.tokens))
-        vocab.write(writer)
-        for p in plan:
-            writer.add_tensor_info(p.name, p.shape, _info_dtype(p), p.nbytes, raw_dtype=p.qtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for p in plan:
-            writer.write_tensor_chunks(p.chunks(), p.nbytes)
-    finally:
-        writer.close()
+    """Every key/value and tensor info: what the header of each part holds."""
+    _write_metadata(writer, model_dir, config, name, n_params, conv)
+    conv.set_gguf_parameters(writer)
+    writer.add_vocab_size(len(vocab.tokens))
+    vocab.write(writer)
+    for p in plan:
+        writer.add_tensor_info(p.name, p.shape, _info_dtype(p), p.nbytes, raw_dtype=p.qtype)
 
 
-# numpy dtypes of GGUF array element types (for packing long arrays such as the token list in one go)
-_ARRAY_DTYPES: dict[gguf.GGUFValueType, str] = {
-    gguf.GGUFValueType.UINT8: "u1",
-    gguf.GGUFValueType.INT8: "i1",
-    gguf.GGUFValueType.UINT16: "u2",
-    gguf.GGUFValueType.INT16: "i2",
-    gguf.GGUFValueType.UINT32: "u4",
-    gguf.GGUFValueType.INT32: "i4",
-    gguf.GGUFValueType.UINT64: "u8",
-    gguf.GGUFValueType.INT64: "i8",
-    gguf.GGUFValueType.FLOAT32: "f4",
-    gguf.GGUFValueType.FLOAT64: "f8",
-}
-
-
-class _Writer(gguf.GGUFWriter):
-    """gguf-py's writer with two additions for large models: arrays of numbers or strings are packed in
-    one go (a 256 k-token vocabulary takes milliseconds instead of seconds; the bytes are the same), and a
-    tensor's data can be written in chunks (``write_tensor_chunks``) so it never sits in memory whole."""
-
-    def _pack_val(
-        self, val: Any, vtype: gguf.GGUFValueType, add_vtype: bool, sub_type: gguf.GGUFValueType | None = None
-    ) -> bytes:
-        if vtype != gguf.GGUFValueType.ARRAY or isinstance(val, bytes) or len(val) < 64:
-            return super()._pack_val(val, vtype, add_vtype, sub_type)
-        if sub_type is None and any(type(v) is not type(val[0]) for v in val):
-            return super()._pack_val(val, vtype, add_vtype, sub_type)  # mixed: gguf-py's own error
-        ltype = sub_type if sub_type is not None else gguf.GGUFValueType.get_type(val[0])
-        order = "<" if self.endianess == gguf.GGUFEndian.LITTLE else ">"
-        if ltype == gguf.GGUFValueType.STRING:
-            if not all(isinstance(v, str | bytes) for v in val):
-                raise ValueError("All items in a GGUF array should be of the same type")
-            enc = [v.encode("utf-8") if isinstance(v, str) else v for v in val]
-            size = struct.Struct(order + "Q").pack
-            body = b"".join(size(len(e)) + e for e in enc)
-        elif ltype in _ARRAY_DTYPES:
-            body = np.asarray(val, dtype=order + _ARRAY_DTYPES[ltype]).tobytes()
-        else:
-            return super()._pack_val(val, vtype, add_vtype, sub_type)
-        head = self._pack("I", vtype) if add_vtype else b""
-        return head + self._pack("I", ltype) + self._pack("Q", len(val)) + body
-
-    def write_tensor_chunks(self, chunks: Iterator[np.ndarray], nbytes: int) -> None:
-        """Write the next tensor's data from ``chunks`` (C-ordered pieces that total ``nbytes``)."""
-        if self.state not in (WriterState.TI_DATA, WriterState.WEIGHTS):
-            raise ValueError(f"Expected output file to contain tensor info or weights, got {self.state}")
-        assert self.fout is not None and len(self.fout) == 1
-        fout = self.fout[0]
-        self.tensors[0].pop(next(iter(self.tensors[0])))
-        self.write_padding(fout, fout.tell())
-        written = 0
-        for chunk in chunks:
-            if self.endianess != gguf.GGUFEndian.LITTLE:
-                chunk = chunk.byteswap(inplace=False)
-            fout.write(memoryview(np.ascontiguousarray(chunk)).cast("B"))
-            written += chunk.nbytes
-        if written != nbytes:
-            raise ConversionError(f"wrote {written} bytes of tensor data, expected {nbytes}")
-        self.write_padding(fout, nbytes)
-        self.state = WriterState.WEIGHTS
+_Writer = StreamingWriter  # the name this module used before the writer moved to gguf_writer
 
 
 def _info_dtype(p: PlannedTensor) -> Any:

@@ -68,10 +68,13 @@ class InspectReport:
     chat_template: str | None
     memory: list[MemoryEstimate] = field(default_factory=list)
     issues: list[str] = field(default_factory=list)
+    parts: list[Path] = field(default_factory=list)
+    """A split set: every part, first part first (``file_size`` counts them all); empty otherwise."""
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["path"] = str(self.path)
+        d["parts"] = [str(p) for p in self.parts]
         for m, mem in zip(d["memory"], self.memory, strict=True):
             m["total_bytes"] = mem.total_bytes
         return d
@@ -235,7 +238,7 @@ def inspect_gguf(
             memory.append(est)
     return InspectReport(
         path=Path(path),
-        file_size=g.file_size,
+        file_size=g.total_size,
         version=g.version,
         alignment=g.alignment,
         architecture=arch,
@@ -253,6 +256,7 @@ def inspect_gguf(
         chat_template=template if isinstance(template, str) else None,
         memory=memory,
         issues=[f"{i.code}: {i.message}" for i in g.issues],
+        parts=g.paths if g.parts else [],
     )
 
 
@@ -265,6 +269,8 @@ def render_inspect(r: InspectReport, console: Any, max_tensors: int = 40) -> Non
     head.add_row("name", str(r.name))
     head.add_row("GGUF version / alignment", f"{r.version} / {r.alignment}")
     head.add_row("file size", human_size(r.file_size))
+    if r.parts:
+        head.add_row("split", f"{len(r.parts)} parts: {r.parts[0].name} ... {r.parts[-1].name}")
     head.add_row("parameters", f"{r.n_params:,}")
     head.add_row("bits per weight", f"{r.bits_per_weight:.2f}")
     head.add_row("tensor types", ", ".join(f"{k}×{v}" for k, v in sorted(r.type_counts.items())))

@@ -24,6 +24,7 @@ import gguf
 import numpy as np
 
 from ..errors import FactoryError
+from ..splitset import SplitSetError, check_part, check_tensor_count, set_paths, split_count
 
 VT = gguf.GGUFValueType
 QT = gguf.GGMLQuantizationType
@@ -134,9 +135,10 @@ class TensorInfo:
     name: str
     dims: tuple[int, ...]  # ggml order: ne[0] (the row length) first
     raw_type: int
-    offset: int  # relative to the data section
-    info_offset: int  # where this tensor info starts in the file
+    offset: int  # relative to the data section (of its part's file)
+    info_offset: int  # where this tensor info starts in the file (its part's)
     index: int
+    part: int = 0  # the part of a split set holding it (0: the first part, or a file that is not split)
 
     @property
     def type(self) -> gguf.GGMLQuantizationType | None:
@@ -187,6 +189,25 @@ class GGUFFile:
     header_end: int  # end of the tensor infos
     data_offset: int  # start of the data section (header_end padded to the alignment)
     issues: list[ReadIssue] = field(default_factory=list)
+    parts: list[GGUFFile] = field(default_factory=list)
+    """A split set (read from its first part): every part, each as read alone (its own header, tensors,
+    size and data section); this object is then the whole set: the first part's key/values, the tensors
+    of all parts (``TensorInfo.part`` says where each lies), and ``path``, ``file_size``, ``data_offset``
+    those of the first part. Empty for a file that is not split."""
+
+    @property
+    def total_size(self) -> int:
+        """Bytes of the file, every part of a split set included."""
+        return sum(p.file_size for p in self.parts) if self.parts else self.file_size
+
+    @property
+    def paths(self) -> list[Path]:
+        """The file, or every part of a split set, first part first."""
+        return [p.path for p in self.parts] if self.parts else [self.path]
+
+    def part_of(self, t: TensorInfo) -> GGUFFile:
+        """The file that holds ``t``'s data (its header, offsets and size apply to ``t``)."""
+        return self.parts[t.part] if self.parts else self
 
     @functools.cached_property
     def metadata(self) -> dict[str, KVEntry]:
@@ -199,6 +220,11 @@ class GGUFFile:
     def get(self, key: str, default: Any = None) -> Any:
         kv = self.metadata.get(key)
         return default if kv is None else kv.value
+
+    @property
+    def metadata_values(self) -> dict[str, Any]:
+        """Key -> value (first occurrence)."""
+        return {k: kv.value for k, kv in self.metadata.items()}
 
     @property
     def architecture(self) -> str | None:
@@ -436,13 +462,68 @@ def _read_tensor_infos(cur: _Cursor, n: int, issues: list[ReadIssue]) -> list[Te
     return out
 
 
-def read_gguf(path: str | os.PathLike[str]) -> GGUFFile:
+def read_gguf(path: str | os.PathLike[str], *, split: bool = True) -> GGUFFile:
     """Parse the header, key/values and tensor infos of ``path`` (tensor data is not read).
 
     Raises :class:`GGUFFormatError` when the file cannot be parsed (bad magic, unsupported version, a count
     or length larger than the file, unknown value type, truncation). Never raises anything else for a
     file's content (an unreadable path raises :class:`GGUFFormatError` with code ``unreadable``).
+
+    A split set is read whole from its first part (``split``, the default): every part is read and
+    checked as llama.cpp would (each part present and named ``<prefix>-0000i-of-0000N.gguf``, its
+    ``split.no`` and ``split.count`` right, ``split.tensors.count`` the tensors of all parts), and a set
+    that llama.cpp could not load raises :class:`GGUFFormatError` naming the file (codes ``split-*``).
+    Another part given alone is refused (``split-not-first``). ``split=False`` reads one file as it is.
     """
+    g = _read_one(path)
+    if not split:
+        return g
+    try:
+        if split_count(g.metadata_values, g.path) == 1:
+            return g
+        paths = set_paths(g.path, g.metadata_values)
+        parts = [g]
+        for i, q in enumerate(paths[1:], 1):
+            part = _read_one(q)
+            check_part(q, i, len(paths), g.path, part.metadata_values)
+            parts.append(part)
+        check_tensor_count(g.path, [q.metadata_values for q in parts], [len(q.tensors) for q in parts])
+    except SplitSetError as e:
+        raise GGUFFormatError(e.code, str(e)) from None
+    return _join(parts)
+
+
+def _join(parts: list[GGUFFile]) -> GGUFFile:
+    """One view of a split set: the first part's header, every part's tensors (numbered through)."""
+    first = parts[0]
+    tensors: list[TensorInfo] = []
+    issues: list[ReadIssue] = list(first.issues)
+    for i, part in enumerate(parts):
+        for t in part.tensors:
+            tensors.append(TensorInfo(t.name, t.dims, t.raw_type, t.offset, t.info_offset, len(tensors), i))
+        if i:
+            issues += [
+                ReadIssue(x.code, f"{part.path.name}: {x.message}", x.offset, x.subject, x.more)
+                for x in part.issues
+            ]
+    return GGUFFile(
+        path=first.path,
+        file_size=first.file_size,
+        version=first.version,
+        byte_order=first.byte_order,
+        tensor_count=len(tensors),
+        kv_count=first.kv_count,
+        kvs=first.kvs,
+        tensors=tensors,
+        alignment=first.alignment,
+        header_end=first.header_end,
+        data_offset=first.data_offset,
+        issues=issues,
+        parts=parts,
+    )
+
+
+def _read_one(path: str | os.PathLike[str]) -> GGUFFile:
     p = Path(path)
     if not p.is_file():  # before open(): opening a FIFO would block
         raise GGUFFormatError("unreadable", f"{p}: not found or not a regular file")
@@ -555,7 +636,9 @@ def _parse(mm: mmap.mmap | bytes, size: int, path: Path) -> GGUFFile:
 
 def tensor_data(g: GGUFFile, t: TensorInfo) -> np.ndarray | None:
     """Raw bytes of ``t`` as a read-only uint8 memmap, or None when its size is unknown or it lies outside
-    the file. Call only after the bounds checks; nothing is read until the caller slices it."""
+    the file (its part's file, for a split set). Call only after the bounds checks; nothing is read until
+    the caller slices it."""
+    g = g.part_of(t)
     nbytes = t.n_bytes
     start = g.data_offset + t.offset
     if nbytes is None or nbytes == 0 or start + nbytes > g.file_size:

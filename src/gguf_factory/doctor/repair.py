@@ -37,7 +37,9 @@ import gguf
 import numpy as np
 
 from ..errors import FactoryError
-from ..files import atomic_path, check_output_path, require_file
+from ..files import check_output_path, require_file
+from ..gguf_writer import StreamingWriter, split_limits, write_gguf
+from ..splitset import SPLIT_KEYS
 from .reader import VT, GGUFFile, GGUFFormatError, TensorInfo, read_gguf, tensor_data
 from .template import check_template
 from .validate import (
@@ -126,11 +128,14 @@ def _damaged_tensors(g: GGUFFile, findings: list[Finding]) -> set[str]:
     names: set[str] = set()
     for f in findings:
         if f.code == "data-truncated":
-            names |= {t.name for t in g.tensors if g.data_offset + t.offset + (t.n_bytes or 0) > g.file_size}
+            for t in g.tensors:
+                part = g.part_of(t)  # a split set: each part has its own data section and size
+                if part.data_offset + t.offset + (t.n_bytes or 0) > part.file_size:
+                    names.add(t.name)
         elif f.code == "tensor-overlap":
-            spans = sorted((t.offset, t.offset + (t.n_bytes or 0), t.name) for t in g.tensors)
-            for (a0, a1, an), (b0, _b1, bn) in zip(spans, spans[1:], strict=False):
-                if b0 < a1 and a0 <= b0:
+            spans = sorted((t.part, t.offset, t.offset + (t.n_bytes or 0), t.name) for t in g.tensors)
+            for (ap, a0, a1, an), (bp, b0, _b1, bn) in zip(spans, spans[1:], strict=False):
+                if ap == bp and b0 < a1 and a0 <= b0:
                     names |= {an, bn}
         elif f.code in TENSOR_DATA_CODES and f.subject:
             names.add(f.subject)
@@ -359,13 +364,20 @@ def repair(
     chat_template: str | None = None,
     smoke: bool = False,
     source: str | os.PathLike[str] | None = None,
+    split_max_size: int | str | None = None,
+    split_max_tensors: int | None = None,
 ) -> RepairResult:
     """Write a repaired copy of ``path`` to ``output`` (atomically; never over the input).
 
     ``source``: a GGUF of the same model (same tensor names, shapes and types, e.g. an earlier good copy)
     or its Hugging Face folder, from which damaged tensors are rebuilt: NaN/Inf/all-zero data, truncated
     data, tensors out of bounds or overlapping.
+
+    A split set is read whole from its first part. The repaired model is one file, or a split set with
+    ``split_max_size`` / ``split_max_tensors`` (as ``convert``'s); ``RepairResult.path`` is then its
+    first part.
     """
+    split = split_limits(split_max_size, split_max_tensors)
     src = require_file(path, "GGUF file")
     if Path(output).exists() and Path(output).resolve() == src.resolve():
         raise RepairError(f"refusing to write over the input {src}: choose another output path")
@@ -387,7 +399,7 @@ def repair(
     try:
         if source is not None:
             blocking, replace = _from_source(g, src, Path(source), blocking, workdir)
-        return _repair_with(g, src, out, before, blocking, replace, source, chat_template, smoke)
+        return _repair_with(g, src, out, before, blocking, replace, source, chat_template, smoke, split)
     finally:
         for d in tmp_dirs:
             shutil.rmtree(d, ignore_errors=True)
@@ -403,6 +415,7 @@ def _repair_with(
     source: str | os.PathLike[str] | None,
     chat_template: str | None,
     smoke: bool,
+    split: tuple[int, int] = (0, 0),
 ) -> RepairResult:
     if blocking:
         detail = "; ".join(f"{f.code}: {f.message}" for f in blocking[:4])
@@ -433,8 +446,8 @@ def _repair_with(
         if kv.type == VT.ARRAY and kv.subtype == VT.ARRAY:
             actions.append(f"dropped nested array {kv.key!r}")
             continue
-        if kv.key in (K.General.ALIGNMENT, K.General.ARCHITECTURE):
-            continue  # the writer sets both
+        if kv.key in (K.General.ALIGNMENT, K.General.ARCHITECTURE, *SPLIT_KEYS):
+            continue  # the writer sets them
         kvs[kv.key] = (kv.value, kv.type, kv.subtype)
     if "bad-alignment" in codes:
         actions.append(f"reset general.alignment to the default {gguf.GGUF_DEFAULT_ALIGNMENT}")
@@ -556,10 +569,13 @@ def _repair_with(
     gguf_log = logging.getLogger("gguf")
     level = gguf_log.level
     gguf_log.setLevel(logging.WARNING)  # the writer's INFO lines name the temporary file
+    if g.parts:
+        actions.append(f"read the {len(g.parts)} parts of the split set")
     try:
-        _write(g, src, out, arch, kvs, tensors, replace)
+        parts = _write(g, src, out, arch, kvs, tensors, replace, split)
     finally:
         gguf_log.setLevel(level)
+    out = parts[0]
     after = validate(out, smoke=smoke)
     after_codes = {f.code for f in after.at_least(Severity.WARNING)}
     fixed = sorted({f.code for f in before.at_least(Severity.WARNING)} - after_codes)
@@ -575,26 +591,28 @@ def _write(
     kvs: dict[str, tuple[Any, gguf.GGUFValueType, gguf.GGUFValueType | None]],
     tensors: list[TensorInfo],
     replace: dict[str, tuple[GGUFFile, TensorInfo]],
-) -> None:
-    with atomic_path(out) as tmp:
-        w = gguf.GGUFWriter(tmp, arch)
-        try:
-            for key, (value, vt, sub) in kvs.items():
-                if vt == VT.ARRAY:
-                    w.add_key_value(key, _plain(value), vt, sub_type=sub)
-                else:
-                    w.add_key_value(key, value, vt)
-            for t in tensors:
-                data = tensor_data(*replace[t.name]) if t.name in replace else tensor_data(g, t)
-                qt = t.type
-                if data is None or qt is None:
-                    raise RepairError(f"cannot repair {src}: tensor {t.name!r} data cannot be read")
-                block, type_size = gguf.GGML_QUANT_SIZES[qt]
-                row = t.dims[0] // block * type_size
-                byte_shape = (*reversed(t.dims[1:]), row)
-                w.add_tensor(t.name, data.reshape(byte_shape), raw_shape=byte_shape, raw_dtype=qt)
-            w.write_header_to_file()
-            w.write_kv_data_to_file()
-            w.write_tensors_to_file()
-        finally:
-            w.close()
+    split: tuple[int, int] = (0, 0),
+) -> list[Path]:
+    w = StreamingWriter(None, arch, split_max_size=split[0], split_max_tensors=split[1])
+    for key, (value, vt, sub) in kvs.items():
+        if vt == VT.ARRAY:
+            w.add_key_value(key, _plain(value), vt, sub_type=sub)
+        else:
+            w.add_key_value(key, value, vt)
+    blocks: list[tuple[np.ndarray, int]] = []
+    for t in tensors:
+        data = tensor_data(*replace[t.name]) if t.name in replace else tensor_data(g, t)
+        qt = t.type
+        if data is None or qt is None:
+            raise RepairError(f"cannot repair {src}: tensor {t.name!r} data cannot be read")
+        block, type_size = gguf.GGML_QUANT_SIZES[qt]
+        row = t.dims[0] // block * type_size
+        byte_shape = (*reversed(t.dims[1:]), row)
+        w.add_tensor_info(t.name, byte_shape, np.dtype(np.uint8), data.nbytes, raw_dtype=qt)
+        blocks.append((data, data.nbytes))
+
+    def write_data(writer: StreamingWriter) -> None:
+        for arr, nbytes in blocks:
+            writer.write_tensor_chunks(iter([arr]), nbytes)
+
+    return write_gguf(w, out, write_data, inputs=g.paths)

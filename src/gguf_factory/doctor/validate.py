@@ -61,6 +61,18 @@ CATALOG: dict[str, tuple[Severity, str, str]] = {
     "array-length-too-large": (Severity.ERROR, "structure", "an array longer than the file"),
     "kv-bad-type": (Severity.ERROR, "structure", "unknown key/value type"),
     "malformed": (Severity.ERROR, "structure", "malformed header"),
+    # split sets (llama.cpp's gguf-split layout): the reader stops at these (the set is unusable)
+    "split-not-first": (Severity.ERROR, "structure", "a part of a split GGUF other than the first"),
+    "split-bad-name": (Severity.ERROR, "structure", "a split GGUF's first part not named -00001-of-0000N"),
+    "split-part-missing": (Severity.ERROR, "structure", "a part of a split GGUF is missing"),
+    "split-count-mismatch": (Severity.ERROR, "structure", "parts of a split GGUF disagree on split.count"),
+    "split-part-mismatch": (Severity.ERROR, "structure", "a part's split.no disagrees with its name"),
+    "split-tensor-count-mismatch": (
+        Severity.ERROR,
+        "structure",
+        "split.tensors.count differs from the tensors of all parts",
+    ),
+    "split-bad-key": (Severity.ERROR, "structure", "split.count or split.no is not a usable number"),
     # structure: reported, reading goes on
     "big-endian": (Severity.WARNING, "structure", "big-endian file"),
     "string-not-utf8": (Severity.WARNING, "structure", "a string is not valid UTF-8"),
@@ -312,6 +324,17 @@ def check_structure(g: GGUFFile) -> tuple[list[Finding], set[int]]:
 
 
 def _check_layout(g: GGUFFile, bad: set[int]) -> list[Finding]:
+    """The data layout of the file, or of each part of a split set (each part has its own data section)."""
+    if not g.parts:
+        return _check_part_layout(g, g.tensors, bad, "")
+    out = Findings()
+    for i, part in enumerate(g.parts):
+        out += _check_part_layout(part, [t for t in g.tensors if t.part == i], bad, f"{part.path.name}: ")
+    return out.done()
+
+
+def _check_part_layout(g: GGUFFile, tensors: list[TensorInfo], bad: set[int], where: str) -> list[Finding]:
+    """``tensors`` lie in ``g``'s data section; ``where`` starts each message (a split set's part)."""
     out = Findings()
     align = g.alignment
     expected: int | None = 0  # llama.cpp's rule: tensors packed in file order, each padded to alignment
@@ -319,7 +342,7 @@ def _check_layout(g: GGUFFile, bad: set[int]) -> list[Finding]:
     first_truncated: str | None = None
     need = 0
     clean: list[tuple[int, int, int, TensorInfo]] = []  # (offset, index, n_bytes, tensor)
-    for t in g.tensors:
+    for t in tensors:
         here = expected
         nbytes = t.n_bytes
         expected = None if expected is None or nbytes is None else expected + nbytes + (-nbytes % align)
@@ -329,7 +352,8 @@ def _check_layout(g: GGUFFile, bad: set[int]) -> list[Finding]:
         if t.offset % align:
             out.add(
                 "tensor-offset-misaligned",
-                f"tensor {t.name!r} at data offset {t.offset}, not a multiple of the alignment {align}",
+                f"{where}tensor {t.name!r} at data offset {t.offset}, not a multiple of the alignment "
+                f"{align}",
                 t.name,
             )
             bad.add(t.index)
@@ -341,7 +365,8 @@ def _check_layout(g: GGUFFile, bad: set[int]) -> list[Finding]:
             else:
                 out.add(
                     "tensor-offset-out-of-bounds",
-                    f"tensor {t.name!r} spans bytes {start}..{start + nbytes} of a {g.file_size}-byte file",
+                    f"{where}tensor {t.name!r} spans bytes {start}..{start + nbytes} of a "
+                    f"{g.file_size}-byte file",
                     t.name,
                 )
             bad.add(t.index)
@@ -350,7 +375,7 @@ def _check_layout(g: GGUFFile, bad: set[int]) -> list[Finding]:
     if n_truncated:
         out.add(
             "data-truncated",
-            f"the file is {g.file_size} bytes but the tensor data needs {need}: "
+            f"{where}the file is {g.file_size} bytes but the tensor data needs {need}: "
             f"{n_truncated} tensor(s) cut off, first {first_truncated!r}",
             first_truncated,
         )
@@ -358,7 +383,9 @@ def _check_layout(g: GGUFFile, bad: set[int]) -> list[Finding]:
     prev: tuple[int, int, int, TensorInfo] | None = None
     for c in clean:
         if prev is not None and c[0] < prev[0] + prev[2]:
-            out.add("tensor-overlap", f"tensor {c[3].name!r} overlaps tensor {prev[3].name!r}", c[3].name)
+            out.add(
+                "tensor-overlap", f"{where}tensor {c[3].name!r} overlaps tensor {prev[3].name!r}", c[3].name
+            )
             bad.add(c[1])
             continue
         prev = c
@@ -368,7 +395,7 @@ def _check_layout(g: GGUFFile, bad: set[int]) -> list[Finding]:
             if offset != pos:
                 out.add(
                     "tensor-offset-gap",
-                    f"tensor {t.name!r} at data offset {offset}, expected {pos} "
+                    f"{where}tensor {t.name!r} at data offset {offset}, expected {pos} "
                     "(llama.cpp wants tensors packed in order)",
                     t.name,
                 )
@@ -376,8 +403,8 @@ def _check_layout(g: GGUFFile, bad: set[int]) -> list[Finding]:
             pos = offset + nb + (-nb % align)
         else:
             trailing = g.file_size - (g.data_offset + pos)
-            if trailing > 0 and g.tensors:
-                out.add("trailing-bytes", f"{trailing} bytes after the last tensor")
+            if trailing > 0 and tensors:
+                out.add("trailing-bytes", f"{where}{trailing} bytes after the last tensor")
     return out.done()
 
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import gguf
 
-from ..doctor.reader import GGUFFormatError, read_gguf
+from ..doctor.reader import GGUFFormatError, KVEntry, read_gguf
 from ..errors import InputError
 from ..files import require_file
 
@@ -38,6 +38,13 @@ class ModelInfo:
     n_layers: int | None
     embedding_length: int | None
     profile: str | None
+    parts: list[Path] = field(default_factory=list)
+    """Every file of the model: ``[path]``, or each part of a split set (``path`` is the first part;
+    ``size_bytes`` counts them all)."""
+    source_model: str | None = None
+    """``gguf_factory.source_model``: the model the file was converted from (a Hub id or a folder name)."""
+    general: dict[str, object] = field(default_factory=dict)
+    """The ``general.*`` key/values with plain values (strings, numbers, lists of strings)."""
 
     @property
     def bits_per_weight(self) -> float:
@@ -111,7 +118,7 @@ def read_model_info(path: str | os.PathLike[str]) -> ModelInfo:
         basename=_str(g.get(K.General.BASENAME)) or name,
         architecture=arch,
         qtype=_qtype(g.get(K.General.FILE_TYPE), [t.type_name for t in g.tensors]),
-        size_bytes=p.stat().st_size,
+        size_bytes=sum(q.stat().st_size for q in g.paths),
         n_params=n_params,
         tensor_bytes=tensor_bytes,
         context_length=_int(g.get(f"{arch}.context_length")) if arch else None,
@@ -125,4 +132,22 @@ def read_model_info(path: str | os.PathLike[str]) -> ModelInfo:
         n_layers=_int(g.get(f"{arch}.block_count")) if arch else None,
         embedding_length=_int(g.get(f"{arch}.embedding_length")) if arch else None,
         profile=_str(g.get("gguf_factory.profile")),
+        parts=g.paths,
+        source_model=_str(g.get("gguf_factory.source_model")),
+        general=_general(g.kvs),
     )
+
+
+def _general(kvs: list[KVEntry]) -> dict[str, object]:
+    """``general.*`` values that a model card can use: strings, numbers, lists of strings (first
+    occurrence of each key)."""
+    out: dict[str, object] = {}
+    for kv in kvs:
+        if not kv.key.startswith("general.") or kv.key in out:
+            continue
+        v = kv.value
+        if isinstance(v, str | int | float) and not isinstance(v, bool):
+            out[kv.key] = v
+        elif isinstance(v, list) and all(isinstance(x, str) for x in v):
+            out[kv.key] = list(v)
+    return out

@@ -147,6 +147,21 @@ def place_file(src: Path, dest: Path, copy: bool = False) -> Path:
     return dest
 
 
+def place_parts(parts: list[Path], folder: Path, copy: bool = False) -> list[Path]:
+    """:func:`place_file` for every part of a GGUF (one file, or a split set) into ``folder``; the first
+    part last, so that a reader never finds a first part whose other parts are not there yet."""
+    placed = {p: place_file(p, folder / p.name, copy=copy) for p in reversed(parts)}
+    return [placed[p] for p in parts]
+
+
+def split_warning(info: ModelInfo) -> str:
+    return (
+        f"{info.path.name} is the first of {len(info.parts)} parts of a split GGUF: llama.cpp and LM Studio "
+        "load the set from it, but Ollama may not import a split GGUF; if `ollama create` refuses it, merge "
+        "the parts first (llama.cpp's `llama-gguf-split --merge`)"
+    )
+
+
 def ollama_template_for(info: ModelInfo) -> OllamaTemplate | None:
     """The derived TEMPLATE, or None when the file has no chat template."""
     if info.chat_template is None:
@@ -210,14 +225,18 @@ def export_ollama(
     if num_ctx is not None and num_ctx <= 0:
         raise InputError(f"num_ctx must be positive, got {num_ctx}")
     text, template, warnings = modelfile_for(info, info.path.name, system, num_ctx)
+    parts = info.parts or [info.path]
+    if len(parts) > 1:
+        warnings.append(split_warning(info))
     out = Path(out_dir)
     if out.is_dir() and not out.is_symlink():  # before anything is written: never over the GGUF itself
-        check_output_path(out / "Modelfile", inputs=[info.path])
-        dest = out / info.path.name
-        if not (dest.exists() and os.path.samefile(dest, info.path)):
-            check_output_path(dest, inputs=[info.path])
+        check_output_path(out / "Modelfile", inputs=parts)
+        for part in parts:
+            dest = out / part.name
+            if not (dest.exists() and os.path.samefile(dest, part)):
+                check_output_path(dest, inputs=parts)
     out = prepare_output_dir(out_dir)
-    dest = place_file(info.path, out / info.path.name, copy=copy)
+    dest = place_parts(parts, out, copy=copy)[0]
     modelfile = atomic_write_text(out / "Modelfile", text)
     for w in warnings:
         log.warning("%s", w)

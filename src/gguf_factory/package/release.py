@@ -10,11 +10,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import InputError
+from ..errors import FactoryError, InputError
 from ..files import atomic_path, check_output_dir, prepare_output_dir, sha256_file
-from .card import model_card, read_ladder
+from ..splitset import PART_NAME
+from .card import card_data, check_card, model_card, read_ladder
 from .info import read_model_info
-from .modelfile import modelfile_for, ollama_model_name, parse_modelfile, place_file
+from .modelfile import modelfile_for, ollama_model_name, parse_modelfile, place_parts, split_warning
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def export_lmstudio(
     root = prepare_output_dir(models_dir)
     folder = root / pub / folder_name
     folder.mkdir(parents=True, exist_ok=True)
-    dest = place_file(info.path, folder / info.path.name, copy=copy)
+    dest = place_parts(info.parts or [info.path], folder, copy=copy)[0]  # LM Studio loads a split set whole
     return LMStudioExport(dest, folder)
 
 
@@ -70,14 +71,23 @@ def export_lmstudio(
 # ---------------------------------------------------------------------------------------------------
 
 
+class PushError(FactoryError):
+    """The release folder could not be uploaded to the Hugging Face Hub (it is kept as written)."""
+
+
 @dataclass
 class ReleaseResult:
     folder: Path
     ggufs: list[Path]
+    """Every GGUF file of the release (each part of a split set)."""
     modelfile: Path
     card: Path
     sums: Path
     warnings: list[str] = field(default_factory=list)
+    card_data: dict[str, object] = field(default_factory=dict)
+    """The model card's Hugging Face metadata, as huggingface_hub reads it back."""
+    pushed: str | None = None
+    """The Hub repository's URL after ``push``."""
 
 
 def export_release(
@@ -88,20 +98,35 @@ def export_release(
     system: str | None = None,
     name: str | None = None,
     publisher: str = "gguf-factory",
+    base_model: str | None = None,
+    license: str | None = None,
+    push: str | None = None,
 ) -> ReleaseResult:
-    """A release folder: the GGUFs (copied), ``Modelfile`` (for the first GGUF), ``README.md`` and
-    ``SHA256SUMS``. Built in a temporary folder beside ``out_dir`` and renamed into place; an existing
-    non-empty ``out_dir`` is refused."""
+    """A release folder: the GGUFs (copied; every part of a split set given by its first part),
+    ``Modelfile`` (for the first GGUF), ``README.md`` and ``SHA256SUMS``. Built in a temporary folder
+    beside ``out_dir`` and renamed into place; an existing non-empty ``out_dir`` is refused.
+
+    README.md opens with the Hugging Face model-card metadata (:func:`gguf_factory.package.card.card_data`:
+    base_model, license, tags, quantized_by, pipeline_tag, language, from the files' ``general.*`` keys;
+    ``base_model`` / ``license`` override them), checked by reading it back with huggingface_hub.
+
+    ``push``: a Hub repository id (``org/name``): the finished folder is uploaded with huggingface_hub
+    (``create_repo(exist_ok=True)``, then one ``upload_folder`` call; ``HF_TOKEN`` and the rest of
+    huggingface_hub's environment are honoured). A failed upload (no network, ``HF_HUB_OFFLINE=1``, no
+    permission) raises :class:`PushError` naming the repository and the reason; the folder is kept."""
     if not ggufs:
         raise InputError("export release needs at least one GGUF file")
+    if push is not None:
+        _check_repo_id(push)
     infos = [read_model_info(p) for p in ggufs]
-    names = [i.path.name for i in infos]
+    files = [q for i in infos for q in (i.parts or [i.path])]
+    names = [q.name for q in files]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise InputError(f"two input GGUFs have the same file name: {', '.join(dup)}")
     if any(n in (SUMS, "README.md", "Modelfile") for n in names):
         raise InputError("a GGUF may not be named SHA256SUMS, README.md or Modelfile")
-    out = check_output_dir(out_dir, inputs=[*(i.path for i in infos), ladder])
+    out = check_output_dir(out_dir, inputs=[*files, ladder])
     if out.is_dir() and any(out.iterdir()):
         raise InputError(f"output folder is not empty: {out}")
     need = sum(i.size_bytes for i in infos)
@@ -110,7 +135,7 @@ def export_release(
         raise InputError(f"not enough disk space for {out}: {need} bytes needed, {free} free")
     rungs = read_ladder(ladder) if ladder is not None else None
     warnings: list[str] = []
-    if rungs is not None and not any(n in rungs for n in names):
+    if rungs is not None and not any(i.path.name in rungs for i in infos):
         warnings.append(f"{ladder}: the ladder JSON lists none of the release's files; no quality figures")
     main = infos[0]
     templates = {i.chat_template for i in infos}
@@ -118,11 +143,14 @@ def export_release(
         warnings.append(
             f"the files do not all carry the same chat template; the Modelfile follows {main.path.name}"
         )
+    if len(main.parts) > 1:
+        warnings.append(split_warning(main))
     ollama_name = ollama_model_name(name or main.basename)
     modelfile_text, template, mf_warnings = modelfile_for(
         main, main.path.name, system, ollama_name=ollama_name
     )
     warnings += mf_warnings
+    metadata = card_data(infos, base_model=base_model, license=license)
     card = model_card(
         infos,
         template=template,
@@ -130,11 +158,13 @@ def export_release(
         modelfile_from=main.path.name,
         ladder=rungs,
         publisher=publisher,
+        metadata=metadata,
     )
+    read_back = check_card(card)
     with atomic_path(out) as tmp:
         tmp.mkdir()
-        for info in infos:
-            shutil.copyfile(info.path, tmp / info.path.name)
+        for f in files:
+            shutil.copyfile(f, tmp / f.name)
         (tmp / "Modelfile").write_text(modelfile_text, encoding="utf-8")
         (tmp / "README.md").write_text(card, encoding="utf-8")
         listed = sorted(p.name for p in tmp.iterdir() if p.is_file())
@@ -142,14 +172,64 @@ def export_release(
         (tmp / SUMS).write_text(sums, encoding="utf-8")
     for w in warnings:
         log.warning("%s", w)
-    return ReleaseResult(
+    result = ReleaseResult(
         folder=out,
         ggufs=[out / n for n in names],
         modelfile=out / "Modelfile",
         card=out / "README.md",
         sums=out / SUMS,
         warnings=warnings,
+        card_data=read_back,
     )
+    if push is not None:
+        result.pushed = push_release(out, push)
+    return result
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _check_repo_id(repo: str) -> None:
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo)
+    except HFValidationError as e:
+        raise InputError(f"--push {repo!r} is not a Hugging Face repository id: {_one_line(e)}") from None
+    if "/" not in repo:
+        raise InputError(f"--push {repo!r}: give the repository as OWNER/NAME")
+
+
+def push_release(folder: str | os.PathLike[str], repo: str) -> str:
+    """Upload a release folder to the Hub model repository ``repo`` (created if missing) in one
+    ``upload_folder`` call; returns the repository's URL. Any failure raises :class:`PushError` (one line:
+    the repository, the reason, and that the folder is kept)."""
+    import huggingface_hub
+
+    _check_repo_id(repo)
+    root = Path(folder)
+    try:
+        url = huggingface_hub.create_repo(repo, repo_type="model", exist_ok=True)
+        huggingface_hub.upload_folder(
+            repo_id=repo,
+            folder_path=root,
+            repo_type="model",
+            commit_message=f"Upload {root.name} (gguf-factory release)",
+        )
+    except Exception as e:  # the library's HTTP, offline-mode, auth and network errors alike
+        reason = _one_line(e)
+        if huggingface_hub.constants.HF_HUB_OFFLINE and "offline" not in reason.lower():
+            reason = f"HF_HUB_OFFLINE is set: {reason}"
+        elif "connect" in type(e).__name__.lower() or "timeout" in type(e).__name__.lower():
+            reason = f"cannot reach the Hub (no network?): {reason}"
+        raise PushError(
+            f"cannot push {root} to the Hugging Face repository {repo}: {type(e).__name__}: {reason} "
+            f"(the release folder is kept at {root})"
+        ) from None
+    return str(url)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -200,6 +280,15 @@ def _walk(root: Path) -> tuple[list[str], set[str]]:
             elif name in filenames and p.is_file():
                 regular.add(rel)
     return sorted(links), regular
+
+
+def _later_part(rel: str, present: set[str]) -> bool:
+    """``rel`` is part 2, 3... of a split set whose first part is in the release too."""
+    m = PART_NAME.match(Path(rel).name)
+    if not m or int(m.group("no")) == 1:
+        return False
+    first = Path(rel).with_name(f"{m.group('prefix')}-00001-of-{m.group('count')}.gguf").as_posix()
+    return first in present
 
 
 def _through_link(rel: str, links: list[str]) -> bool:
@@ -277,6 +366,8 @@ def verify_release(
         if rel not in listed:
             findings.append(ReleaseFinding("unlisted-gguf", rel, f"{rel} is not listed in {SUMS}"))
     for rel in ggufs:
+        if _later_part(rel, set(ggufs)):
+            continue  # validated with its set, from the first part
         report = validate(root / rel, smoke=smoke, data=data)
         for f in report.findings:
             if f.severity == Severity.ERROR or report.unusable:

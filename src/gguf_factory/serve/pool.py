@@ -20,6 +20,7 @@ from typing import Any
 from ..errors import FactoryError, InputError, ModelError
 from ..files import human_size, require_file
 from ..runtime import DEFAULT_CTX, ChatModel, load, read_context_lengths
+from ..splitset import set_size
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def resolve_n_ctx(path: Path, n_ctx: int | None = None) -> int:
 
 def kv_cache_bytes(path: Path, n_ctx: int) -> int:
     """f16 K+V bytes for ``n_ctx`` positions, from the GGUF header (0 when the header lacks the shapes)."""
-    from ..quantize import scan_gguf_header
+    from ..gguf_header import scan_gguf_header
 
     try:
         meta, _ = scan_gguf_header(path)
@@ -69,7 +70,7 @@ def kv_cache_bytes(path: Path, n_ctx: int) -> int:
 
 def model_cost(path: Path, n_ctx: int | None = None) -> int:
     """Estimated resident bytes of a loaded model: file size + KV cache."""
-    return path.stat().st_size + kv_cache_bytes(path, resolve_n_ctx(path, n_ctx))
+    return set_size(path) + kv_cache_bytes(path, resolve_n_ctx(path, n_ctx))
 
 
 @dataclass(frozen=True)
@@ -148,7 +149,7 @@ class ModelPool:
                     if f.read(4) != b"GGUF":
                         raise ModelError(f"not a GGUF file: {f_path}")
             ctx = resolve_n_ctx(path, spec.n_ctx or n_ctx)
-            cost = path.stat().st_size + kv_cache_bytes(path, ctx)
+            cost = set_size(path) + kv_cache_bytes(path, ctx)
             cost += adapter.stat().st_size if adapter else 0
             if budget_bytes is not None and cost > budget_bytes:
                 raise InputError(

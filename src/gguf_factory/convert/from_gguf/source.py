@@ -166,11 +166,12 @@ class GGUFSource:
         if nbytes is None:
             block = gguf.GGML_QUANT_SIZES[qt][0]
             raise ModelError(f"{where}: rows of {t.dims[0]} values are not whole {qt.name} blocks of {block}")
-        start = self.g.data_offset + t.offset
-        if t.offset % self.g.alignment or start + nbytes > self.g.file_size:
+        part = self.g.part_of(t)  # a split set: the part holding it
+        start = part.data_offset + t.offset
+        if t.offset % part.alignment or start + nbytes > part.file_size:
             raise ModelError(
                 f"{where}: its {nbytes} bytes at offset {t.offset} of the data section lie outside the "
-                f"{self.g.file_size}-byte file (truncated or corrupt)"
+                f"{part.file_size}-byte file {part.path.name} (truncated or corrupt)"
             )
 
     def shape(self, name: str) -> tuple[int, ...]:
