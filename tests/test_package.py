@@ -29,6 +29,7 @@ from gguf_factory.package import (
     verify_release,
 )
 from gguf_factory.package.ollama_template import render_probes
+from tools import missing_tool
 
 # Chat templates as published with well-known models (Jinja, as in their tokenizer_config.json).
 LLAMA3 = (
@@ -275,7 +276,7 @@ def go_render(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, list[d
     """Render a Go template on messages with a Go program built once per session."""
     go = shutil.which("go")
     if go is None:
-        pytest.skip("`go` not found (Debian package golang-go): cannot execute Ollama templates")
+        missing_tool("`go` not found (Debian package golang-go): cannot execute Ollama templates")
     root = tmp_path_factory.mktemp("go")
     (root / "render.go").write_text(GO_RENDER, encoding="utf-8")
     env = {

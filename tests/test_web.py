@@ -24,6 +24,7 @@ from gguf_factory.serve import ModelPool, create_app
 from gguf_factory.serve.app import AUTO
 from gguf_factory.serve.web import STATIC_DIR
 from test_serve import assert_idle_soon, running
+from tools import missing_tool
 
 KEY = "web-key-456"
 MAX_TOKENS = 32
@@ -142,10 +143,17 @@ def test_page_can_be_turned_off(pool: ModelPool) -> None:
 
 # --- headless Chromium over the DevTools protocol ----------------------------------------------------
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-needs_chromium = pytest.mark.skipif(
-    CHROMIUM is None,
-    reason="no chromium binary on PATH (Debian: apt-get install -y --no-install-recommends chromium)",
-)
+
+
+@pytest.fixture
+def chromium_present() -> None:
+    if CHROMIUM is None:
+        missing_tool(
+            "no chromium binary on PATH (Debian: apt-get install -y --no-install-recommends chromium)"
+        )
+
+
+needs_chromium = pytest.mark.usefixtures("chromium_present")
 
 
 _ON_FDS_3_4 = (
