@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
+from ._version import __version__ as __version__
 
 # Verbs whose module has the verb's own name are bound here eagerly (those modules import no torch), so
 # that importing e.g. ``gguf_factory.train.scratch`` later cannot replace the function
@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 # scratch``; ``import gguf_factory.train.scratch as scratch`` resolves ``train`` to the function.
 from .autoquant import autoquant  # noqa: E402
 from .convert import convert  # noqa: E402
-from .evaluate import evaluate  # noqa: E402
+from .evaluate import bits_per_byte, evaluate  # noqa: E402
 from .ladder import ladder  # noqa: E402
 from .merge import merge  # noqa: E402
 from .prune import prune  # noqa: E402
@@ -44,6 +44,7 @@ _EXPORTS = {
 __all__ = [
     "autoquant",
     "convert",
+    "bits_per_byte",
     "evaluate",
     "ladder",
     "merge",

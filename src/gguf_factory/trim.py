@@ -258,7 +258,7 @@ def trim_vocab(
              len(mapping), len(used))  # fmt: skip
 
     with quiet_hf_progress():
-        hf = AutoModelForCausalLM.from_pretrained(src, torch_dtype="auto", local_files_only=True,
+        hf = AutoModelForCausalLM.from_pretrained(src, dtype="auto", local_files_only=True,
                                                   trust_remote_code=False)  # fmt: skip
     params_before = sum(p.numel() for p in hf.parameters())
     rows = torch.tensor(sorted(mapping), dtype=torch.long)
