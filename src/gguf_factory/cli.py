@@ -1001,9 +1001,35 @@ def serve(
         ),
     ] = None,
     max_body: Annotated[str, typer.Option(help="Largest request body, e.g. 1MiB (larger: 413).")] = "1MiB",
+    gpu_layers: Annotated[
+        int, typer.Option(help="Layers llama.cpp offloads to the GPU (-1: all; needs a GPU build).")
+    ] = 0,
+    cache_type_k: Annotated[
+        str | None,
+        typer.Option(help="KV cache type for K: f16 (default), bf16, f32, q8_0, q5_1, q5_0, q4_1, q4_0..."),
+    ] = None,
+    cache_type_v: Annotated[
+        str | None, typer.Option(help="KV cache type for V (a quantized one turns flash attention on).")
+    ] = None,
+    parallel: Annotated[
+        int, typer.Option(help="Requests one model serves at once (llama.cpp instances sharing its weights).")
+    ] = 1,
+    max_queue: Annotated[
+        int | None, typer.Option(help="Requests that may wait for a busy model; more get a 503 at once.")
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="llama.cpp's batch size (also the longest /v1/embeddings input).")
+    ] = None,
+    prompt_cache_mb: Annotated[
+        float,
+        typer.Option(
+            help="RAM (MiB) per model instance for evaluated prompts: a request sharing a prefix with an "
+            "earlier one (next turn, same system prompt) evaluates only the rest. 0: off."
+        ),
+    ] = 128,
 ) -> None:
-    """Serve a GGUF or a router manifest over an OpenAI-compatible HTTP API (/v1/chat/completions,
-    /v1/completions, ...), with a web chat page at /."""
+    """Serve a GGUF or a router manifest over an OpenAI-compatible HTTP API (/v1/chat/completions with
+    response_format/grammar, /v1/completions, /v1/embeddings, ...), with a web chat page at /."""
     from .serve import run_server
 
     run_server(
@@ -1020,6 +1046,13 @@ def serve(
         web_ui=web_ui,
         allowed_hosts=allowed_host,
         max_body=max_body,
+        gpu_layers=gpu_layers,
+        cache_type_k=cache_type_k,
+        cache_type_v=cache_type_v,
+        parallel=parallel,
+        max_queue=max_queue,
+        batch_size=batch_size,
+        prompt_cache_mb=prompt_cache_mb,
     )
 
 

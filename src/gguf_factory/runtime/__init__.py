@@ -63,6 +63,7 @@ def load(
     verbose: bool = False,
     lora_path: str | os.PathLike[str] | None = None,
     lora_scale: float = 1.0,
+    **llama_options: Any,
 ) -> ChatModel:
     """Load a model: a ``.gguf`` file in llama.cpp, or a Hugging Face model folder in transformers.
 
@@ -72,6 +73,8 @@ def load(
     min(trained context, 2048); for a folder to min(max_position_embeddings, 2048).
     ``n_gpu_layers`` is llama.cpp's offload setting; the transformers backend runs on the CPU.
     ``lora_path``: a GGUF LoRA adapter applied by llama.cpp (scaled by ``lora_scale``).
+    ``llama_options``: more llama.cpp settings for a GGUF (``pooling``, ``n_batch``, ``type_k``,
+    ``type_v``: see :func:`~gguf_factory.runtime.llamacpp.load_gguf`).
     """
     p = Path(path)
     if not p.exists():
@@ -93,7 +96,7 @@ def load(
             raise InputError(f"model file is not a file: {p}")
         return load_gguf(
             p, n_ctx=n_ctx, threads=threads, n_gpu_layers=n_gpu_layers, seed=seed, verbose=verbose,
-            lora_path=lora_path, lora_scale=lora_scale,
+            lora_path=lora_path, lora_scale=lora_scale, **llama_options,
         )  # fmt: skip
     if p.is_file():
         hint = "use backend 'llama.cpp'" if _is_gguf(p) else "give the model's folder"
@@ -101,6 +104,8 @@ def load(
         raise InputError(f"{p} is {what}: backend 'transformers' loads a Hugging Face model folder ({hint})")
     if n_gpu_layers:
         raise InputError("n_gpu_layers is a llama.cpp setting: the transformers backend runs on the CPU")
+    if llama_options:
+        raise InputError(f"{', '.join(llama_options)}: llama.cpp settings, for a GGUF only")
     if lora_path is not None:
         raise InputError("lora_path is a GGUF LoRA for llama.cpp: merge a PEFT adapter for transformers")
     from .hf import load_hf

@@ -79,6 +79,10 @@ class ChatModel:
         """
         raise NotImplementedError
 
+    def embed(self, inputs: Sequence[str | Sequence[int]], *, normalize: bool = True) -> np.ndarray:
+        """Mean-pooled embeddings, one row per input (float32, L2-normalized unless ``normalize=False``)."""
+        raise NotImplementedError
+
     def is_end_of_generation(self, token: int) -> bool:
         """True for the tokens that end a reply (EOS, end-of-turn, ...)."""
         raise NotImplementedError

@@ -49,6 +49,11 @@ class LlamaCppChatModel(ChatModel):
         self.n_ctx = n_ctx
         self.metadata: dict[str, str] = dict(getattr(llm, "metadata", {}) or {})
         self._formatter: BoundedChatFormatter | None = None
+        self._loras: dict[Path, Any] = {}  # LoRA adapters loaded on this model (llama_adapter_lora_init)
+        lora_path = getattr(llm, "lora_path", None)  # the one llama-cpp-python applied at load, if any
+        self._active_loras: tuple[tuple[Path, float], ...] = (
+            ((Path(lora_path), float(getattr(llm, "lora_scale", 1.0))),) if lora_path else ()
+        )
         template = self.chat_template
         if template and getattr(llm, "chat_format", None) == "chat_template.default":
             # llama-cpp-python would render the GGUF's template itself, unbounded: render it in a worker
@@ -183,7 +188,152 @@ class LlamaCppChatModel(ChatModel):
             llm.reset()
         return out
 
+    def embed(self, inputs: Sequence[str | Sequence[int]], *, normalize: bool = True) -> np.ndarray:
+        """One embedding per input (text, or token ids): llama.cpp's embedding mode on this model's own
+        context, mean-pooled over the input's tokens by llama.cpp (a model loaded with ``pooling="mean"``)
+        or here from the per-token hidden states; L2-normalized unless ``normalize=False``.
+
+        A text is tokenized as llama.cpp's own ``embed`` does (BOS added when the model wants one). Each
+        input must fit one batch (:attr:`max_embed_tokens`). The context is left empty afterwards."""
+        import llama_cpp
+
+        llm = self.llm
+        ids_list = [
+            self.tokenize(x, add_bos=True) if isinstance(x, str) else [int(t) for t in x] for x in inputs
+        ]
+        n_vocab, limit = llm.n_vocab(), self.max_embed_tokens
+        for i, ids in enumerate(ids_list):
+            if not ids:
+                raise InputError(f"input {i} has no tokens to embed")
+            if len(ids) > limit:
+                raise InputError(f"input {i} is {len(ids)} tokens, over the embedding limit of {limit}")
+            if min(ids) < 0 or max(ids) >= n_vocab:
+                raise InputError(f"input {i}: token ids must be in [0, {n_vocab})")
+        ctx = llm._ctx.ctx
+        pooled = llama_cpp.llama_pooling_type(ctx) == llama_cpp.LLAMA_POOLING_TYPE_MEAN
+        n_embd = llm.n_embd()
+        out = np.empty((len(ids_list), n_embd), dtype=np.float32)
+        llm.reset()
+        llm._ctx.kv_cache_clear()
+        llama_cpp.llama_set_embeddings(ctx, True)
+        try:
+            for row, ids in enumerate(ids_list):
+                llm._ctx.kv_cache_clear()
+                llm._batch.set_batch(batch=ids, n_past=0, logits_all=True)
+                llm._ctx.decode(llm._batch)
+                if pooled:
+                    ptr = llama_cpp.llama_get_embeddings_seq(ctx, 0)
+                    out[row] = np.ctypeslib.as_array(ptr, shape=(n_embd,))
+                else:
+                    ptr = llama_cpp.llama_get_embeddings(ctx)
+                    out[row] = np.ctypeslib.as_array(ptr, shape=(len(ids), n_embd)).mean(axis=0)
+        finally:
+            llama_cpp.llama_set_embeddings(ctx, False)
+            llm._ctx.kv_cache_clear()
+            llm.reset()
+        if normalize:
+            norms = np.linalg.norm(out, axis=1, keepdims=True)
+            out /= np.where(norms > 0, norms, 1.0)
+        return out
+
+    @property
+    def max_embed_tokens(self) -> int:
+        """The most tokens one input to :meth:`embed` may have (one llama.cpp micro-batch)."""
+        return int(min(self.n_ctx, self.llm.n_batch, self.llm.context_params.n_ubatch))
+
+    # --- prompt cache --------------------------------------------------------------------------------
+    def set_prompt_cache(self, capacity_bytes: int) -> None:
+        """Keep evaluated prompts (llama.cpp state: the KV cache of prompt + reply) in RAM up to
+        ``capacity_bytes``, so that a request sharing a prefix with an earlier one (the next turn of a
+        conversation, the same system prompt) evaluates only what follows it: llama-cpp-python's
+        ``Llama.set_cache`` with :class:`PromptCache`. 0 turns it off."""
+        if capacity_bytes <= 0:
+            self.llm.set_cache(None)
+            return
+        cache = PromptCache(capacity_bytes, keep_scores=bool(getattr(self.llm, "_logits_all", False)))
+        cache.namespace = tuple((str(p), s) for p, s in self._active_loras)
+        self.llm.set_cache(cache)
+
+    @property
+    def prompt_cache(self) -> PromptCache | None:
+        cache = getattr(self.llm, "cache", None)
+        return cache if isinstance(cache, PromptCache) else None
+
+    def evaluated_tokens(self, reset: bool = False) -> int:
+        """Tokens llama.cpp has evaluated on this context (prompt + generated) since the last reset of the
+        count (``reset=True`` reads and resets)."""
+        import llama_cpp
+
+        ctx = self.llm._ctx.ctx
+        data = llama_cpp.llama_perf_context(ctx)
+        if reset:
+            llama_cpp.llama_perf_context_reset(ctx)
+        return int(data.n_p_eval + data.n_eval)
+
+    # --- LoRA adapters switched per request on one loaded base -------------------------------------
+    @property
+    def active_adapters(self) -> tuple[tuple[Path, float], ...]:
+        """The (adapter path, scale) pairs applied to this context now."""
+        return self._active_loras
+
+    @property
+    def loaded_adapters(self) -> list[Path]:
+        """Adapters loaded on this model by :meth:`use_adapters` (and not dropped)."""
+        return list(self._loras)
+
+    def use_adapters(self, adapters: Sequence[tuple[str | os.PathLike[str], float]] = ()) -> None:
+        """Apply exactly these GGUF LoRA adapters (path, scale) to this model's context, none for the bare
+        base: llama.cpp's adapter API, each adapter file loaded once on this model (on first use) and kept
+        for the next switch. The evaluated prefix is dropped when the set changes (its KV cache was
+        computed with other weights). Not thread-safe: call it while holding the model alone."""
+        import ctypes
+
+        import llama_cpp
+
+        want = tuple((Path(p), float(s)) for p, s in adapters)
+        if want == self._active_loras:
+            return
+        ptrs = []
+        for p, _ in want:
+            if p not in self._loras:
+                if not p.is_file():
+                    raise InputError(f"LoRA adapter not found: {p}")
+                with _quiet_stderr():
+                    ptr = llama_cpp.llama_adapter_lora_init(self.llm._model.model, str(p).encode("utf-8"))
+                if not ptr:
+                    raise ModelError(f"llama.cpp could not load the LoRA adapter {p} on {self.path.name}")
+                self._loras[p] = ptr
+            ptrs.append(self._loras[p])
+        ctx = self.llm._ctx.ctx
+        if want:
+            arr = (llama_cpp.llama_adapter_lora_p_ctypes * len(want))(*ptrs)
+            scales = (ctypes.c_float * len(want))(*(s for _, s in want))
+            rc = llama_cpp.llama_set_adapters_lora(ctx, arr, len(want), scales)
+        else:
+            rc = llama_cpp.llama_set_adapters_lora(ctx, None, 0, None)
+        if rc:
+            raise ModelError(f"llama.cpp could not apply the LoRA adapters {[str(p) for p, _ in want]}")
+        self._active_loras = want
+        if isinstance(self.llm.cache, PromptCache):
+            self.llm.cache.namespace = tuple((str(p), s) for p, s in want)  # states of this adapter set
+        self.llm.reset()  # a reused prefix would carry the previous adapters' KV cache
+        self.llm._ctx.kv_cache_clear()
+
+    def drop_adapter(self, path: str | os.PathLike[str]) -> None:
+        """Free an adapter loaded by :meth:`use_adapters` (taken off the context first if applied)."""
+        import llama_cpp
+
+        p = Path(path)
+        if p not in self._loras:
+            return
+        if any(a == p for a, _ in self._active_loras):
+            self.use_adapters(tuple(x for x in self._active_loras if x[0] != p))
+        llama_cpp.llama_adapter_lora_free(self._loras.pop(p))
+
     def close(self) -> None:
+        if self._loras and getattr(self.llm, "_ctx", None) is not None:
+            for p in list(self._loras):
+                self.drop_adapter(p)
         close = getattr(self.llm, "close", None)
         if close is not None:
             close()
@@ -206,8 +356,20 @@ def load_gguf(
     verbose: bool = False,
     lora_path: str | os.PathLike[str] | None = None,
     lora_scale: float = 1.0,
+    pooling: str | None = None,
+    n_batch: int | None = None,
+    type_k: str | None = None,
+    type_v: str | None = None,
+    prompt_cache_bytes: int = 0,
 ) -> LlamaCppChatModel:
     """Load a GGUF file into llama.cpp.
+
+    ``pooling="mean"``: :meth:`LlamaCppChatModel.embed` gets llama.cpp's own mean pooling (generation is
+    unchanged). ``n_batch``: llama.cpp's batch size (also the longest input ``embed`` takes). ``type_k`` /
+    ``type_v``: the KV cache's type (``f16``, the default, ``q8_0``, ``q4_0``...: :data:`KV_CACHE_TYPES`);
+    a quantized V cache needs flash attention, which is then turned on. ``prompt_cache_bytes``: RAM for
+    evaluated prompts reused by later requests sharing their prefix
+    (:meth:`LlamaCppChatModel.set_prompt_cache`).
 
     ``n_ctx`` defaults to the recommended context stored by ``quantize`` (``gguf_factory.context_length``,
     set by a use-case profile), else to min(the model's trained context, 2048). ``lora_path``: a GGUF LoRA
@@ -236,6 +398,19 @@ def load_gguf(
             if f.read(4) != b"GGUF":
                 raise ModelError(f"not a GGUF LoRA adapter: {lp} (convert a PEFT adapter with convert-lora)")
         lora = {"lora_path": str(lp), "lora_scale": float(lora_scale)}
+    extra: dict[str, Any] = {}
+    if pooling is not None:
+        if pooling not in POOLING_TYPES:
+            raise InputError(f"unknown pooling {pooling!r}: choose one of {', '.join(POOLING_TYPES)}")
+        extra["pooling_type"] = getattr(llama_cpp, POOLING_TYPES[pooling])
+    if n_batch is not None:
+        extra["n_batch"] = extra["n_ubatch"] = int(n_batch)
+    for name, value in (("type_k", type_k), ("type_v", type_v)):
+        if value is not None:
+            extra[name] = kv_cache_type(value)
+            _check_kv_block(p, meta, name, str(value).lower())
+    if type_v is not None and kv_cache_type(type_v) != llama_cpp.GGML_TYPE_F16:
+        extra["flash_attn"] = True  # llama.cpp quantizes the V cache only with flash attention
     quiet = contextlib.nullcontext() if verbose else _quiet_stderr()
     try:
         with quiet:
@@ -248,11 +423,128 @@ def load_gguf(
                 seed=seed,
                 verbose=verbose,
                 **lora,
+                **extra,
             )
     except ValueError as e:  # llama-cpp-python raises ValueError when llama.cpp fails to load
         with_lora = f" with the LoRA adapter {lora_path}" if lora_path else ""
         raise ModelError(f"llama.cpp could not load {p}{with_lora}: {e}") from e
-    return LlamaCppChatModel(p, llm, llm.n_ctx())
+    model = LlamaCppChatModel(p, llm, llm.n_ctx())
+    if prompt_cache_bytes:
+        model.set_prompt_cache(int(prompt_cache_bytes))
+    return model
+
+
+class PromptCache:
+    """llama-cpp-python's RAM prompt cache (``llama_cpp.LlamaRAMCache``'s interface, set with
+    ``Llama.set_cache``: states looked up by longest token prefix, least recently used dropped first), with
+    a byte budget that counts everything a state holds, and one partition per ``namespace`` (the LoRA
+    adapter set the state was computed with: a state never crosses adapters).
+
+    The logits rows llama-cpp-python copies into every state are kept only for a model that keeps all
+    logits (``logits_all``, for logprobs); otherwise one row stands for them (they are not read: llama.cpp
+    samples from its own logits), so a state costs its KV cache, not a batch of vocabulary-wide rows."""
+
+    def __init__(self, capacity_bytes: int, *, keep_scores: bool = False):
+        from collections import OrderedDict
+
+        self.capacity_bytes = int(capacity_bytes)
+        self.cache_state: OrderedDict[tuple[tuple[Any, ...], tuple[int, ...]], Any] = OrderedDict()
+        self.namespace: tuple[Any, ...] = ()
+        self.keep_scores = keep_scores
+        self._bytes = 0
+        self.hits = 0
+
+    @staticmethod
+    def _state_bytes(state: Any) -> int:
+        return int(state.llama_state_size) + int(state.scores.nbytes) + int(state.input_ids.nbytes)
+
+    @property
+    def cache_size(self) -> int:
+        return self._bytes
+
+    def _find_longest_prefix_key(self, key: tuple[int, ...]) -> Any:
+        from llama_cpp import Llama
+
+        best, best_len = None, 0
+        for ns, k in self.cache_state:
+            if ns == self.namespace:
+                n = Llama.longest_token_prefix(k, key)
+                if n > best_len:
+                    best, best_len = (ns, k), n
+        return best
+
+    def __getitem__(self, key: Sequence[int]) -> Any:
+        found = self._find_longest_prefix_key(tuple(key))
+        if found is None:
+            raise KeyError("no cached prefix")
+        self.cache_state.move_to_end(found)
+        self.hits += 1
+        return self.cache_state[found]
+
+    def __contains__(self, key: Sequence[int]) -> bool:
+        return self._find_longest_prefix_key(tuple(key)) is not None
+
+    def __setitem__(self, key: Sequence[int], value: Any) -> None:
+        if not self.keep_scores and value.scores.shape[0] > 1:
+            value.scores = value.scores[-1:].copy()  # broadcast over the rows on load; never read
+        size = self._state_bytes(value)
+        k = (self.namespace, tuple(key))
+        old = self.cache_state.pop(k, None)
+        if old is not None:
+            self._bytes -= self._state_bytes(old)
+        if size > self.capacity_bytes:
+            return  # larger than the whole budget: not kept
+        self.cache_state[k] = value
+        self._bytes += size
+        while self._bytes > self.capacity_bytes and self.cache_state:
+            _, dropped = self.cache_state.popitem(last=False)
+            self._bytes -= self._state_bytes(dropped)
+
+
+POOLING_TYPES = {"none": "LLAMA_POOLING_TYPE_NONE", "mean": "LLAMA_POOLING_TYPE_MEAN"}
+KV_CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl")
+"""KV cache types llama.cpp takes for ``type_k``/``type_v`` (llama-server's --cache-type-k/-v)."""
+
+
+def kv_cache_type(name: str) -> int:
+    """The ggml type id of a KV cache type name (``q8_0`` → GGML_TYPE_Q8_0)."""
+    import llama_cpp
+
+    key = str(name).strip().lower()
+    if key not in KV_CACHE_TYPES:
+        raise InputError(f"unknown KV cache type {name!r}: choose one of {', '.join(KV_CACHE_TYPES)}")
+    return int(getattr(llama_cpp, f"GGML_TYPE_{key.upper()}"))
+
+
+def check_kv_types(path: Path, type_k: str | None = None, type_v: str | None = None) -> None:
+    """Refuse (:class:`InputError`, one line) KV cache types llama.cpp cannot use for this GGUF."""
+    meta = _header(path)
+    for which, value in (("type_k", type_k), ("type_v", type_v)):
+        if value is not None:
+            kv_cache_type(value)
+            _check_kv_block(path, meta, which, str(value).lower())
+
+
+def _check_kv_block(path: Path, meta: dict[str, Any], which: str, name: str) -> None:
+    """A quantized KV cache stores each head's vector in blocks of 32: refuse a model whose heads are not
+    a multiple of that in one line (llama.cpp only logs why it cannot make the context)."""
+    if name in ("f32", "f16", "bf16"):
+        return
+    arch = meta.get("general.architecture")
+
+    def get(key: str) -> int | None:
+        v = meta.get(f"{arch}.{key}")
+        return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
+
+    n_embd, n_head = get("embedding_length"), get("attention.head_count")
+    key = "attention.key_length" if which == "type_k" else "attention.value_length"
+    head = get(key) or (n_embd // n_head if n_embd and n_head else None)
+    if head is not None and head % 32:
+        option = "--cache-type-k" if which == "type_k" else "--cache-type-v"
+        raise InputError(
+            f"{option} {name}: {path.name} has attention heads of {head} values, and a {name} cache "
+            "stores them in blocks of 32: use f16 (or bf16, f32) for this model"
+        )
 
 
 def check_chat_templates(path: Path, meta: dict[str, Any] | None = None) -> None:

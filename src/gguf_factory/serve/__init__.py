@@ -12,9 +12,11 @@ from ..errors import InputError
 from ..files import parse_size
 from ..router import Router
 from .app import DEFAULT_MAX_BODY_BYTES, LOOPBACK_HOSTS, create_app
-from .pool import ModelPool, ModelSpec, PoolBusyError, UnknownModelError
+from .pool import LoadOptions, ModelPool, ModelSpec, PoolBusyError, UnknownModelError
 
-__all__ = ["ModelPool", "PoolBusyError", "UnknownModelError", "create_app", "parse_size", "run_server"]
+__all__ = [
+    "LoadOptions", "ModelPool", "PoolBusyError", "UnknownModelError", "create_app", "parse_size", "run_server"
+]  # fmt: skip
 
 API_KEY_ENV = "GGUF_FACTORY_API_KEY"
 SHUTDOWN_GRACE_S = 3  # after SIGTERM, requests still running get this long before they are cancelled
@@ -72,12 +74,23 @@ def run_server(
     web_ui: bool = True,
     allowed_hosts: Sequence[str] | None = None,
     max_body: str | int = DEFAULT_MAX_BODY_BYTES,
+    gpu_layers: int = 0,
+    cache_type_k: str | None = None,
+    cache_type_v: str | None = None,
+    parallel: int = 1,
+    max_queue: int | None = None,
+    batch_size: int | None = None,
+    prompt_cache_mb: float | None = None,
 ) -> None:
     """Serve one GGUF (its id is the file stem), or a router manifest (``.yaml``: one id per domain, plus
     ``auto``), with uvicorn until interrupted.
 
     ``allowed_hosts``: Host header names accepted besides the loopback names and the bound address
     (``*`` accepts any: only behind a proxy that checks Host itself). ``max_body``: request body limit.
+    ``gpu_layers``, ``cache_type_k``/``cache_type_v``, ``batch_size``: llama.cpp settings for every model;
+    ``parallel``: instances per model (requests served at once); ``max_queue``: requests that may wait
+    for a busy model (more: 503 at once; default no limit); ``prompt_cache_mb``: RAM per instance for
+    evaluated prompts reused by requests sharing a prefix (0: off; default 128).
     """
     import uvicorn
 
@@ -96,6 +109,16 @@ def run_server(
             "clients use with --allowed-host",
             ", ".join(hosts),
         )
+    options = LoadOptions(
+        n_gpu_layers=gpu_layers,
+        type_k=cache_type_k,
+        type_v=cache_type_v,
+        n_batch=batch_size,
+        parallel=parallel,
+        **({} if prompt_cache_mb is None else {"prompt_cache_bytes": _mb(prompt_cache_mb)}),
+    )
+    if max_queue is not None and max_queue < 0:
+        raise InputError(f"--max-queue must be 0 or more, got {max_queue}")
     path = Path(model)
     router, models = pool_models(path)
     pool = ModelPool(
@@ -104,6 +127,7 @@ def run_server(
         n_ctx=n_ctx,
         n_threads=threads,
         queue_timeout=queue_timeout,
+        options=options,
     )
     app = create_app(
         pool,
@@ -114,6 +138,7 @@ def run_server(
         web_ui=web_ui,
         max_body_bytes=parse_size(max_body, "--max-body"),
         allowed_hosts=hosts,
+        max_queue=max_queue,
     )
     auth = " (API key required)" if key else ""
     log.info("serving %s as %s on http://%s:%d/v1%s", path, ", ".join(models), host, port, auth)
@@ -123,6 +148,12 @@ def run_server(
         uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
     finally:
         pool.close()
+
+
+def _mb(value: float) -> int:
+    if not value >= 0:
+        raise InputError(f"--prompt-cache-mb must be 0 (off) or more, got {value}")
+    return int(value * (1 << 20))
 
 
 def pool_models(path: Path) -> tuple[Router | None, dict[str, ModelSpec]]:

@@ -1,6 +1,7 @@
 """OpenAI-compatible HTTP API (FastAPI) over a :class:`~gguf_factory.serve.pool.ModelPool`.
 
 ``POST /v1/chat/completions`` and ``POST /v1/completions`` (plain JSON or server-sent events),
+``POST /v1/embeddings`` (mean-pooled, L2-normalized: llama.cpp's embedding mode on the same loaded model),
 ``GET /v1/models``, ``GET /health``. Errors use OpenAI's shape: ``{"error": {"message", "type", "param",
 "code"}}``. Generation runs llama.cpp through llama-cpp-python with the GGUF's own chat template, and the
 same defaults as :class:`gguf_factory.runtime.GenerationSettings`, so a reply equals ``runtime.chat``'s.
@@ -10,12 +11,21 @@ must name this server (loopback names, IP addresses, ``allowed_hosts``: no DNS r
 byte length alone proves it too long is refused before it is tokenized; chat templates render in a
 bounded worker (:mod:`gguf_factory.runtime.templates`), a template that fails is a JSON error and the
 model is handed back; a non-streaming generation stops when its client disconnects; text that is not
-valid Unicode, an empty prompt and the not yet implemented ``tools``, ``tool_choice`` and
-``response_format`` are 400s.
+valid Unicode and an empty prompt are 400s.
+
+Tools (:mod:`.tools`): ``tools`` / ``tool_choice`` (``none``, ``auto``, ``required``, a named function)
+through the model's own chat template (or a system message when the template has no tool support),
+replies in OpenAI's ``tool_calls`` shape (streamed as one delta), ``tool`` messages in the history.
+
+Constrained output (:mod:`.structured`): ``response_format`` ``{"type": "json_object"}`` and
+``{"type": "json_schema", "json_schema": {"schema": ...}}``, and the ``grammar`` extension (GBNF, as
+llama.cpp's server takes it), sample every token under a llama.cpp grammar; a schema keyword the grammar
+could not enforce is a 400 naming it.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hmac
 import ipaddress
@@ -42,7 +52,12 @@ from ..errors import FactoryError, InputError, TemplateError, TemplateRefusedErr
 from ..router import AUTO, RouteDecision, Router
 from ..runtime import ChatModel, GenerationSettings
 from ..runtime.templates import cancel_requested, cancellable
+from .generation import chat_completion, prompt_tokens
+from .generation import render as render_prompt
 from .pool import Lease, ModelPool, PoolBusyError, UnknownModelError
+from .structured import BadField, Constraint, check_grammar, constraint_for
+from .tools import plan_tools, template_tags_calls, with_tool_calls
+from .tools import prepare as prepare_tools
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +67,6 @@ MAX_WAITING = 256  # requests blocked waiting for a model at once; more wait (wi
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 """Host header names accepted by default: a page on another site cannot reach a loopback server through
 DNS rebinding, because its requests carry that site's name in Host."""
-UNSUPPORTED_CHAT_FIELDS = ("tools", "tool_choice", "functions", "function_call", "response_format")
 
 
 # --- errors ---------------------------------------------------------------------------------------
@@ -100,13 +114,44 @@ class TextPart(_Body):
     text: Text
 
 
-class Message(_Body):
-    role: Literal["system", "user", "assistant"]
-    content: Text | list[TextPart]
+class FunctionCall(_Body):
+    name: Text
+    arguments: Text | dict[str, Any] = "{}"
 
-    def as_dict(self) -> dict[str, str]:
-        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-        return {"role": self.role, "content": text}
+
+class ToolCall(_Body):
+    id: Text | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class Message(_Body):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: Text | list[TextPart] | None = None  # None: an assistant message that only calls tools
+    tool_calls: list[ToolCall] | None = None  # an assistant's calls (history)
+    tool_call_id: Text | None = None  # a tool message: the call it answers
+    name: Text | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        content = self.content
+        text = content if isinstance(content, str) or content is None else "".join(p.text for p in content)
+        if text is None and not self.tool_calls:
+            raise ApiError(400, f"a message with role {self.role!r} needs content", param="messages")
+        out: dict[str, Any] = {"role": self.role, "content": text if text is not None else ""}
+        if self.tool_calls:
+            out["content"] = text
+            out["tool_calls"] = [c.model_dump(exclude_none=True) for c in self.tool_calls]
+        if self.role == "tool":
+            if not self.tool_call_id:
+                raise ApiError(400, "a tool message needs the tool_call_id it answers", param="messages")
+            out["tool_call_id"] = self.tool_call_id
+        if self.name is not None and self.role == "tool":
+            out["name"] = self.name
+        return out
+
+    @property
+    def is_tool_history(self) -> bool:
+        return self.role == "tool" or bool(self.tool_calls)
 
 
 class StreamOptions(_Body):
@@ -126,21 +171,31 @@ class _Options(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1, description="only one choice per request")
+    response_format: dict[str, Any] | None = None  # text | json_object | json_schema (structured.py)
+    grammar: Text | None = None  # llama.cpp's extension: a GBNF grammar for the reply
 
 
 class ChatRequest(_Options):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # newer OpenAI name for max_tokens
-    # not implemented yet: refused with a 400 rather than silently ignored (see _refuse_unsupported)
-    tools: Any = None
+    tools: Any = None  # tools.py
     tool_choice: Any = None
     functions: Any = None
     function_call: Any = None
-    response_format: Any = None
 
 
 class CompletionRequest(_Options):
     prompt: Text | list[Text]
+
+
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's own limit on inputs per request
+
+
+class EmbeddingRequest(_Body):
+    model: str | None = None
+    input: Text | list[Text] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
 
 
 # --- streaming ------------------------------------------------------------------------------------
@@ -205,6 +260,7 @@ def create_app(
     web_ui: bool = True,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     allowed_hosts: Sequence[str] | None = None,
+    max_queue: int | None = None,
 ) -> FastAPI:
     """The OpenAI-compatible app serving ``pool``'s models.
 
@@ -219,6 +275,8 @@ def create_app(
     ``max_body_bytes``: larger request bodies are refused with 413 before they are read.
     ``allowed_hosts``: Host header names accepted (default: the loopback names; ``"*"`` accepts any; a
     pattern may start with ``*.``): the defence against DNS rebinding of a local server.
+    ``max_queue``: requests that may wait for a busy model at once; more get a 503 (``queue_full``) at
+    once instead of waiting (default: no limit but the queue timeout).
     """
     if api_key is not None and not api_key.strip():
         raise InputError("the API key is empty: give a non-empty key, or none to serve without one")
@@ -282,23 +340,34 @@ def create_app(
     # Requests waiting for a busy model block in threads of their own, so that a queue, however long,
     # never takes the worker threads the running generation (and its stream) needs.
     waiting = anyio.CapacityLimiter(MAX_WAITING)
+    queued = [0]  # requests waiting for a model now (changed on the event loop only)
 
     async def acquire(model_id: str) -> Lease:
         lease = pool.try_acquire(model_id)  # the common case: loaded and idle, no thread needed
         if lease is not None:
             return lease
+        if max_queue is not None and queued[0] >= max_queue:
+            raise ApiError(
+                503,
+                f"model {model_id!r} is busy and {queued[0]} requests already wait for it: try again later",
+                type="server_error",
+                code="queue_full",
+            )
         got: list[Lease] = []
 
         def wait() -> Lease:
             got.append(pool.acquire(model_id))
             return got[0]
 
+        queued[0] += 1
         try:
             return await anyio.to_thread.run_sync(wait, limiter=waiting)
         except BaseException:  # cancelled after the wait succeeded: hand the model back
             for lease in got:
                 lease.release()
             raise
+        finally:
+            queued[0] -= 1
 
     def pick_model(name: str | None, text: Callable[[], str]) -> tuple[str, RouteDecision | None]:
         """The model a request names, or with a router and "auto" (or no name), the routed domain."""
@@ -378,6 +447,21 @@ def create_app(
         if req.logit_bias:
             d["logit_bias"] = dict(req.logit_bias)
         return d
+
+    def constraint_of(req: _Options) -> Constraint | None:
+        """The grammar ``response_format`` or ``grammar`` asks for (a 400 naming the field if unusable)."""
+        try:
+            constraint = constraint_for(req.response_format, req.grammar)
+        except BadField as e:
+            raise ApiError(400, str(e), param=e.param) from None
+        if constraint is not None and constraint.is_json and req.stop:
+            raise ApiError(
+                400,
+                "stop: a stop string could cut a JSON reply short; leave it out with response_format "
+                "(the reply ends where the JSON does)",
+                param="stop",
+            )
+        return constraint
 
     # --- routes ---
     @app.get("/health")
@@ -495,18 +579,72 @@ def create_app(
 
     @app.post("/v1/chat/completions", dependencies=[Depends(check_key)], response_model=None)
     async def chat_completions(request: Request, req: ChatRequest) -> JSONResponse | StreamingResponse:
-        _refuse_unsupported(req)
+        constraint = constraint_of(req)
+        try:
+            plan = plan_tools(req.tools, req.tool_choice, req.functions, req.function_call)
+        except BadField as e:
+            raise ApiError(400, str(e), param=e.param) from None
+        if plan is not None and constraint is not None and plan.choice != "auto":
+            raise ApiError(
+                400, "response_format: a required tool call has its own grammar", param="response_format"
+            )
         messages = [m.as_dict() for m in req.messages]
         model_id, decision = pick_model(req.model, lambda: _routing_text(messages))
         max_tokens = max_tokens_of(req, req.max_completion_tokens or req.max_tokens)
+        if plan is None and constraint is None and not any(m.is_tool_history for m in req.messages):
+            kind = _Kind(
+                id_prefix="chatcmpl",
+                object_name="chat.completion",
+                prompt_text=lambda model: chat_prompt_text(model, messages),
+                count_prompt=lambda model: chat_prompt_tokens(model, messages),
+                call=lambda model, **kw: model.llm.create_chat_completion(messages=messages, **kw),
+                events=_chat_events,
+                reply=_chat_reply,
+            )
+            return await serve_request(request, req, model_id, max_tokens, kind, decision)
+
+        def rendered(model: ChatModel) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+            if not model.chat_template:
+                return messages, {}
+            return prepare_tools(model, messages, plan)
+
+        def call(model: ChatModel, stream: bool = False, **kw: Any) -> Any:
+            msgs, variables = rendered(model)
+            grammar = constraint.grammar if constraint is not None else None
+            if plan is not None and grammar is None:
+                grammar = plan.grammar(template_tags_calls(model))
+            if grammar is not None:
+                check_grammar(model.llm, grammar, constraint.param if constraint is not None else "tools")
+            if plan is None:
+                return chat_completion(model, msgs, grammar=grammar, variables=variables, stream=stream, **kw)
+
+            def reply() -> dict[str, Any]:  # whole: whether it is a call shows at its end
+                out = chat_completion(model, msgs, grammar=grammar, variables=variables, **kw)
+                return with_tool_calls(out, plan)
+
+            return iter_once(reply) if stream else reply()
+
+        def count(model: ChatModel) -> int:
+            if not model.chat_template:
+                return chat_prompt_tokens(model, [{"role": m["role"], "content": m["content"] or ""}
+                                                  for m in messages])  # fmt: skip
+            msgs, variables = rendered(model)
+            return len(prompt_tokens(model, msgs, **variables))
+
+        def text(model: ChatModel) -> str:
+            if not model.chat_template:
+                return "".join(m["content"] or "" for m in messages)
+            msgs, variables = rendered(model)
+            return render_prompt(model, msgs, **variables)
+
         kind = _Kind(
             id_prefix="chatcmpl",
             object_name="chat.completion",
-            prompt_text=lambda model: chat_prompt_text(model, messages),
-            count_prompt=lambda model: chat_prompt_tokens(model, messages),
-            call=lambda model, **kw: model.llm.create_chat_completion(messages=messages, **kw),
-            events=_chat_events,
-            reply=lambda c: {"message": {"role": "assistant", "content": c["message"].get("content") or ""}},
+            prompt_text=text,
+            count_prompt=count,
+            call=call,
+            events=_tool_events if plan is not None else _chat_events,
+            reply=_chat_reply,
         )
         return await serve_request(request, req, model_id, max_tokens, kind, decision)
 
@@ -520,14 +658,20 @@ def create_app(
             prompt = req.prompt
         if not prompt:
             raise ApiError(400, "prompt is empty: give the text to continue", param="prompt")
+        constraint = constraint_of(req)
         model_id, decision = pick_model(req.model, lambda: prompt)
         max_tokens = max_tokens_of(req, req.max_tokens)
 
         def call(model: ChatModel, **kw: Any) -> Any:
             from llama_cpp import StoppingCriteriaList
+            from llama_cpp.llama_grammar import LlamaGrammar
 
+            grammar = None
+            if constraint is not None:
+                check_grammar(model.llm, constraint.grammar, constraint.param)
+                grammar = LlamaGrammar.from_string(constraint.grammar, verbose=False)
             stop = StoppingCriteriaList([lambda *_: cancel_requested()])
-            return model.llm.create_completion(prompt=prompt, stopping_criteria=stop, **kw)
+            return model.llm.create_completion(prompt=prompt, stopping_criteria=stop, grammar=grammar, **kw)
 
         kind = _Kind(
             id_prefix="cmpl",
@@ -539,6 +683,97 @@ def create_app(
             reply=lambda c: {"text": c.get("text") or ""},
         )
         return await serve_request(request, req, model_id, max_tokens, kind, decision)
+
+    @app.post("/v1/embeddings", dependencies=[Depends(check_key)], response_model=None)
+    async def embeddings(req: EmbeddingRequest) -> JSONResponse:
+        """Mean-pooled, L2-normalized embeddings from llama.cpp's embedding mode, on the pool's model."""
+        inputs: list[str | list[int]]
+        if isinstance(req.input, str):
+            inputs = [req.input]
+        elif req.input and all(isinstance(x, int) for x in req.input):
+            inputs = [list(req.input)]  # type: ignore[arg-type]  # one input as token ids
+        else:
+            inputs = list(req.input)  # type: ignore[arg-type]
+        if not inputs:
+            raise ApiError(400, "input is empty: give a text, a list of texts or token ids", param="input")
+        if len(inputs) > MAX_EMBEDDING_INPUTS:
+            raise ApiError(400, f"input: at most {MAX_EMBEDDING_INPUTS} inputs per request", param="input")
+        for i, x in enumerate(inputs):
+            if not x:
+                raise ApiError(400, f"input {i} is empty: there is nothing to embed", param="input")
+        texts = [x for x in inputs if isinstance(x, str)]
+        model_id, decision = pick_model(req.model, lambda: " ".join(texts[:1]) or "")
+        lease = await acquire(model_id)
+        try:
+            vectors, n_tokens = await anyio.to_thread.run_sync(embed, lease.model, model_id, inputs, req)
+        finally:
+            lease.release()
+        data = [
+            {
+                "object": "embedding",
+                "index": i,
+                "embedding": (
+                    base64.b64encode(v.astype("<f4").tobytes()).decode("ascii")
+                    if req.encoding_format == "base64"
+                    else v.tolist()
+                ),
+            }
+            for i, v in enumerate(vectors)
+        ]
+        resp = _json(
+            {
+                "object": "list",
+                "data": data,
+                "model": model_id,
+                "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens},
+            }
+        )
+        if decision is not None:
+            resp.headers[ROUTE_HEADER] = (
+                f"{decision.domain}; rule={decision.rule}; confidence={decision.confidence:.3f}"
+            )
+        return resp
+
+    def embed(
+        model: ChatModel, model_id: str, inputs: list[str | list[int]], req: EmbeddingRequest
+    ) -> tuple[Any, int]:
+        """The embeddings of ``inputs`` (in a worker thread holding the model), and their token count."""
+        n_embd = int(model.llm.n_embd())  # type: ignore[attr-defined]
+        if req.dimensions is not None and req.dimensions != n_embd:
+            raise ApiError(
+                400,
+                f"dimensions: model {model_id!r} makes embeddings of {n_embd} values, not {req.dimensions}",
+                param="dimensions",
+            )
+        limit = model.max_embed_tokens  # type: ignore[attr-defined]
+        if max_prompt_tokens is not None:
+            limit = min(limit, max_prompt_tokens)
+        ids_list = []
+        for i, x in enumerate(inputs):
+            if isinstance(x, str):
+                least = -(-len(x.encode("utf-8")) // max_token_bytes(model))
+                if least > limit:
+                    raise_too_long(i, f"at least {least}", limit, model_id)
+                ids = model.tokenize(x, add_bos=True)
+            else:
+                ids = x
+            if len(ids) > limit:
+                raise_too_long(i, str(len(ids)), limit, model_id)
+            ids_list.append(ids)
+        try:
+            vectors = model.embed(ids_list)
+        except InputError as e:
+            raise ApiError(400, f"input: {e}", param="input") from None
+        return vectors, sum(len(ids) for ids in ids_list)
+
+    def raise_too_long(i: int, size: str, limit: int, model_id: str) -> None:
+        raise ApiError(
+            400,
+            f"input {i} is {size} tokens, over the limit of {limit} tokens per embedding input for "
+            f"model {model_id!r}",
+            param="input",
+            code="context_length_exceeded",
+        )
 
     # --- web chat page (serve/web) ---
     if web_ui:
@@ -558,21 +793,6 @@ async def _watch_disconnect(request: Request, cancel: threading.Event) -> None:
         if message["type"] == "http.disconnect":
             cancel.set()
             return
-
-
-def _refuse_unsupported(req: ChatRequest) -> None:
-    for name in UNSUPPORTED_CHAT_FIELDS:
-        value = getattr(req, name)
-        if value is None or value == [] or (name in ("tool_choice", "function_call") and value == "none"):
-            continue
-        if name == "response_format" and isinstance(value, dict) and value.get("type") == "text":
-            continue
-        raise ApiError(
-            400,
-            f"{name} is not supported yet by this server: send the request without it",
-            param=name,
-            code="unsupported_parameter",
-        )
 
 
 class HostCheck:
@@ -689,6 +909,8 @@ def _json(body: dict[str, Any]) -> JSONResponse:
 
 
 def _factory_error(e: FactoryError) -> ApiError:
+    if isinstance(e, BadField):
+        return ApiError(400, str(e), param=e.param)
     if isinstance(e, UnknownModelError):
         return ApiError(404, str(e), type="not_found_error", code="model_not_found", param="model")
     if isinstance(e, PoolBusyError):
@@ -843,6 +1065,64 @@ def _sse_events(
     yield _sse(chunk(shape.fields(None), finish or "stop"))
     if include_usage:
         yield _sse(_usage_chunk(chunk(shape.fields(None), None), model, n_prompt, "".join(text)))
+    yield "data: [DONE]\n\n"
+
+
+def _chat_reply(choice: dict[str, Any]) -> dict[str, Any]:
+    message = choice["message"]
+    if message.get("tool_calls"):
+        return {"message": {"role": "assistant", "content": None, "tool_calls": message["tool_calls"]}}
+    return {"message": {"role": "assistant", "content": message.get("content") or ""}}
+
+
+def iter_once(make: Callable[[], Any]) -> Iterator[Any]:
+    """An iterator of one item, made when it is first asked for (in the stream's worker thread)."""
+    yield make()
+
+
+def _tool_events(
+    outs: Iterator[dict[str, Any]],
+    cid: str,
+    created: int,
+    model_id: str,
+    model: ChatModel,
+    n_prompt: int,
+    include_usage: bool,
+) -> Iterator[str]:
+    """A chat stream when tools are in play: the reply is generated whole (whether it is a call shows only
+    at its end), then sent as OpenAI streams it: the role, the text or the calls (each call one delta with
+    its index, id, name and arguments), the finish reason, the usage when asked, ``[DONE]``."""
+
+    def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+        return {
+            "id": cid,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model_id,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        }
+
+    yield _sse(chunk({"role": "assistant", "content": ""}, None))
+    try:
+        out = next(outs)
+    except Exception as e:
+        yield _stream_error(e)
+        yield "data: [DONE]\n\n"
+        return
+    finally:
+        with contextlib.suppress(Exception):
+            outs.close()  # type: ignore[attr-defined]
+    choice = out["choices"][0]
+    message = choice["message"]
+    if message.get("tool_calls"):
+        for i, call in enumerate(message["tool_calls"]):
+            yield _sse(chunk({"tool_calls": [{"index": i, **call}]}, None))
+    elif message.get("content"):
+        yield _sse(chunk({"content": message["content"]}, None))
+    yield _sse(chunk({}, choice.get("finish_reason") or "stop"))
+    if include_usage:
+        usage = _usage(out)
+        yield _sse({**chunk({}, None), "choices": [], "usage": usage})
     yield "data: [DONE]\n\n"
 
 
