@@ -202,6 +202,8 @@ def test_serve_applies_a_domains_lora_adapter(
             assert got.choices[0].message.content == expected
         status = {s["id"]: s for s in pool.status()}
         assert status["tuned"]["adapter"].endswith("tuned.gguf") and status["tuned"]["loaded"]
-        assert not status["plain"]["loaded"]  # loads only what a request needs
+        # "plain" is the same base without the adapter: served by the one loaded instance, not a second
+        assert status["plain"]["loaded"] and status["plain"]["shares_base_with"] == ["tuned"]
+        assert status["tuned"]["instances"] == 1 and len(pool.loaded_bases()) == 1
     finally:
         pool.close()
