@@ -364,8 +364,9 @@ def run_bench(
     held-out prompts greedily, then answers the first user turn of every held-out conversation of
     ``data_dir``'s test split (at most ``max_quality``) for the quality figures of ``replies`` (known-word
     and on-topic rates) and the mean similarity to the reference answers; and scores the reference replies
-    of those conversations teacher-forced, in bits per byte (:func:`gguf_factory.evaluate.bits_per_byte`,
-    in this process; the LSTM's charges fitted on ``data_dir``'s train split). ``train_lstm`` trains the
+    of every held-out conversation teacher-forced, in bits per byte
+    (:func:`gguf_factory.evaluate.bits_per_byte`, in this process; the LSTM's charges fitted on
+    ``data_dir``'s train split). ``train_lstm`` trains the
     baseline on ``data_dir`` into ``out_dir/lstm``; ``lstm`` uses an already trained one. ``others``: GGUFs
     of other models measured alongside (a base before fine-tuning, a student with its own vocabulary), which
     skip the check that ``ggufs`` share the HF model's tokenizer. Writes
@@ -465,7 +466,8 @@ def run_bench(
         reference_rate, chance_rate = rs.reference_domain_match, rs.chance_domain_match
         sim = statistics.fmean(similarity(r, a) for r, a in zip(row.quality_replies, references, strict=True))
         s = SystemScores(row, rs.known_word_rate, rs.domain_match, sim)
-        s.bits_per_byte = bits_per_byte(path, test_path, kind=kind, limit=max_quality, threads=threads)
+        # teacher-forced scoring is cheap: every held-out conversation, not only the answered ones
+        s.bits_per_byte = bits_per_byte(path, test_path, kind=kind, threads=threads)
         if kind == "gguf":
             s.targets = {k: s.figures[k] < v for k, v in SEED_TARGETS.items()}
         scored.append(s)

@@ -49,12 +49,23 @@ DEFAULT_BASE = "smollm2-135m-instruct"
 
 @dataclass(frozen=True)
 class FinetuneRecipe:
-    """How the demo fine-tunes the base (settings measured in benchmarks/demo_finetune.py)."""
+    """How the demo fine-tunes the base, chosen in benchmarks/demo_finetune.py (results/demo_finetune.md).
+
+    All weights, not LoRA: on SmolLM2-135M with this corpus a rank-16 LoRA (2 epochs, lr 5e-4) needed more
+    held-out bits per byte than a full fine-tune (0.731 vs 0.695 in transformers) and was slower on a CPU
+    (149 vs 213 tokens/s: the base's forward and backward dominate either way, and PEFT adds its own).
+    One epoch at 1e-4: a second epoch lowered bits per byte by only 1 % (0.702 -> 0.695) for twice the
+    time, and the demo has 25 minutes; a higher learning rate (3e-4) was worse (0.761).
+    """
 
     lora: bool = False
-    epochs: int = 2
+    epochs: int = 1
     lr: float = 1e-4
     batch_size: int = 8
+    precision: str = "fast"
+    """``fast``: bf16 autocast on a CPU with native bfloat16 (AVX512-BF16/AMX) or a GPU that has it, else
+    fp32; or any ``train`` precision."""
+    monitor: str = "accuracy"
 
 
 FINETUNE = FinetuneRecipe()
@@ -71,6 +82,7 @@ class StudentRecipe:
     lr: float = 2e-4
     temperature: float = 2.0
     alpha: float = 0.5
+    precision: str = "fast"
     always: bool = False
     """Build the student even when auto-quant of the fine-tuned model meets the budget, and keep the one
     with the lower bits per byte on the validation split."""
@@ -247,6 +259,14 @@ def _short(base: str) -> str:
     return re.sub(r"[^\w.-]+", "-", label).strip("-").lower() or "base"
 
 
+def _precision(p: str) -> str:
+    if p != "fast":
+        return p
+    from .train.options import cpu_has_native_bf16
+
+    return "bf16" if cpu_has_native_bf16() else "auto"  # auto: bf16 on a GPU that has it, else fp32
+
+
 def _finetune(
     base: str, data_dir: Path, model_dir: Path, r: FinetuneRecipe, epochs: int | None, threads: int | None
 ) -> None:
@@ -260,6 +280,8 @@ def _finetune(
             epochs=epochs or r.epochs,
             lr=r.lr,
             batch_size=r.batch_size,
+            precision=_precision(r.precision),
+            monitor=r.monitor,
             threads=threads,
         )
         return
@@ -277,6 +299,8 @@ def _finetune(
             epochs=epochs or r.epochs,
             lr=r.lr,
             batch_size=r.batch_size,
+            precision=_precision(r.precision),
+            monitor=r.monitor,
             threads=threads,
         )
     merge(base, [adapter], model_dir)
@@ -299,7 +323,7 @@ def _small_file(
     from .autoquant import autoquant
     from .errors import InputError
 
-    label = human_size(budget).replace(" ", "")
+    label = human_size(budget).replace(".0 ", " ").replace(" ", "")  # 50MB, 62.5MB
     small = SmallFile(path=None, method="student", budget_bytes=budget)
     direct = out / f"{name}-{label}.gguf"
     try:
@@ -351,7 +375,9 @@ def _student(
     s: StudentRecipe,
     threads: int | None,
 ) -> Path:
-    """trim-vocab -> prune -> distil from the fine-tuned model -> convert -> fit into ``budget``."""
+    """trim-vocab -> prune -> distil from the fine-tuned model (its trimmed F16 GGUF: llama.cpp runs the
+    teacher once over the data, its top-k logits cached, instead of transformers on every step) -> convert
+    -> fit into ``budget``."""
     from .autoquant import autoquant
     from .convert import convert
     from .prune import prune
@@ -370,6 +396,8 @@ def _student(
         pruned,
         lambda: prune(trimmed, data_dir, pruned, ffn=s.ffn, heads=s.heads, threads=threads),
     )
+    teacher = out / f"{name}-trim-F16.gguf"  # a GGUF teacher runs once, in llama.cpp, before training
+    steps.run("convert the teacher", teacher, lambda: convert(trimmed, teacher, outtype="f16", name=name))
     student = out / f"{name}-student-hf"
     steps.run(
         "distil the student",
@@ -378,11 +406,12 @@ def _student(
             data_dir,
             student,
             base=pruned,
-            distill_from=trimmed,
+            distill_from=teacher,
             epochs=s.epochs,
             lr=s.lr,
             temperature=s.temperature,
             alpha=s.alpha,
+            precision=_precision(s.precision),
             threads=threads,
         ),
     )

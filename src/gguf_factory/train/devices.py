@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,11 +88,31 @@ def check_options(options: RunOptions, *, lora: bool) -> tuple[str, str]:
     return device, precision
 
 
+def _busy_cores() -> float:
+    """How many cores other programs keep busy now: the runnable tasks in ``/proc/loadavg`` less this one
+    (the median of five looks over 0.2 s), else the 1-minute load average. Not the load average where the
+    snapshot exists: it lags by minutes and counts this very process's own earlier work (a demo that just
+    converted a model would train on one thread)."""
+    try:
+        looks = []
+        for i in range(5):
+            if i:
+                time.sleep(0.05)
+            with open("/proc/loadavg", encoding="ascii") as f:
+                looks.append(int(f.read().split()[3].split("/")[0]))
+        return float(max(0, sorted(looks)[2] - 1))
+    except (OSError, ValueError, IndexError):
+        try:
+            return os.getloadavg()[0]
+        except OSError:
+            return 0.0
+
+
 def default_threads(threads: int | None) -> int:
     """``threads``, else this process's share of the idle cores.
 
     The cores are shared among the processes of this machine (``LOCAL_WORLD_SIZE``), and cores other
-    programs keep busy (the 1-minute load average) are left to them: an intra-op thread that waits for a
+    programs keep busy now (:func:`_busy_cores`) are left to them: an intra-op thread that waits for a
     busy core stalls every matrix product at its barrier. On a 2-core machine that others load, one thread
     trains ~2x faster than two (measured: benchmarks/results/train_throughput.md)."""
     if threads is not None:
@@ -101,15 +122,13 @@ def default_threads(threads: int | None) -> int:
     local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
     cores = _cores()
     share = max(1, cores // local)
-    try:
-        busy = os.getloadavg()[0]
-    except OSError:
-        busy = 0.0
+    busy = _busy_cores()
     idle = max(1, round((cores - busy) / local))
     n = min(share, idle)
     if n < share:
         log.info(
-            "using %d of %d threads: the machine is busy (load %.1f on %d cores); --threads to choose",
+            "using %d of %d threads: the machine is busy (%.0f other tasks running on %d cores); "
+            "--threads to choose",
             n, share, busy, cores,
         )  # fmt: skip
     return n
