@@ -55,6 +55,9 @@ console = Console()
 # --------------------------------------------------------------------------------------------- timing
 
 
+PACKAGED = "the packaged Q4_1 GGUF requantized to F16 by llama.cpp (Q4_1-rounded weights)"
+
+
 def _cpu_seconds() -> float:
     """CPU time of this process and its children (llama.cpp runs in-process, on --threads threads)."""
     own = resource.getrusage(resource.RUSAGE_SELF)
@@ -228,6 +231,11 @@ def main() -> None:
     ap.add_argument("--skip-small", action="store_true", help="only the 135M part")
     ap.add_argument("--work", type=Path, default=Path(__file__).parent / "work" / "autoquant_scale")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument(
+        "--results",
+        default="autoquant_scale",
+        help="results file stem (autoquant_scale_finetuned for --f16 of the demo's fine-tuned model)",
+    )
     ap.add_argument("--folds", type=int, default=4)
     args = ap.parse_args()
     work: Path = args.work
@@ -278,7 +286,9 @@ def main() -> None:
         row["rung"]: round(big_facts["measure_s"] + row["fast"]["build_s"] + bounds_s, 1) for row in big_rows
     }
     result["smollm2"] = {
-        "model": f16.name, "layers": info.n_layers, "tensors": len(info.tensor_types),
+        "model": f16.name,
+        "source": PACKAGED if args.f16 is None else f"given with --f16 (the F16 GGUF {f16.name})",
+        "layers": info.n_layers, "tensors": len(info.tensor_types),
         "quantizable_tensors": bounds.tensors, "narrow_tensors": bounds.narrow,
         "bounds": {"smallest": bounds.smallest, "largest": bounds.largest, "seconds": round(bounds_s, 2),
                    "narrow_floor_bpw": bounds.narrow_floor_bpw},
@@ -331,9 +341,9 @@ def main() -> None:
     result["total_cpu_s"] = round(_cpu_seconds() - cpu_start, 1)
     result["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "autoquant_scale.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    (RESULTS / "autoquant_scale.md").write_text(markdown(result))
-    console.print(f"wrote {RESULTS / 'autoquant_scale.md'} and .json")
+    (RESULTS / f"{args.results}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    (RESULTS / f"{args.results}.md").write_text(markdown(result))
+    console.print(f"wrote {RESULTS / args.results}.md and .json")
 
 
 def _group_label(names: Sequence[str]) -> str:
@@ -367,7 +377,7 @@ def markdown(r: dict[str, Any]) -> str:
         "",
         f"## SmolLM2-135M-Instruct ({s['layers']} blocks, {s['quantizable_tensors']} quantizable tensors)",
         "",
-        f"`{s['model']}`: the packaged Q4_1 GGUF requantized to F16 by llama.cpp (Q4_1-rounded weights). "
+        f"`{s['model']}`: {s.get('source', PACKAGED)}. "
         f"{s['narrow_tensors']} of its {s['quantizable_tensors']} quantizable tensors have 576-value rows, "
         f"which no 256-value block fits: no candidate below {s['bounds']['narrow_floor_bpw']} bits/weight "
         "takes them (only ffn_down's 1536-value rows take K-quants).",

@@ -1,0 +1,235 @@
+"""The README's measured figures, generated from the results files (never typed in by hand).
+
+The block between ``<!-- measured:start -->`` and ``<!-- measured:end -->`` in README.md is what
+:func:`render` makes of ``benchmarks/results/*.json``; ``tests/test_readme_figures.py`` fails when the two
+differ, so a figure in the README is always the one its results file holds.
+
+    python benchmarks/readme_figures.py           # rewrite the README's block from the results files
+    python benchmarks/readme_figures.py --check   # exit 1 if the README's block is out of date
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+README = ROOT / "README.md"
+START, END = "<!-- measured:start -->", "<!-- measured:end -->"
+
+
+def _load(name: str) -> dict[str, Any] | None:
+    p = RESULTS / f"{name}.json"
+    return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else None
+
+
+def _f(v: Any, fmt: str) -> str:
+    return "–" if v is None else fmt.format(v)
+
+
+def _yes(ok: bool) -> str:
+    return "✅" if ok else "❌"
+
+
+def demo(d: dict[str, Any]) -> list[str]:
+    t = d["targets"]
+    lines = [
+        f"- `gguf-factory demo` on an empty folder ([results](benchmarks/results/demo.md), "
+        f"`{d['command']}`, {d['date'][:10]}, commit {d['commit']}): **{d['seconds'] / 60:.1f} min** to the "
+        f"report (target ≤ 25 {_yes(t['demo_minutes']['met'])}), starting from {d['base']}. Each system "
+        "in fresh processes (medians); bits per reply byte on the held-out test conversations (lower is "
+        "better), on topic over 40 of them answered:",
+        "",
+        "| system | engine | size | first token | 32-token reply | tokens/s | peak RSS | bits/byte "
+        "| on topic |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    engine = {"gguf": "llama.cpp", "hf": "transformers", "lstm": "PyTorch"}
+    for r in d["rows"]:
+        lines.append(
+            f"| {r['name']} | {engine.get(r['kind'], r['kind'])} | {r['size_mb']:.1f} MB "
+            f"| {_f(r['first_token_ms'], '{:.1f} ms')} | {_f(r['reply_32_ms'], '{:.0f} ms')} "
+            f"| {_f(r['tokens_per_s'], '{:.0f}')} | {_f(r['peak_rss_mb'], '{:.0f} MB')} "
+            f"| {_f(r['bits_per_byte'], '{:.3f}')} | {_f(r['on_topic'], '{:.0%}')} |"
+        )
+    names = {
+        "finetuned_hf_bpb": "fine-tuned, transformers: bits/byte ≤ 0.65 and below the Bi-LSTM",
+        "finetuned_q4_k_m_bpb": "its Q4_K_M: bits/byte ≤ 0.68 and below the Bi-LSTM",
+        "small_file_bpb": "the ≤ 50 MB file: bits/byte ≤ 0.85 and below the untouched base",
+        "small_file_mb": "the small file's size ≤ 50 MB",
+        "q4_k_m_first_token_ms": "Q4_K_M first token < 100 ms",
+        "q4_k_m_32_token_reply_ms": "Q4_K_M 32-token reply < 1 s",
+        "q4_k_m_peak_rss_mb": "Q4_K_M peak RSS < 200 MB",
+    }
+    lines += ["", "| target | measured | met |", "|---|---:|:---:|"]
+    for k, label in names.items():
+        v = t[k]
+        lines.append(f"| {label} | {_f(v['value'], '{}')} | {_yes(v['met'])} |")
+    small = d.get("small_file")
+    if small:
+        lines += [""] + [f"  {n}." if not n.endswith(".") else f"  {n}" for n in small["notes"]]
+    return lines
+
+
+def _demo_recipe() -> str:
+    """The recipe the demo's code uses (gguf_factory.demo.FINETUNE), in the benchmark's naming."""
+    from gguf_factory.demo import FINETUNE as r
+
+    lr = f"{r.lr:.0e}".replace("e-0", "e-")  # 1e-4, as the benchmark's recipe names write it
+    return f"{'lora' if r.lora else 'full'}-e{r.epochs}-lr{lr}"
+
+
+def demo_finetune(d: dict[str, Any]) -> list[str]:
+    lines = [
+        f"- How the demo fine-tunes ([results](benchmarks/results/demo_finetune.md), `{d['command']}`, "
+        f"{d['date'][:10]}): held-out bits per reply byte on all 90 test conversations. Lowest for the "
+        f"Q4_K_M: **{d['best']}**; the demo uses {_demo_recipe()} (see `FinetuneRecipe` for why).",
+        "",
+        "| recipe | train wall | tokens/s | peak RSS | bits/byte (transformers) | bits/byte (Q4_K_M) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in d["rows"]:
+        lines.append(
+            f"| {r['recipe']} | {_f(r.get('seconds'), '{:.0f} s')} "
+            f"| {_f(r.get('tokens_per_second'), '{:.0f}')} "
+            f"| {_f(r.get('peak_rss_mb'), '{:.0f} MB')} | {r['bpb_hf']:.3f} | {r['bpb_q4_k_m']:.3f} |"
+        )
+    return lines
+
+
+def autoquant_scale(d: dict[str, Any]) -> list[str]:
+    s = d["smollm2"]
+    e2e = s["end_to_end_s"]
+    lines = [
+        f"- Auto-quant at the 135M scale ([results](benchmarks/results/autoquant_scale.md), "
+        f"`{d['command']}`, {d['date'][:10]}) on {s['model']}: `--max-size 50MB` refused in "
+        f"{s['refusal']['seconds']} s (smallest possible {s['bounds']['smallest'] / 1e6:.1f} MB); "
+        f"{s['fast']['probes']} probes for {s['fast']['tensors']} tensors, measured in "
+        f"{s['fast']['measure_s']:.0f} s, one budget end to end in {min(e2e.values()):.0f}–"
+        f"{max(e2e.values()):.0f} s (target ≤ 600 s). Mean KLD against the F16 at equal size:",
+        "",
+        "| rung | size | stock KLD | auto-quant KLD | stock / auto |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in s["rows"]:
+        st, au = r["stock"], r["fast"]
+        lines.append(
+            f"| {r['rung']} | {st['size'] / 1e6:.1f} MB | {st['kld']:.4f} | {au['kld']:.4f} "
+            f"| {au['ratio_stock_over_auto']:.1f}× |"
+        )
+    return lines
+
+
+def train_throughput(d: dict[str, Any]) -> list[str]:
+    s = d["summary"]
+
+    def tps(row: str) -> str:
+        v = s[row]["tokens_per_second"]
+        return f"{v['median']:.1f} ({v['min']:.1f}–{v['max']:.1f})"
+
+    la = d.get("load_average") or {}
+    load = f", load {la['min']:.1f}–{la['max']:.1f}" if "min" in la else ""
+    return [
+        f"- Fine-tuning throughput vs transformers' `Trainer` ([results](benchmarks/results/"
+        f"train_throughput.md), `{d['command']}`, {d['date'][:10]}{load}): tokens/s median (min–max) "
+        f"`gguf-factory train --base` {tps('ours')}, `--pack` {tps('ours-pack')}, `Trainer` "
+        f"{tps('trainer')}, `Trainer` with length grouping and our threads {tps('trainer-grouped')}: "
+        f"**{d['speedup_ours_vs_trainer']:.2f}×** the plain `Trainer` (target {d['target']}×)."
+    ]
+
+
+def convert(d: dict[str, Any]) -> list[str]:
+    sp = d["speed"]
+    ours, peer = sp["rows"]["gguf-factory"], sp["rows"]["llama.cpp"]
+    m = sp["model"]
+    return [
+        f"- Converting a {m['parameters'] / 1e6:.0f} M-parameter {m['source_dtype']} checkpoint with a "
+        f"{m['vocab_size'] // 1024} k-token vocabulary to F16 ([results](benchmarks/results/convert.md), "
+        f"`{d['command']}`): {ours['seconds']['median']:.1f} s ({ours['seconds']['min']:.1f}–"
+        f"{ours['seconds']['max']:.1f}) and {ours['peak_rss_mb']['median']:.0f} MB peak RSS; llama.cpp's "
+        f"`convert_hf_to_gguf.py` in the same run {peer['seconds']['median']:.1f} s "
+        f"({peer['seconds']['min']:.1f}–{peer['seconds']['max']:.1f}) and "
+        f"{peer['peak_rss_mb']['median']:.0f} MB; {len(d['families'])} families verified in llama.cpp."
+    ]
+
+
+def from_gguf(d: dict[str, Any]) -> list[str]:
+    t, f32, q = d["tokenizer_parity"], d["vs_f32_gguf"], d["vs_q4_1_gguf"]
+    return [
+        f"- SmolLM2-135M-Instruct rebuilt from its Q4_1 GGUF as a Hugging Face checkpoint "
+        f"([results](benchmarks/results/from_gguf.md), `{d['command']}`): {d['median_wall_seconds']:.0f} s, "
+        f"{d['median_peak_rss_mb']:.0f} MB peak RSS; tokenizer {t['mismatches']} mismatches on {t['texts']} "
+        f"texts in {t['languages']} languages; against llama.cpp on an F32 GGUF of the same weights greedy "
+        f"{f32['greedy_identical']} identical, top-1 {f32['top1_agreement']:.1%}; against the Q4_1 GGUF "
+        f"itself top-1 {q['top1_agreement']:.1%}."
+    ]
+
+
+def serve(d: dict[str, Any]) -> list[str]:
+    o, lo, ld = d["overhead"], d["overhead_long"], d["load"]
+
+    def row(label: str, x: dict[str, Any], via: str, key: str) -> str:
+        ms, pct = x[f"{key}overhead_ms"], x[f"{key}overhead_pct"]
+        return f"{label} via {via} {ms:+.2f} ms ({pct:+.1f} %)"
+
+    return [
+        f"- `gguf-factory serve` vs llama-cpp-python called directly on {d['model']} "
+        f"([results](benchmarks/results/serve.md), {d['date']}; every row): overhead per request on "
+        f"~{o['mean_completion_tokens']:.0f}-token replies {row('', o, 'the `openai` client', '')}, "
+        f"{row('', o, 'raw HTTP', 'raw_http_')}; on {lo['mean_completion_tokens']:.0f}-token replies "
+        f"{row('', lo, 'the `openai` client', '')}, {row('', lo, 'raw HTTP', 'raw_http_')}. "
+        f"{ld['clients']} clients for {ld['duration_s']:.0f} s: {ld['requests']} requests, {ld['errors']} "
+        f"errors, p99 {ld['p99_ms']:.0f} ms.".replace("  ", " ")
+    ]
+
+
+SECTIONS = (
+    ("demo", demo),
+    ("demo_finetune", demo_finetune),
+    ("autoquant_scale", autoquant_scale),
+    ("train_throughput", train_throughput),
+    ("convert", convert),
+    ("from_gguf", from_gguf),
+    ("serve", serve),
+)
+
+
+def render() -> str:
+    out: list[str] = [START, ""]
+    for name, fn in SECTIONS:
+        d = _load(name)
+        if d is not None:
+            out += fn(d) + [""]
+    out.append(END)
+    return "\n".join(out)
+
+
+def current() -> str:
+    text = README.read_text(encoding="utf-8")
+    i, j = text.find(START), text.find(END)
+    if i < 0 or j < i:
+        raise SystemExit(f"{README}: no {START} ... {END} block")
+    return text[i : j + len(END)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--check", action="store_true")
+    args = ap.parse_args()
+    block, now = render(), current()
+    if args.check:
+        if block != now:
+            print("README.md's measured figures differ from benchmarks/results: run readme_figures.py")
+            sys.exit(1)
+        print("README.md's measured figures match benchmarks/results")
+        return
+    README.write_text(README.read_text(encoding="utf-8").replace(now, block), encoding="utf-8")
+    print(f"rewrote the measured block of {README}")
+
+
+if __name__ == "__main__":
+    main()
