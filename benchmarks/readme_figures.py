@@ -187,6 +187,20 @@ def serve(d: dict[str, Any]) -> list[str]:
     ]
 
 
+def build_domains_smollm2(d: dict[str, Any]) -> list[str]:
+    r = d["routing"]
+    per = ", ".join(f"{k} {v['accuracy']:.0%} of {v['prompts']}" for k, v in r.get("domains", {}).items())
+    ggufs = [a for a in d["artifacts"] if a.endswith(".gguf")]
+    return [
+        f"- Multi-domain build of `examples/domains-smollm2.yaml` on SmolLM2-135M-Instruct "
+        f"([results](benchmarks/results/build_domains_smollm2.md), `{d['command']}`, {d['date']}): "
+        f"{d['steps']} steps cold in {d['cold_s'] / 60:.1f} min (the universal fine-tune "
+        f"{d['universal_part_s'] / 60:.1f} min of it), a cached re-run in {d['cached_s']:.2f} s; "
+        f"{len(ggufs)} GGUFs (parents and adapters); the router on held-out prompts: {per} "
+        f"({r.get('accuracy', 0):.1%} overall)."
+    ]
+
+
 SECTIONS = (
     ("demo", demo),
     ("demo_finetune", demo_finetune),
@@ -195,6 +209,7 @@ SECTIONS = (
     ("convert", convert),
     ("from_gguf", from_gguf),
     ("serve", serve),
+    ("build_domains_smollm2", build_domains_smollm2),
 )
 
 
