@@ -26,10 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,6 +34,8 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+
+from stamp import git_commit, machine, run_timed
 
 RESULTS = Path(__file__).resolve().parent / "results"
 console = Console()
@@ -51,18 +50,6 @@ TARGETS = {
     "q4_k_m_32_token_reply_ms": 1000.0,
     "q4_k_m_peak_rss_mb": 200.0,
 }
-
-
-def git_commit() -> str:
-    root = Path(__file__).resolve().parent.parent
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
-        )
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True)
-        return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    except OSError:
-        return "unknown"
 
 
 def reply_ms(first_token_ms: float, tokens_per_s: float, n: int = 32) -> float | None:
@@ -153,13 +140,8 @@ def main() -> None:
             shutil.rmtree(args.out)
         cmd = [sys.executable, "-m", "gguf_factory.cli", "demo", "-o", str(args.out), *args.extra]
         console.print(f"running: {' '.join(cmd)}")
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - t0
-        max_rss = round(usage.ru_maxrss / 1024, 1)
-        if os.waitstatus_to_exitcode(status) != 0:
-            raise SystemExit(f"gguf-factory demo failed (exit {os.waitstatus_to_exitcode(status)})")
+        ran = run_timed(cmd)
+        wall, max_rss = ran["seconds"], ran["peak_rss_mb"]
     report = json.loads((args.out / "demo-report.json").read_text())
     if args.from_report:
         wall = report["seconds"]
@@ -168,12 +150,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "commit": git_commit(),
         "command": "python benchmarks/" + " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "load_avg": [round(x, 2) for x in os.getloadavg()],
-        },
+        "machine": machine(),
         "demo_command": "gguf-factory demo " + " ".join(args.extra),
         "seconds": round(wall, 1),
         "reused_steps": report.get("reused_steps", []),

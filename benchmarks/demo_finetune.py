@@ -27,9 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,6 +35,8 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+
+from stamp import git_commit, machine, run_timed
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_RECIPES = (
@@ -64,30 +64,6 @@ def parse_recipe(name: str) -> dict[str, Any]:
         "monitor": "loss" if m.group(5) else "accuracy",
         "batch_size": 8,
     }
-
-
-def git_commit() -> str:
-    root = Path(__file__).resolve().parent.parent
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
-        )
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True)
-        return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    except OSError:
-        return "unknown"
-
-
-def run_timed(cmd: list[str], log: Path) -> dict[str, float]:
-    """Run ``cmd`` in a fresh process; its wall time and peak RSS (from wait4's rusage)."""
-    t0 = time.perf_counter()
-    with log.open("w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed (exit {os.waitstatus_to_exitcode(status)}); see {log}")
-    return {"seconds": round(wall, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
 
 
 def base_folder(work: Path) -> Path:
@@ -188,12 +164,7 @@ def _write(rows: list[dict[str, Any]], args: argparse.Namespace, seconds: float)
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "commit": git_commit(),
         "command": "python benchmarks/" + " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "load_avg": [round(x, 2) for x in os.getloadavg()],
-        },
+        "machine": machine(),
         "data": "chatterbot English, demo split (718 train / 90 val / 90 test conversations)",
         "targets": {"bpb_hf": TARGET_HF, "bpb_q4_k_m": TARGET_Q4},
         "rows": rows,

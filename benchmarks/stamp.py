@@ -1,0 +1,52 @@
+"""What every results file is stamped with (commit, machine) and a timed fresh process, shared by the
+benchmark scripts (run as ``python benchmarks/<script>.py``, so this folder is on ``sys.path``)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def git_commit() -> str:
+    """The short commit, ``+dirty`` when the tree has uncommitted changes."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        )
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True)
+        return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except OSError:
+        return "unknown"
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "load_avg": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def run_timed(cmd: list[str], log: Path | None = None) -> dict[str, Any]:
+    """Run ``cmd`` in a fresh process (output to ``log``, else inherited); its wall time and peak RSS
+    (wait4's rusage). A non-zero exit is a SystemExit naming the command."""
+    t0 = time.perf_counter()
+    fh = log.open("w") if log is not None else None
+    try:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT if fh else None)
+        _, status, usage = os.wait4(proc.pid, 0)
+    finally:
+        if fh is not None:
+            fh.close()
+    wall = time.perf_counter() - t0
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed (exit {code})" + (f"; see {log}" if log else ""))
+    return {"seconds": round(wall, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
