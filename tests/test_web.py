@@ -216,13 +216,19 @@ class Chromium:
         self._next_id = 0
         self.events: list[dict[str, Any]] = []
 
-    def call(self, method: str, params: dict[str, Any] | None = None, session: str | None = None) -> Any:
+    def call(
+        self,
+        method: str,
+        params: dict[str, Any] | None = None,
+        session: str | None = None,
+        timeout: float = 15,
+    ) -> Any:
         self._next_id += 1
         msg: dict[str, Any] = {"id": self._next_id, "method": method, "params": params or {}}
         if session:
             msg["sessionId"] = session
         os.write(self._to_browser, json.dumps(msg).encode() + b"\0")
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + timeout
         while True:
             for reply in self._read(deadline):
                 if reply.get("id") == self._next_id:
@@ -345,9 +351,19 @@ class Tab:
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chromium]:
     assert CHROMIUM is not None
-    b = Chromium(CHROMIUM, tmp_path_factory.mktemp("chromium") / "profile")
+    # a freshly installed chromium's first start (fontconfig cache, new profile) on a busy 2-core CI
+    # machine has taken longer than the 15 s a DevTools call gets: wait longer for the first answer,
+    # and start it once more if it never comes
+    for attempt in (1, 2):
+        b = Chromium(CHROMIUM, tmp_path_factory.mktemp("chromium") / "profile")
+        try:
+            b.call("Browser.getVersion", timeout=90)
+            break
+        except DevToolsError:
+            b.close()
+            if attempt == 2:
+                raise
     try:
-        b.call("Browser.getVersion")
         yield b
     finally:
         b.close()
