@@ -547,6 +547,47 @@ def test_repeated_defects_are_capped(tmp_path: Path) -> None:
     assert proc.returncode == 0 and "2960 more" in proc.stdout and len(proc.stdout.splitlines()) < 400
 
 
+
+def test_header_checks_run_without_the_cyclic_collector(tmp_path: Path) -> None:
+    """Reading and checking a crafted header allocates millions of cycle-free objects: the collector is
+    paused meanwhile (each collection walks everything alive) and restored after, also after an error."""
+    import gc
+
+    from gguf_factory.doctor import validate
+    from gguf_factory.doctor.reader import gc_paused
+
+    collections = []
+
+    def count(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            collections.append(info["generation"])
+
+    f = many_tensors(tmp_path / "dups.gguf", 20_000, name="x")
+    gc.callbacks.append(count)
+    try:
+        validate(f, smoke=False)
+        assert len(collections) <= 1  # the one the allocations owe, as the collector comes back on
+        assert gc.isenabled()
+        gc.collect()
+        assert collections  # the callback sees collections: the empty list above means something
+    finally:
+        gc.callbacks.remove(count)
+    with pytest.raises(RuntimeError), gc_paused():
+        assert not gc.isenabled()
+        raise RuntimeError
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with gc_paused():
+            pass
+        assert not gc.isenabled()  # left as it was found
+    finally:
+        gc.enable()
+    r = validate(f, smoke=False)  # 20 000 tensors of one foreign name: named once, duplicates counted
+    unexpected = [x for x in r.findings if x.code == "tensor-unexpected"]
+    assert len(unexpected) == 1 and "'x'" in unexpected[0].message
+    assert any("19979 more" in x.message for x in r.findings if x.code == "tensor-duplicate-name")
+
 # --- 7. YAML, manifests, release folders -------------------------------------------------------------
 def _bomb() -> str:
     """Seven levels of ten aliases each: 10^7 strings from about 300 bytes (each level x10)."""

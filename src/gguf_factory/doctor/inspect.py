@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
+from math import prod
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..files import human_size
-from .reader import VT, GGUFFile, KVEntry, read_gguf
+from .reader import KNOWN_TYPES, VT, GGUFFile, KVEntry, gc_paused, read_gguf
 
 K = gguf.Keys
 KV_CACHE_BYTES = {"f32": 4, "f16": 2, "bf16": 2, "q8_0": 34 / 32, "q4_0": 18 / 32}
@@ -92,9 +93,12 @@ def _jsonable(kv: KVEntry) -> Any:
     return v
 
 
+_BLOCK_PREFIX = re.compile(r"^blk\.\d+\.")
+
+
 def tensor_group(name: str) -> str:
     """token_embd | output | attention | ffn | norm | other, by the gguf tensor name."""
-    base = re.sub(r"^blk\.\d+\.", "", name).rsplit(".", 1)[0]
+    base = _BLOCK_PREFIX.sub("", name).rsplit(".", 1)[0]
     if base == "token_embd":
         return "embedding"
     if base == "output":
@@ -194,7 +198,13 @@ def inspect_gguf(
         raise InputError(f"--ctx must be a positive number of tokens, got {ctx}")
     if kv_type not in KV_CACHE_BYTES:
         raise InputError(f"unknown KV cache type {kv_type!r}; expected one of {', '.join(KV_CACHE_BYTES)}")
-    g = read_gguf(path)
+    with gc_paused():  # a crafted header's million tensor infos: see gc_paused
+        return _inspect(read_gguf(path), Path(path), ctx, kv_type, max_rows)
+
+
+def _inspect(
+    g: GGUFFile, path: Path, ctx: int | None, kv_type: str, max_rows: int | None
+) -> InspectReport:
     arch = g.architecture
     prefix = f"{arch}." if arch else None
     metadata: dict[str, Any] = {}
@@ -211,17 +221,26 @@ def inspect_gguf(
     n_params = 0
     n_bytes_total = 0
     keep = len(g.tensors) if max_rows is None else max_rows
-    for t in g.tensors:
+    by_type: dict[int, int] = {}
+    group_of: dict[str, str] = {}
+    for t in g.tensors:  # one cheap pass: a crafted header has millions
         nb = t.n_bytes
+        n = prod(t.dims)
         if len(rows) < keep:
-            rows.append(TensorRow(t.name, list(t.shape), t.type_name, t.n_elements, nb))
-        n_params += t.n_elements
+            rows.append(TensorRow(t.name, list(t.shape), t.type_name, n, nb))
+        n_params += n
         n_bytes_total += nb or 0
-        grp = groups.setdefault(tensor_group(t.name), {"n_tensors": 0, "n_params": 0, "n_bytes": 0})
+        group = group_of.get(t.name)
+        if group is None:
+            group = group_of[t.name] = tensor_group(t.name)
+        grp = groups.setdefault(group, {"n_tensors": 0, "n_params": 0, "n_bytes": 0})
         grp["n_tensors"] += 1
-        grp["n_params"] += t.n_elements
+        grp["n_params"] += n
         grp["n_bytes"] += nb or 0
-        type_counts[t.type_name] = type_counts.get(t.type_name, 0) + 1
+        by_type[t.raw_type] = by_type.get(t.raw_type, 0) + 1
+    for raw, count in by_type.items():
+        name = KNOWN_TYPES[raw].name if raw in KNOWN_TYPES else f"unknown({raw})"
+        type_counts[name] = type_counts.get(name, 0) + count
     bpw = 8 * n_bytes_total / n_params if n_params else 0.0
     template = g.get(K.Tokenizer.CHAT_TEMPLATE)
     memory: list[MemoryEstimate] = []
@@ -237,7 +256,7 @@ def inspect_gguf(
         if est is not None:
             memory.append(est)
     return InspectReport(
-        path=Path(path),
+        path=path,
         file_size=g.total_size,
         version=g.version,
         alignment=g.alignment,

@@ -14,6 +14,7 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
+from math import prod
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +24,14 @@ import numpy as np
 from .reader import (
     GGML_MAX_DIMS,
     GGML_MAX_NAME,
+    KNOWN_TYPES,
     MAX_ISSUES_PER_CODE,
     QT,
     VT,
     GGUFFile,
     GGUFFormatError,
     TensorInfo,
+    gc_paused,
     read_gguf,
     tensor_data,
 )
@@ -286,14 +289,26 @@ def check_structure(g: GGUFFile) -> tuple[list[Finding], set[int]]:
     bad: set[int] = set()
     names: dict[str, int] = {}
     sizes = gguf.GGML_QUANT_SIZES
-    for t in g.tensors:
-        name, dims, qt = t.name, t.dims, t.type
+    known = KNOWN_TYPES
+    long_name = GGML_MAX_NAME // 4
+    for t in g.tensors:  # one pass, cheap when nothing is wrong (a crafted header has millions)
+        name, dims = t.name, t.dims
+        qt = known.get(t.raw_type)
         if name in names:
             out.add("tensor-duplicate-name", f"tensor {name!r} appears twice", name)
             bad.add(t.index)
         else:
             names[name] = t.index
-        if len(name) >= GGML_MAX_NAME // 4 and len(name.encode("utf-8")) >= GGML_MAX_NAME:
+        if (
+            qt is not None
+            and 0 < len(dims) <= GGML_MAX_DIMS
+            and len(name) < long_name
+            and 0 not in dims
+            and not dims[0] % sizes[qt][0]
+            and prod(dims) <= INT64_MAX
+        ):
+            continue
+        if len(name) >= long_name and len(name.encode("utf-8")) >= GGML_MAX_NAME:
             out.add("tensor-name-too-long", f"tensor name {name[:40]!r}... is {len(name)} bytes", name)
         if len(dims) > GGML_MAX_DIMS:
             out.add(
@@ -308,7 +323,7 @@ def check_structure(g: GGUFFile) -> tuple[list[Finding], set[int]]:
         if 0 in dims:
             out.add("tensor-zero-dim", f"tensor {name!r} has a zero dimension {dims}", name)
             bad.add(t.index)
-        elif t.n_elements > INT64_MAX:  # dimensions are at least 1 here: any over INT64_MAX shows
+        elif prod(dims) > INT64_MAX:  # dimensions are at least 1 here: any over INT64_MAX shows
             out.add("tensor-bad-dims", f"tensor {name!r} dimensions {dims} overflow int64", name)
             bad.add(t.index)
         elif qt is not None and dims and dims[0] % sizes[qt][0]:
@@ -782,17 +797,17 @@ def _check_tensor_names(g: GGUFFile, arch: str, n_layer: int | None) -> list[Fin
         alternatives.append("(?:" + base.replace(r"\{bid\}", r"\d+").replace(r"\{xid\}", r"\d+") + ")")
     named = re.compile(rf"^(?:{'|'.join(_unique_groups(alternatives))})(?:\.weight|\.bias|\.scale)?$")
     out = Findings()
-    for t in g.tensors:
-        m = named.match(t.name)
+    for name in dict.fromkeys(t.name for t in g.tensors):  # each name once (duplicates are their own finding)
+        m = named.match(name)
         if m is None:
-            out.add("tensor-unexpected", f"tensor {t.name!r} is not a {arch} tensor name", t.name)
+            out.add("tensor-unexpected", f"tensor {name!r} is not a {arch} tensor name", name)
             continue
         bid = next((v for k, v in m.groupdict().items() if v is not None), None)
         if bid is not None and n_layer is not None and int(bid) >= n_layer:
             out.add(
                 "tensor-unexpected",
-                f"tensor {t.name!r} belongs to block {bid} but block_count is {n_layer}",
-                t.name,
+                f"tensor {name!r} belongs to block {bid} but block_count is {n_layer}",
+                name,
             )
     return out.done()
 
@@ -1061,19 +1076,22 @@ def validate(
     """Run every check on ``path``; never raises for a file's content (a fatal defect is a finding)."""
     t0 = time.perf_counter()
     p = Path(path)
-    try:
-        g = read_gguf(p)
-    except GGUFFormatError as e:
-        code = e.code if e.code in CATALOG else "malformed"
-        return ValidationReport(p, [finding(code, str(e))], unusable=True, seconds=time.perf_counter() - t0)
-    structure, bad = check_structure(g)
-    findings = Findings(structure)
-    findings += check_metadata(g)
-    checked = 0
-    if data:
-        more, checked = check_data(g, bad)
-        findings += more
-    findings += check_chat_template(g, timeout=template_timeout)
+    with gc_paused():  # a crafted header's million tensor infos: see gc_paused
+        try:
+            g = read_gguf(p)
+        except GGUFFormatError as e:
+            code = e.code if e.code in CATALOG else "malformed"
+            return ValidationReport(
+                p, [finding(code, str(e))], unusable=True, seconds=time.perf_counter() - t0
+            )
+        structure, bad = check_structure(g)
+        findings = Findings(structure)
+        findings += check_metadata(g)
+        checked = 0
+        if data:
+            more, checked = check_data(g, bad)
+            findings += more
+        findings += check_chat_template(g, timeout=template_timeout)
     report = ValidationReport(p, findings.done(), checked_tensors=checked)
     if smoke:
         if report.at_least(Severity.ERROR):
