@@ -42,7 +42,10 @@ def run(base: bytes, examples: int) -> dict[str, Any]:
     times: list[float] = []
 
     @settings(
-        max_examples=examples, deadline=None, database=None, phases=[Phase.generate],
+        max_examples=examples,
+        deadline=None,
+        database=None,
+        phases=[Phase.generate],
         suppress_health_check=list(HealthCheck),
     )
     @given(mutations=st.lists(MUTATION, min_size=1, max_size=4))
@@ -68,7 +71,7 @@ def run(base: bytes, examples: int) -> dict[str, Any]:
         "parsed": outcomes["parsed"],
         "rejected": sum(v for k, v in outcomes.items() if k.startswith("rejected")),
         "rejection_codes": dict(
-            Counter({k[len("rejected: "):]: v for k, v in outcomes.items() if k != "parsed"}).most_common()
+            Counter({k[len("rejected: ") :]: v for k, v in outcomes.items() if k != "parsed"}).most_common()
         ),
         "escaped": dict(escaped),
         "mean_ms": round(statistics.fmean(times) * 1e3, 3) if times else None,
@@ -94,20 +97,23 @@ def main() -> None:
         **r,
     }
     codes = ", ".join(f"`{k}` {v}" for k, v in list(r["rejection_codes"].items())[:12])
-    md = "\n".join([
-        "# Doctor: the GGUF reader under hypothesis",
-        "",
-        f"{res['date']}, {res['machine']}, Python {res['python']}. "
-        "Regenerate: `python benchmarks/doctor_hypothesis.py`.",
-        "",
-        f"- {r['examples']} generated mutation lists (overwrite / insert / delete / truncate / 64-bit value, "
-        f"1-4 each, in the first 16 KiB of a {res['base_bytes']} B valid GGUF) in {r['seconds']} s.",
-        f"- Parsed and checked: {r['parsed']}; rejected with our GGUFFormatError: {r['rejected']}; "
-        f"**other exceptions: {sum(r['escaped'].values())}**.",
-        f"- Per case: mean {r['mean_ms']} ms, slowest {r['max_ms']} ms.",
-        f"- Most common rejection codes: {codes}.",
-        "",
-    ])
+    md = "\n".join(
+        [
+            "# Doctor: the GGUF reader under hypothesis",
+            "",
+            f"{res['date']}, {res['machine']}, Python {res['python']}. "
+            "Regenerate: `python benchmarks/doctor_hypothesis.py`.",
+            "",
+            f"- {r['examples']} generated mutation lists "
+            "(overwrite / insert / delete / truncate / 64-bit value, "
+            f"1-4 each, in the first 16 KiB of a {res['base_bytes']} B valid GGUF) in {r['seconds']} s.",
+            f"- Parsed and checked: {r['parsed']}; rejected with our GGUFFormatError: {r['rejected']}; "
+            f"**other exceptions: {sum(r['escaped'].values())}**.",
+            f"- Per case: mean {r['mean_ms']} ms, slowest {r['max_ms']} ms.",
+            f"- Most common rejection codes: {codes}.",
+            "",
+        ]
+    )
     print(md)
     RESULTS.mkdir(exist_ok=True)
     atomic_write_json(RESULTS / "doctor_hypothesis.json", res)

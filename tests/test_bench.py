@@ -15,7 +15,7 @@ def test_measure_reports_the_child_not_its_big_parent(tiny_f16_gguf: Path) -> No
     # this (parent) process holds ~800 MB when it starts the measuring child; on Linux a child's
     # ru_maxrss starts at the parent's size, so a wrong method would report >= 800 MB here
     ballast = bytearray(800 * 2**20)
-    ballast[:: 4096] = b"\1" * len(ballast[:: 4096])  # touch every page so it is resident
+    ballast[::4096] = b"\1" * len(ballast[::4096])  # touch every page so it is resident
     assert peak_rss_bytes() > 800 * 2**20
     row = measure(tiny_f16_gguf, ["Hello", "What is your favourite food?"], runs=2, max_tokens=8, threads=1)
     del ballast

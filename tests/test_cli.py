@@ -15,8 +15,22 @@ from cli_helpers import assert_one_line_error, run_cli
 def test_help_lists_every_verb() -> None:
     proc = run_cli("--help")
     assert proc.returncode == 0
-    verbs = ("prepare", "train", "convert", "convert-lora", "verify", "quantize", "eval", "ladder", "chat",
-             "generate", "demo", "inspect", "validate", "repair")
+    verbs = (
+        "prepare",
+        "train",
+        "convert",
+        "convert-lora",
+        "verify",
+        "quantize",
+        "eval",
+        "ladder",
+        "chat",
+        "generate",
+        "demo",
+        "inspect",
+        "validate",
+        "repair",
+    )
     for verb in verbs:
         assert verb in proc.stdout
 

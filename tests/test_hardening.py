@@ -547,7 +547,6 @@ def test_repeated_defects_are_capped(tmp_path: Path) -> None:
     assert proc.returncode == 0 and "2960 more" in proc.stdout and len(proc.stdout.splitlines()) < 400
 
 
-
 def test_header_checks_run_without_the_cyclic_collector(tmp_path: Path) -> None:
     """Reading and checking a crafted header allocates millions of cycle-free objects: the collector is
     paused meanwhile (each collection walks everything alive) and restored after, also after an error."""
@@ -587,6 +586,7 @@ def test_header_checks_run_without_the_cyclic_collector(tmp_path: Path) -> None:
     unexpected = [x for x in r.findings if x.code == "tensor-unexpected"]
     assert len(unexpected) == 1 and "'x'" in unexpected[0].message
     assert any("19979 more" in x.message for x in r.findings if x.code == "tensor-duplicate-name")
+
 
 # --- 7. YAML, manifests, release folders -------------------------------------------------------------
 def _bomb() -> str:

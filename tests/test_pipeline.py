@@ -39,13 +39,33 @@ def test_f32_greedy_output_equals_transformers(tiny_f32_gguf: Path, tiny_hf_mode
 
 def test_cli_path_from_data_file_to_an_answer(tmp_path: Path) -> None:
     """The README's verbs, as a user types them, on a user's own JSONL file."""
-    things = ["colour", "food", "book", "film", "song", "game", "sport", "city", "season", "animal",
-              "drink", "fruit", "flower", "number", "planet", "tree"]
+    things = [
+        "colour",
+        "food",
+        "book",
+        "film",
+        "song",
+        "game",
+        "sport",
+        "city",
+        "season",
+        "animal",
+        "drink",
+        "fruit",
+        "flower",
+        "number",
+        "planet",
+        "tree",
+    ]
     rows = [
-        json.dumps({"messages": [
-            {"role": "user", "content": f"What is your favourite {thing}?"},
-            {"role": "assistant", "content": f"I really like {thing}."},
-        ]})
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": f"What is your favourite {thing}?"},
+                    {"role": "assistant", "content": f"I really like {thing}."},
+                ]
+            }
+        )
         for thing in things
     ]
     (tmp_path / "chats.jsonl").write_text("\n".join(rows) + "\n")
@@ -53,7 +73,10 @@ def test_cli_path_from_data_file_to_an_answer(tmp_path: Path) -> None:
     def cli(*args: str) -> str:
         proc = subprocess.run(
             [sys.executable, "-m", "gguf_factory.cli", *args],
-            capture_output=True, text=True, check=False, cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd=tmp_path,
         )
         assert proc.returncode == 0, (args, proc.stdout, proc.stderr)
         return proc.stdout

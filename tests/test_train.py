@@ -27,12 +27,29 @@ from gguf_factory.train.scratch import build_model
 from gguf_factory.train.tokenizer import CHAT_TEMPLATE, ENDOFTEXT, IM_END, IM_START
 
 TINY = ModelPreset(
-    name="tiny", hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2, num_kv_heads=2,
-    vocab_size=400, max_seq_len=96, epochs=4, lr=3e-3, batch_size=8,
+    name="tiny",
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=2,
+    num_kv_heads=2,
+    vocab_size=400,
+    max_seq_len=96,
+    epochs=4,
+    lr=3e-3,
+    batch_size=8,
 )
 
-COLOURS = {"sky": "blue", "grass": "green", "snow": "white", "coal": "black", "blood": "red",
-           "banana": "yellow", "orange": "orange", "plum": "purple"}
+COLOURS = {
+    "sky": "blue",
+    "grass": "green",
+    "snow": "white",
+    "coal": "black",
+    "blood": "red",
+    "banana": "yellow",
+    "orange": "orange",
+    "plum": "purple",
+}
 ANIMALS = {"cat": "meows", "dog": "barks", "cow": "moos", "duck": "quacks", "lion": "roars", "bee": "buzzes"}
 
 
@@ -42,16 +59,23 @@ def _conversations(n: int, seed: int) -> list[dict]:
     for i in range(n):
         if i % 2:
             thing, colour = rng.choice(sorted(COLOURS.items()))
-            msgs = [{"role": "user", "content": f"What colour is the {thing}?"},
-                    {"role": "assistant", "content": f"The {thing} is {colour}."}]
+            msgs = [
+                {"role": "user", "content": f"What colour is the {thing}?"},
+                {"role": "assistant", "content": f"The {thing} is {colour}."},
+            ]
         else:
             animal, sound = rng.choice(sorted(ANIMALS.items()))
-            msgs = [{"role": "user", "content": f"What does a {animal} say?"},
-                    {"role": "assistant", "content": f"A {animal} {sound}."}]
+            msgs = [
+                {"role": "user", "content": f"What does a {animal} say?"},
+                {"role": "assistant", "content": f"A {animal} {sound}."},
+            ]
         if i % 5 == 0:
-            msgs = [{"role": "system", "content": "You are a helpful bot."}, *msgs,
-                    {"role": "user", "content": "Thanks!"},
-                    {"role": "assistant", "content": "You are welcome."}]
+            msgs = [
+                {"role": "system", "content": "You are a helpful bot."},
+                *msgs,
+                {"role": "user", "content": "Thanks!"},
+                {"role": "assistant", "content": "You are welcome."},
+            ]
         out.append({"messages": msgs, "domain": "test", "source": f"test:{i}"})
     return out
 
@@ -81,7 +105,9 @@ def _bpe(texts: list[str], specials: list[str], vocab: int = 400) -> Tokenizer:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=vocab,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
@@ -127,8 +153,14 @@ def test_scratch_training_learns_and_saves(scratch_run):
     assert result.best_val_loss == result.val_losses[result.best_epoch - 1]
     assert 0.0 < result.best_val_accuracy <= 1.0
     assert result.n_params > 10_000 and result.steps > 0 and result.seconds > 0
-    for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-              "generation_config.json", "training.json"):
+    for f in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "training.json",
+    ):
         assert (out / f).is_file(), f
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")], "temp folder left behind"
     record = json.loads((out / "training.json").read_text())
@@ -189,8 +221,12 @@ def test_masking_follows_a_non_chatml_template():
         "{% for m in messages %}<s>[{{ m['role'] }}] {{ m['content'] }}</s>\n{% endfor %}"
         "{% if add_generation_prompt %}<s>[assistant] {% endif %}"
     )
-    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "The sky is blue."},
-            {"role": "user", "content": "and?"}, {"role": "assistant", "content": "A cat meows."}]
+    msgs = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "The sky is blue."},
+        {"role": "user", "content": "and?"},
+        {"role": "assistant", "content": "A cat meows."},
+    ]
     ex = encode_conversation(tok, msgs, 512)
     assert _labelled_text(tok, ex) == "The sky is blue.</s>A cat meows.</s>"
 
@@ -217,8 +253,9 @@ def test_seeded_runs_are_reproducible(data_dir, tmp_path):
 @pytest.mark.parametrize("monitor", ["accuracy", "loss"])
 def test_early_stopping_keeps_best(data_dir, tmp_path, monitor):
     # a learning rate too small to move the model: epoch 1 is the best, then `patience` epochs without gain
-    r = train(data_dir, tmp_path / "m", preset=TINY, epochs=10, lr=1e-9, patience=2, progress=True,
-              monitor=monitor)
+    r = train(
+        data_dir, tmp_path / "m", preset=TINY, epochs=10, lr=1e-9, patience=2, progress=True, monitor=monitor
+    )
     assert r.monitor == monitor
     assert r.stopped_early and r.epochs_run == 3 and r.best_epoch == 1
     assert r.best_val_loss == r.val_losses[0] and r.best_val_accuracy == r.val_accuracies[0]
@@ -307,8 +344,9 @@ def _gpt2_base(folder: Path) -> Path:
         tokenizer_object=bpe, bos_token=ENDOFTEXT, eos_token=ENDOFTEXT, unk_token=ENDOFTEXT
     )
     torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=len(tok), n_positions=128, n_embd=32, n_layer=2, n_head=2,
-                     bos_token_id=0, eos_token_id=0)
+    cfg = GPT2Config(
+        vocab_size=len(tok), n_positions=128, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0
+    )
     GPT2LMHeadModel(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
@@ -320,9 +358,17 @@ def _llama_base(folder: Path, *, template: str | None) -> Path:
     if template:
         tok.chat_template = template
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
-                      bos_token_id=1, eos_token_id=2)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=128,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     LlamaForCausalLM(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder

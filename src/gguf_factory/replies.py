@@ -67,18 +67,14 @@ class AnswerIndex:
         return best
 
 
-def score_replies(
-    train: Sequence[Any], held_out: Sequence[Any], replies: Sequence[str]
-) -> ReplyScores:
+def score_replies(train: Sequence[Any], held_out: Sequence[Any], replies: Sequence[str]) -> ReplyScores:
     """Score ``replies[i]``, the model's answer to the first user turn of ``held_out[i]``.
 
     ``train`` and ``held_out`` are conversations (``.messages`` with ``.role``/``.content``, ``.domain``).
     """
     if len(replies) != len(held_out):
         raise ValueError(f"{len(replies)} replies for {len(held_out)} held-out conversations")
-    index = AnswerIndex(
-        [(c.domain, m.content) for c in train for m in c.messages if m.role == "assistant"]
-    )
+    index = AnswerIndex([(c.domain, m.content) for c in train for m in c.messages if m.role == "assistant"])
     reply_words = [w for r in replies for w in words(r)]
     known = sum(w in index.vocabulary for w in reply_words) / max(len(reply_words), 1)
 

@@ -202,9 +202,7 @@ def inspect_gguf(
         return _inspect(read_gguf(path), Path(path), ctx, kv_type, max_rows)
 
 
-def _inspect(
-    g: GGUFFile, path: Path, ctx: int | None, kv_type: str, max_rows: int | None
-) -> InspectReport:
+def _inspect(g: GGUFFile, path: Path, ctx: int | None, kv_type: str, max_rows: int | None) -> InspectReport:
     arch = g.architecture
     prefix = f"{arch}." if arch else None
     metadata: dict[str, Any] = {}
