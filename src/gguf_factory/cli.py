@@ -1121,6 +1121,13 @@ def prune_cmd(
     heads: Annotated[
         float, typer.Option(help="Fraction of attention heads (whole KV groups) to remove per layer.")
     ] = 0.0,
+    layers: Annotated[
+        float,
+        typer.Option(
+            help="Fraction of whole decoder layers to remove: those whose removal alone raises the loss "
+            "on your data least; the first and last stay."
+        ),
+    ] = 0.0,
     samples: Annotated[int, typer.Option(help="Calibration conversations from train.jsonl.")] = 256,
     max_tokens: Annotated[int, typer.Option(help="Calibration tokens at most.")] = 32_768,
     multiple_of: Annotated[
@@ -1135,7 +1142,7 @@ def prune_cmd(
     seed: Annotated[int, typer.Option(help="Calibration sample seed.")] = 1234,
     threads: Threads = None,
 ) -> None:
-    """Remove the least important FFN channels and attention heads, measured on your chat data."""
+    """Remove the least important FFN channels, attention heads and layers, measured on your chat data."""
     from rich.table import Table
 
     from .files import human_size
@@ -1147,6 +1154,7 @@ def prune_cmd(
         output,
         ffn=ffn,
         heads=heads,
+        layers=layers,
         samples=samples,
         max_tokens=max_tokens,
         multiple_of=multiple_of,
@@ -1164,6 +1172,7 @@ def prune_cmd(
         return "–" if v is None else f"{v * 100:+.1f}%"
 
     table.add_row("parameters", f"{r.params_before:,}", f"{r.params_after:,}", pct(-r.param_reduction))
+    table.add_row("layers", str(r.layers_before), str(r.layers_after), "")
     table.add_row("FFN channels / layer", str(r.intermediate_before), str(r.intermediate_after), "")
     table.add_row(
         "heads (KV) / layer",

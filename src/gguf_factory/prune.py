@@ -110,11 +110,14 @@ class PruneResult:
     heads_after: int
     kv_heads_before: int
     kv_heads_after: int
+    layers_before: int
+    layers_after: int
     head_dim: int
     multiple_of: int
     """The granularity ``intermediate_size`` was rounded to (1 when FFN channels were not pruned)."""
     layers: list[dict[str, Any]]
-    """Per layer: kept KV groups and the share of FFN / head importance removed."""
+    """Per layer (numbered as in the input model): its block influence, whether it was kept, kept KV
+    groups and the share of FFN / head importance removed."""
     calibration_conversations: int
     calibration_tokens: int
     heldout: dict[str, Any] | None
@@ -205,6 +208,35 @@ def group_keep_count(n_kv: int, n_heads: int, fraction: float) -> int:
             f"{1 / (2 * n_kv):.3g}"
         )
     return kept
+
+
+def layer_keep_count(n_layers: int, fraction: float) -> int:
+    """Decoder layers kept for removing ``fraction`` of ``n_layers`` (the first and last always stay)."""
+    fraction = _check_fraction("layers", fraction)
+    if fraction == 0.0:
+        return n_layers
+    drop = _round_half_up(n_layers * fraction)
+    if drop == 0:
+        raise InputError(
+            f"layers={fraction:g} removes less than one of the {n_layers} layers; ask for more than "
+            f"{1 / (2 * n_layers):.3g}"
+        )
+    if drop > n_layers - 2:
+        raise InputError(
+            f"layers={fraction:g} would remove {drop} of {n_layers} layers; the first and the last always "
+            f"stay, so at most {max(n_layers - 2, 0)} can go"
+        )
+    return n_layers - drop
+
+
+def layers_to_keep(scores: Sequence[float], keep: int) -> list[int]:
+    """The ``keep`` layers to keep: the first, the last, and those of highest score (what removing each
+    costs: :func:`layer_removal_loss`)."""
+    n = len(scores)
+    if keep >= n:
+        return list(range(n))
+    middle = sorted(range(1, n - 1), key=lambda i: (-scores[i], i))[: keep - 2]
+    return sorted([0, n - 1, *middle])
 
 
 def _read_config(model_dir: Path) -> dict[str, Any]:
@@ -355,6 +387,9 @@ class Importance:
     ffn: list[Any]
     heads: list[Any]
     tokens: int
+    blocks: list[float] = field(default_factory=list)
+    """Per layer, its block influence: the mean over tokens of ``1 - cos(input, output)`` of the whole
+    decoder layer (how much it turns the residual stream; the layers that turn it least go first)."""
 
     def groups(self, n_kv: int) -> list[Any]:
         """Per-layer KV-group scores (n_kv,): the sum of the scores of the query heads sharing a KV head."""
@@ -392,11 +427,26 @@ def measure_importance(model: Any, batches: Sequence[dict[str, Any]]) -> Importa
 
         return hook
 
+    block_sum = [0.0] * n
+
+    def block_hook(i: int):
+        def hook(_mod: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+            x = args[0] if args else kwargs["hidden_states"]
+            y = output if isinstance(output, torch.Tensor) else output[0]
+            m = state["mask"]
+            cos = torch.nn.functional.cosine_similarity(
+                x.detach()[m].double(), y.detach()[m].double(), dim=-1
+            )
+            block_sum[i] += float((1.0 - cos).sum())
+
+        return hook
+
     hooks = []
     try:
         for i, layer in enumerate(layers):
             hooks.append(layer.mlp.down_proj.register_forward_pre_hook(ffn_hook(i)))
             hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(head_hook(i)))
+            hooks.append(layer.register_forward_hook(block_hook(i), with_kwargs=True))
         tokens = 0
         with torch.inference_mode():
             for b in batches:
@@ -413,7 +463,54 @@ def measure_importance(model: Any, batches: Sequence[dict[str, Any]]) -> Importa
         col_norm = layer.mlp.down_proj.weight.detach().to(torch.float64).norm(dim=0)
         ffn.append(ffn_sum[i] / tokens * col_norm)
         heads.append(head_sum[i] / tokens)
-    return Importance(ffn=ffn, heads=heads, tokens=tokens)
+    return Importance(ffn=ffn, heads=heads, tokens=tokens, blocks=[b / tokens for b in block_sum])
+
+
+def layer_removal_loss(model: Any, batches: Sequence[dict[str, Any]], max_tokens: int = 8192) -> list[float]:
+    """Per layer, the mean next-token loss (nats) on up to ``max_tokens`` tokens of ``batches`` with that
+    one layer skipped (its output replaced by its input), minus the full model's: what removing it alone
+    costs. The first and last layers, which always stay, score ``inf``."""
+    import torch
+
+    layers = _layers(model)
+    n = len(layers)
+    use: list[dict[str, Any]] = []
+    total = 0
+    for b in batches:
+        if total >= max_tokens:
+            break
+        use.append(b)
+        total += int(b["attention_mask"].sum())
+
+    def loss() -> float:
+        nll, count = 0.0, 0
+        with torch.inference_mode():
+            for b in use:
+                ids, mask = b["input_ids"], b["attention_mask"]
+                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+                target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+                nll += float(
+                    torch.nn.functional.cross_entropy(
+                        logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"
+                    )
+                )
+                count += int((target != -100).sum())
+                del logits
+        return nll / max(count, 1)
+
+    def skip(_mod: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        x = args[0] if args else kwargs["hidden_states"]
+        return x if isinstance(output, torch.Tensor) else (x, *output[1:])
+
+    full = loss()
+    out = [math.inf] * n
+    for i in range(1, n - 1):
+        hook = layers[i].register_forward_hook(skip, with_kwargs=True)
+        try:
+            out[i] = loss() - full
+        finally:
+            hook.remove()
+    return out
 
 
 def top_indices(scores: Sequence[Any], keep: int) -> list[Any]:
@@ -426,8 +523,14 @@ def top_indices(scores: Sequence[Any], keep: int) -> list[Any]:
 # --------------------------------------------------------------------------------------------- surgery
 
 
-def prune_model(model: Any, ffn_keep: Sequence[Any] | None, group_keep: Sequence[Any] | None) -> Any:
-    """A new model with, per layer, only the FFN channels ``ffn_keep[l]`` and KV groups ``group_keep[l]``.
+def prune_model(
+    model: Any,
+    ffn_keep: Sequence[Any] | None,
+    group_keep: Sequence[Any] | None,
+    layer_keep: Sequence[int] | None = None,
+) -> Any:
+    """A new model with, per layer, only the FFN channels ``ffn_keep[l]`` and KV groups ``group_keep[l]``,
+    and only the decoder layers ``layer_keep`` (renumbered in order).
 
     Every layer must keep the same number of each. ``None`` keeps all of that kind. The input model is
     not modified.
@@ -468,6 +571,13 @@ def prune_model(model: Any, ffn_keep: Sequence[Any] | None, group_keep: Sequence
                         sd[key] = sd[key][rows].clone()
             key = p + "self_attn.o_proj.weight"
             sd[key] = sd[key][:, q_rows].clone()
+    if layer_keep is not None:
+        sd = _renumber_layers(sd, list(layer_keep))
+        cfg.num_hidden_layers = len(layer_keep)
+        for name in ("layer_types", "sliding_window_pattern_layers"):  # per-layer lists some configs have
+            per_layer = getattr(cfg, name, None)
+            if isinstance(per_layer, list) and len(per_layer) == n_layers:
+                setattr(cfg, name, [per_layer[i] for i in layer_keep])
     cfg.intermediate_size = new_inter
     cfg.num_key_value_heads = new_kv
     cfg.num_attention_heads = new_kv * rep
@@ -478,6 +588,20 @@ def prune_model(model: Any, ffn_keep: Sequence[Any] | None, group_keep: Sequence
     new.generation_config = copy.deepcopy(model.generation_config)
     new.eval()
     return new
+
+
+def _renumber_layers(sd: dict[str, Any], keep: list[int]) -> dict[str, Any]:
+    """The state dict with only the layers ``keep``, renumbered 0, 1, ... in their order."""
+    new_index = {old: new for new, old in enumerate(keep)}
+    out: dict[str, Any] = {}
+    for key, value in sd.items():
+        if key.startswith("model.layers."):
+            old, rest = key[len("model.layers.") :].split(".", 1)
+            if int(old) not in new_index:
+                continue
+            key = f"model.layers.{new_index[int(old)]}.{rest}"
+        out[key] = value
+    return out
 
 
 def count_params(model: Any) -> int:
@@ -532,6 +656,7 @@ def prune(
     *,
     ffn: float = 0.25,
     heads: float = 0.0,
+    layers: float = 0.0,
     samples: int = DEFAULT_SAMPLES,
     max_tokens: int = DEFAULT_MAX_TOKENS,
     multiple_of: int | None = None,
@@ -540,7 +665,9 @@ def prune(
     to_gguf: bool = False,
     ref: str | os.PathLike[str] | None = None,
 ) -> PruneResult:
-    """Remove the least important FFN channels (fraction ``ffn``) and attention heads (``heads``).
+    """Remove the least important FFN channels (fraction ``ffn``), attention heads (``heads``) and whole
+    decoder layers (``layers``: those whose removal alone raises the next-token loss on the calibration
+    data least, :func:`layer_removal_loss`; the first and last always stay).
 
     Importance is measured on up to ``samples`` conversations (``max_tokens`` tokens) of ``data_dir``'s
     ``train.jsonl``; the quality cost is measured on its ``test.jsonl`` (transformers, KL and top-1 vs the
@@ -555,8 +682,9 @@ def prune(
     model_dir, data_dir = resolve_path(model_dir), Path(data_dir)
     ffn = _check_fraction("ffn", ffn)
     heads = _check_fraction("heads", heads)
-    if ffn == 0.0 and heads == 0.0:
-        log.warning("ffn=0 and heads=0: the model is written unchanged")
+    layers = _check_fraction("layers", layers)
+    if ffn == 0.0 and heads == 0.0 and layers == 0.0:
+        log.warning("ffn=0, heads=0 and layers=0: the model is written unchanged")
     if samples < 1:
         raise InputError(f"samples must be at least 1, got {samples}")
     if max_tokens < 16:
@@ -580,9 +708,12 @@ def prune(
         files.check_output_path(gguf_path)
 
     # sizes first: a fraction that rounds to nothing or everything fails before any work
-    inter, n_heads, n_kv, head_dim = _shape(_hf_config(model_dir))
+    hf_config = _hf_config(model_dir)
+    inter, n_heads, n_kv, head_dim = _shape(hf_config)
     keep_ffn, grain = ffn_keep_count(inter, ffn, multiple_of)
     keep_groups = group_keep_count(n_kv, n_heads, heads)
+    n_layers = int(hf_config.num_hidden_layers)
+    keep_layers = layer_keep_count(n_layers, layers)
 
     from .train.loop import quiet_hf_progress
 
@@ -595,12 +726,15 @@ def prune(
         if not calib:
             raise DataError(f"{data_dir / 'train.jsonl'}: no conversation to calibrate on")
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        imp = measure_importance(model, make_batches(calib, pad))
+        calib_batches = make_batches(calib, pad)
+        imp = measure_importance(model, calib_batches)
 
         ffn_keep = top_indices(imp.ffn, keep_ffn) if keep_ffn < inter else None
         group_scores = imp.groups(n_kv)
         group_keep = top_indices(group_scores, keep_groups) if keep_groups < n_kv else None
-        pruned = prune_model(model, ffn_keep, group_keep)
+        removal = layer_removal_loss(model, calib_batches) if keep_layers < n_layers else None
+        layer_keep = layers_to_keep(removal, keep_layers) if removal is not None else None
+        pruned = prune_model(model, ffn_keep, group_keep, layer_keep)
 
         heldout = None
         if test_convs:
@@ -611,7 +745,10 @@ def prune(
 
         layers = []
         for i in range(len(imp.ffn)):
-            row: dict[str, Any] = {"layer": i}
+            row: dict[str, Any] = {"layer": i, "block_influence": round(imp.blocks[i], 6)}
+            if layer_keep is not None and removal is not None:
+                row["kept"] = i in layer_keep
+                row["removal_loss"] = round(removal[i], 6) if math.isfinite(removal[i]) else None
             if ffn_keep is not None:
                 row["ffn_importance_removed"] = round(_share_removed(imp.ffn[i], ffn_keep[i]), 6)
             if group_keep is not None:
@@ -637,6 +774,8 @@ def prune(
                 "intermediate_size": {"before": inter, "after": keep_ffn},
                 "num_attention_heads": {"before": n_heads, "after": keep_groups * (n_heads // n_kv)},
                 "num_key_value_heads": {"before": n_kv, "after": keep_groups},
+                "num_hidden_layers": {"before": n_layers, "after": keep_layers},
+                "layers_fraction": layers,
                 "head_dim": head_dim,
                 "calibration": {
                     "data": str(data_dir / "train.jsonl"),
@@ -645,6 +784,8 @@ def prune(
                     "seed": seed,
                     "ffn_score": "mean |act(gate)*up| x L2 norm of the down_proj column",
                     "head_score": "mean L2 norm of the head's o_proj output (KV group: sum over its heads)",
+                    "layer_score": "the rise of the next-token loss with that one layer skipped "
+                    "(first and last always kept); block influence (mean 1 - cos(input, output)) reported",
                 },
                 "heldout_transformers": heldout,
                 "layers": [
@@ -666,6 +807,8 @@ def prune(
         heads_after=keep_groups * (n_heads // n_kv),
         kv_heads_before=n_kv,
         kv_heads_after=keep_groups,
+        layers_before=n_layers,
+        layers_after=keep_layers,
         head_dim=head_dim,
         multiple_of=grain,
         layers=layers,
