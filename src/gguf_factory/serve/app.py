@@ -35,7 +35,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
@@ -56,7 +56,7 @@ from .generation import chat_completion, prompt_tokens
 from .generation import render as render_prompt
 from .pool import Lease, ModelPool, PoolBusyError, UnknownModelError
 from .structured import BadField, Constraint, check_grammar, constraint_for
-from .tools import plan_tools, template_tags_calls, with_tool_calls
+from .tools import ToolPlan, plan_tools, template_tags_calls, with_tool_calls
 from .tools import prepare as prepare_tools
 
 log = logging.getLogger(__name__)
@@ -284,8 +284,24 @@ def create_app(
         raise InputError(f"max_body_bytes must be positive, got {max_body_bytes}")
     app = FastAPI(title="gguf-factory", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.pool = pool
+    server = _Server(pool, api_key, max_tokens_limit, max_prompt_tokens, router, max_queue)
+    _add_error_handlers(app)
+    _add_model_routes(app, server)
+    _add_generation_routes(app, server)
+    _add_embedding_routes(app, server)
+    if web_ui:  # the web chat page (serve/web)
+        from .web import add_web_routes
 
-    # --- error handlers ---
+        add_web_routes(app)
+    hosts = list(allowed_hosts) if allowed_hosts is not None else list(LOOPBACK_HOSTS)
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
+    app.add_middleware(HostCheck, allowed=hosts)  # outermost: checked first
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error the app answers with, in OpenAI's shape (:class:`ApiError`)."""
+
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, e: ApiError) -> JSONResponse:
         return e.response()
@@ -321,64 +337,191 @@ def create_app(
         log.exception("request failed")
         return ApiError(500, f"internal error: {type(e).__name__}: {e}", type="server_error").response()
 
+
+def _add_model_routes(app: FastAPI, server: _Server) -> None:
+    """``GET /health``, ``GET /v1/models`` and ``GET /v1/models/{model_id}``."""
+    pool, router = server.pool, server.router
+
+    @app.get("/health")
+    async def health(request: Request) -> dict[str, Any]:
+        if not server.key_matches(request):  # alive, and nothing about what is served, without the key
+            return {"status": "ok"}
+        models = [
+            {**{k: v for k, v in m.items() if k not in ("path", "adapter")}, "file": _name(m["path"])}
+            | ({"adapter_file": _name(m["adapter"])} if m.get("adapter") else {})
+            for m in pool.status()
+        ]
+        return {
+            "status": "ok",
+            "models": models,
+            "memory": {"budget_bytes": pool.budget_bytes, "used_bytes": pool.used_bytes},
+        }
+
+    @app.get("/v1/models", dependencies=[Depends(server.check_key)])
+    def list_models() -> dict[str, Any]:
+        cards = [_model_card(pool, i) for i in pool.ids()]
+        if router is not None:
+            cards.insert(0, {"id": AUTO, "object": "model", "created": 0, "owned_by": "gguf-factory"})
+        return {"object": "list", "data": cards}
+
+    @app.get("/v1/models/{model_id}", dependencies=[Depends(server.check_key)])
+    def get_model(model_id: str) -> dict[str, Any]:
+        if router is not None and model_id == AUTO:
+            return {"id": AUTO, "object": "model", "created": 0, "owned_by": "gguf-factory"}
+        return _model_card(pool, server.resolve_model(model_id))
+
+
+def _add_generation_routes(app: FastAPI, server: _Server) -> None:
+    """``POST /v1/chat/completions`` and ``POST /v1/completions``."""
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(server.check_key)], response_model=None)
+    async def chat_completions(request: Request, req: ChatRequest) -> JSONResponse | StreamingResponse:
+        constraint = _constraint_of(req)
+        try:
+            plan = plan_tools(req.tools, req.tool_choice, req.functions, req.function_call)
+        except BadField as e:
+            raise ApiError(400, str(e), param=e.param) from None
+        if plan is not None and constraint is not None and plan.choice != "auto":
+            raise ApiError(
+                400, "response_format: a required tool call has its own grammar", param="response_format"
+            )
+        messages = [m.as_dict() for m in req.messages]
+        model_id, decision = server.pick_model(req.model, lambda: _routing_text(messages))
+        max_tokens = server.max_tokens(req.max_completion_tokens or req.max_tokens)
+        if plan is None and constraint is None and not any(m.is_tool_history for m in req.messages):
+            kind = _plain_chat_kind(messages)
+        else:
+            kind = _rendered_chat_kind(messages, plan, constraint)
+        return await server.serve_request(request, req, model_id, max_tokens, kind, decision)
+
+    @app.post("/v1/completions", dependencies=[Depends(server.check_key)], response_model=None)
+    async def completions(request: Request, req: CompletionRequest) -> JSONResponse | StreamingResponse:
+        if isinstance(req.prompt, list):
+            if len(req.prompt) != 1:
+                raise ApiError(400, "prompt: give one prompt per request", param="prompt")
+            prompt = req.prompt[0]
+        else:
+            prompt = req.prompt
+        if not prompt:
+            raise ApiError(400, "prompt is empty: give the text to continue", param="prompt")
+        constraint = _constraint_of(req)
+        model_id, decision = server.pick_model(req.model, lambda: prompt)
+        max_tokens = server.max_tokens(req.max_tokens)
+        kind = _completion_kind(prompt, constraint)
+        return await server.serve_request(request, req, model_id, max_tokens, kind, decision)
+
+
+def _add_embedding_routes(app: FastAPI, server: _Server) -> None:
+    """``POST /v1/embeddings``."""
+
+    @app.post("/v1/embeddings", dependencies=[Depends(server.check_key)], response_model=None)
+    async def embeddings(req: EmbeddingRequest) -> JSONResponse:
+        """Mean-pooled, L2-normalized embeddings from llama.cpp's embedding mode, on the pool's model."""
+        inputs = _embedding_inputs(req)
+        texts = [x for x in inputs if isinstance(x, str)]
+        model_id, decision = server.pick_model(req.model, lambda: " ".join(texts[:1]) or "")
+        lease = await server.acquire(model_id)
+        try:
+            vectors, n_tokens = await anyio.to_thread.run_sync(
+                server.embed, lease.model, model_id, inputs, req
+            )
+        finally:
+            lease.release()
+        data = [
+            {
+                "object": "embedding",
+                "index": i,
+                "embedding": (
+                    base64.b64encode(v.astype("<f4").tobytes()).decode("ascii")
+                    if req.encoding_format == "base64"
+                    else v.tolist()
+                ),
+            }
+            for i, v in enumerate(vectors)
+        ]
+        resp = _json(
+            {
+                "object": "list",
+                "data": data,
+                "model": model_id,
+                "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens},
+            }
+        )
+        _set_route_header(resp, decision)
+        return resp
+
+
+@dataclass(eq=False)  # one per app: compared and hashed by identity
+class _Server:
+    """What the routes of one app share: its pool, the limits :func:`create_app` was given, and the queue of
+    requests waiting for a busy model.
+
+    Requests waiting for a busy model block in threads of their own (``waiting``), so that a queue, however
+    long, never takes the worker threads the running generation (and its stream) needs."""
+
+    pool: ModelPool
+    api_key: str | None
+    max_tokens_limit: int
+    max_prompt_tokens: int | None
+    router: Router | None
+    max_queue: int | None
+    waiting: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(MAX_WAITING))
+    queued: int = 0
+    """Requests waiting for a model now (changed on the event loop only)."""
+
     # --- auth ---
-    def key_matches(request: Request) -> bool:
-        if api_key is None:
+    def key_matches(self, request: Request) -> bool:
+        if self.api_key is None:
             return True
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         given = token.strip().encode("utf-8", "surrogateescape")
-        return scheme.lower() == "bearer" and hmac.compare_digest(given, api_key.encode())
+        return scheme.lower() == "bearer" and hmac.compare_digest(given, self.api_key.encode())
 
-    async def check_key(request: Request) -> None:  # async: no thread hop for a header check
-        if key_matches(request):
+    async def check_key(self, request: Request) -> None:  # async: no thread hop for a header check
+        if self.key_matches(request):
             return
         if not request.headers.get("authorization"):
             raise ApiError(401, "missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
         raise ApiError(401, "invalid API key", code="invalid_api_key")
 
-    # --- helpers ---
-    # Requests waiting for a busy model block in threads of their own, so that a queue, however long,
-    # never takes the worker threads the running generation (and its stream) needs.
-    waiting = anyio.CapacityLimiter(MAX_WAITING)
-    queued = [0]  # requests waiting for a model now (changed on the event loop only)
-
-    async def acquire(model_id: str) -> Lease:
-        lease = pool.try_acquire(model_id)  # the common case: loaded and idle, no thread needed
+    # --- models ---
+    async def acquire(self, model_id: str) -> Lease:
+        lease = self.pool.try_acquire(model_id)  # the common case: loaded and idle, no thread needed
         if lease is not None:
             return lease
-        if max_queue is not None and queued[0] >= max_queue:
+        if self.max_queue is not None and self.queued >= self.max_queue:
             raise ApiError(
                 503,
-                f"model {model_id!r} is busy and {queued[0]} requests already wait for it: try again later",
+                f"model {model_id!r} is busy and {self.queued} requests already wait for it: try again later",
                 type="server_error",
                 code="queue_full",
             )
         got: list[Lease] = []
 
         def wait() -> Lease:
-            got.append(pool.acquire(model_id))
+            got.append(self.pool.acquire(model_id))
             return got[0]
 
-        queued[0] += 1
+        self.queued += 1
         try:
-            return await anyio.to_thread.run_sync(wait, limiter=waiting)
+            return await anyio.to_thread.run_sync(wait, limiter=self.waiting)
         except BaseException:  # cancelled after the wait succeeded: hand the model back
             for lease in got:
                 lease.release()
             raise
         finally:
-            queued[0] -= 1
+            self.queued -= 1
 
-    def pick_model(name: str | None, text: Callable[[], str]) -> tuple[str, RouteDecision | None]:
+    def pick_model(self, name: str | None, text: Callable[[], str]) -> tuple[str, RouteDecision | None]:
         """The model a request names, or with a router and "auto" (or no name), the routed domain."""
-        if router is not None and name in (None, "", AUTO):
-            decision = router.route(text())
+        if self.router is not None and name in (None, "", AUTO):
+            decision = self.router.route(text())
             log.info("routed to %s (%s, %.2f)", decision.domain, decision.rule, decision.confidence)
             return decision.domain, decision
-        return resolve_model(name), None
+        return self.resolve_model(name), None
 
-    def resolve_model(name: str | None) -> str:
-        ids = pool.ids()
+    def resolve_model(self, name: str | None) -> str:
+        ids = self.pool.ids()
         if name in (None, "", "auto"):
             if len(ids) == 1:
                 return ids[0]
@@ -395,35 +538,36 @@ def create_app(
             param="model",
         )
 
-    def max_tokens_of(req: _Options, requested: int | None) -> int:
+    # --- limits ---
+    def max_tokens(self, requested: int | None) -> int:
         if requested is None:
-            return max_tokens_limit
-        if requested > max_tokens_limit:
+            return self.max_tokens_limit
+        if requested > self.max_tokens_limit:
             raise ApiError(
                 400,
-                f"max_tokens is {requested}, over this server's limit of {max_tokens_limit}",
+                f"max_tokens is {requested}, over this server's limit of {self.max_tokens_limit}",
                 param="max_tokens",
                 code="max_tokens_too_large",
             )
         return requested
 
-    def prompt_budget(n_ctx: int) -> int:
-        return min(n_ctx - 1, max_prompt_tokens) if max_prompt_tokens is not None else n_ctx - 1
+    def prompt_budget(self, n_ctx: int) -> int:
+        return min(n_ctx - 1, self.max_prompt_tokens) if self.max_prompt_tokens is not None else n_ctx - 1
 
-    def check_prompt_bytes(model: ChatModel, text: str, model_id: str) -> None:
+    def check_prompt_bytes(self, model: ChatModel, text: str, model_id: str) -> None:
         """Refuse a prompt that cannot fit before tokenizing it: no token of the vocabulary is longer than
         ``max_token_bytes`` bytes, so a longer text has more tokens than the budget."""
         n_bytes = len(text.encode("utf-8"))
         least = -(-n_bytes // max_token_bytes(model))  # tokens it has at the very least
-        if least > prompt_budget(model.n_ctx):
-            check_prompt(least, model_id, model.n_ctx, is_lower_bound=True)
+        if least > self.prompt_budget(model.n_ctx):
+            self.check_prompt(least, model_id, model.n_ctx, is_lower_bound=True)
 
-    def check_prompt(n_prompt: int, model_id: str, n_ctx: int, *, is_lower_bound: bool = False) -> None:
+    def check_prompt(self, n_prompt: int, model_id: str, n_ctx: int, *, is_lower_bound: bool = False) -> None:
         size = f"at least {n_prompt}" if is_lower_bound else str(n_prompt)
-        if max_prompt_tokens is not None and n_prompt > max_prompt_tokens:
+        if self.max_prompt_tokens is not None and n_prompt > self.max_prompt_tokens:
             raise ApiError(
                 400,
-                f"the prompt is {size} tokens, over this server's limit of {max_prompt_tokens} tokens",
+                f"the prompt is {size} tokens, over this server's limit of {self.max_prompt_tokens} tokens",
                 param="messages",
                 code="prompt_too_long",
             )
@@ -435,64 +579,9 @@ def create_app(
                 code="context_length_exceeded",
             )
 
-    def llama_settings(req: _Options, max_tokens: int) -> dict[str, Any]:
-        d = asdict(GenerationSettings())
-        for k in ("temperature", "top_p", "top_k", "repeat_penalty", "seed"):
-            v = getattr(req, k)
-            if v is not None:
-                d[k] = v
-        d["max_tokens"] = max_tokens
-        if req.stop is not None:
-            d["stop"] = req.stop
-        if req.logit_bias:
-            d["logit_bias"] = dict(req.logit_bias)
-        return d
-
-    def constraint_of(req: _Options) -> Constraint | None:
-        """The grammar ``response_format`` or ``grammar`` asks for (a 400 naming the field if unusable)."""
-        try:
-            constraint = constraint_for(req.response_format, req.grammar)
-        except BadField as e:
-            raise ApiError(400, str(e), param=e.param) from None
-        if constraint is not None and constraint.is_json and req.stop:
-            raise ApiError(
-                400,
-                "stop: a stop string could cut a JSON reply short; leave it out with response_format "
-                "(the reply ends where the JSON does)",
-                param="stop",
-            )
-        return constraint
-
-    # --- routes ---
-    @app.get("/health")
-    async def health(request: Request) -> dict[str, Any]:
-        if not key_matches(request):  # alive, and nothing about what is served, without the key
-            return {"status": "ok"}
-        models = [
-            {**{k: v for k, v in m.items() if k not in ("path", "adapter")}, "file": _name(m["path"])}
-            | ({"adapter_file": _name(m["adapter"])} if m.get("adapter") else {})
-            for m in pool.status()
-        ]
-        return {
-            "status": "ok",
-            "models": models,
-            "memory": {"budget_bytes": pool.budget_bytes, "used_bytes": pool.used_bytes},
-        }
-
-    @app.get("/v1/models", dependencies=[Depends(check_key)])
-    def list_models() -> dict[str, Any]:
-        cards = [_model_card(pool, i) for i in pool.ids()]
-        if router is not None:
-            cards.insert(0, {"id": AUTO, "object": "model", "created": 0, "owned_by": "gguf-factory"})
-        return {"object": "list", "data": cards}
-
-    @app.get("/v1/models/{model_id}", dependencies=[Depends(check_key)])
-    def get_model(model_id: str) -> dict[str, Any]:
-        if router is not None and model_id == AUTO:
-            return {"id": AUTO, "object": "model", "created": 0, "owned_by": "gguf-factory"}
-        return _model_card(pool, resolve_model(model_id))
-
+    # --- generation ---
     def run_request(
+        self,
         req: ChatRequest | CompletionRequest,
         lease: Lease,
         model_id: str,
@@ -506,10 +595,10 @@ def create_app(
         next token and the model is handed back."""
         try:
             model = lease.model
-            check_prompt_bytes(model, kind.prompt_text(model), model_id)
+            self.check_prompt_bytes(model, kind.prompt_text(model), model_id)
             n_prompt = kind.count_prompt(model)
-            check_prompt(n_prompt, model_id, model.n_ctx)
-            settings = llama_settings(req, max_tokens)
+            self.check_prompt(n_prompt, model_id, model.n_ctx)
+            settings = _llama_settings(req, max_tokens)
             cid, created = f"{kind.id_prefix}-{uuid.uuid4().hex}", int(time.time())
             if req.stream:
                 include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -544,6 +633,7 @@ def create_app(
         )
 
     async def serve_request(
+        self,
         request: Request,
         req: ChatRequest | CompletionRequest,
         model_id: str,
@@ -551,7 +641,7 @@ def create_app(
         kind: _Kind,
         decision: RouteDecision | None = None,
     ) -> JSONResponse | StreamingResponse:
-        lease = await acquire(model_id)
+        lease = await self.acquire(model_id)
         cancel = threading.Event()
         failed: Exception | None = None
         try:
@@ -560,7 +650,7 @@ def create_app(
                     tg.start_soon(_watch_disconnect, request, cancel)
                 try:
                     resp = await anyio.to_thread.run_sync(
-                        run_request, req, lease, model_id, max_tokens, kind, cancel
+                        self.run_request, req, lease, model_id, max_tokens, kind, cancel
                     )
                 except Exception as e:  # raised below, outside the task group (no exception group)
                     failed = e
@@ -571,171 +661,12 @@ def create_app(
         if failed is not None:
             lease.release()
             raise failed
-        if decision is not None:
-            resp.headers[ROUTE_HEADER] = (
-                f"{decision.domain}; rule={decision.rule}; confidence={decision.confidence:.3f}"
-            )
+        _set_route_header(resp, decision)
         return resp
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(check_key)], response_model=None)
-    async def chat_completions(request: Request, req: ChatRequest) -> JSONResponse | StreamingResponse:
-        constraint = constraint_of(req)
-        try:
-            plan = plan_tools(req.tools, req.tool_choice, req.functions, req.function_call)
-        except BadField as e:
-            raise ApiError(400, str(e), param=e.param) from None
-        if plan is not None and constraint is not None and plan.choice != "auto":
-            raise ApiError(
-                400, "response_format: a required tool call has its own grammar", param="response_format"
-            )
-        messages = [m.as_dict() for m in req.messages]
-        model_id, decision = pick_model(req.model, lambda: _routing_text(messages))
-        max_tokens = max_tokens_of(req, req.max_completion_tokens or req.max_tokens)
-        if plan is None and constraint is None and not any(m.is_tool_history for m in req.messages):
-            kind = _Kind(
-                id_prefix="chatcmpl",
-                object_name="chat.completion",
-                prompt_text=lambda model: chat_prompt_text(model, messages),
-                count_prompt=lambda model: chat_prompt_tokens(model, messages),
-                call=lambda model, **kw: model.llm.create_chat_completion(messages=messages, **kw),
-                events=_chat_events,
-                reply=_chat_reply,
-            )
-            return await serve_request(request, req, model_id, max_tokens, kind, decision)
-
-        def rendered(model: ChatModel) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-            if not model.chat_template:
-                return messages, {}
-            return prepare_tools(model, messages, plan)
-
-        def call(model: ChatModel, stream: bool = False, **kw: Any) -> Any:
-            msgs, variables = rendered(model)
-            grammar = constraint.grammar if constraint is not None else None
-            if plan is not None and grammar is None:
-                grammar = plan.grammar(template_tags_calls(model))
-            if grammar is not None:
-                check_grammar(model.llm, grammar, constraint.param if constraint is not None else "tools")
-            if plan is None:
-                return chat_completion(model, msgs, grammar=grammar, variables=variables, stream=stream, **kw)
-
-            def reply() -> dict[str, Any]:  # whole: whether it is a call shows at its end
-                out = chat_completion(model, msgs, grammar=grammar, variables=variables, **kw)
-                return with_tool_calls(out, plan)
-
-            return iter_once(reply) if stream else reply()
-
-        def count(model: ChatModel) -> int:
-            if not model.chat_template:
-                return chat_prompt_tokens(model, [{"role": m["role"], "content": m["content"] or ""}
-                                                  for m in messages])  # fmt: skip
-            msgs, variables = rendered(model)
-            return len(prompt_tokens(model, msgs, **variables))
-
-        def text(model: ChatModel) -> str:
-            if not model.chat_template:
-                return "".join(m["content"] or "" for m in messages)
-            msgs, variables = rendered(model)
-            return render_prompt(model, msgs, **variables)
-
-        kind = _Kind(
-            id_prefix="chatcmpl",
-            object_name="chat.completion",
-            prompt_text=text,
-            count_prompt=count,
-            call=call,
-            events=_tool_events if plan is not None else _chat_events,
-            reply=_chat_reply,
-        )
-        return await serve_request(request, req, model_id, max_tokens, kind, decision)
-
-    @app.post("/v1/completions", dependencies=[Depends(check_key)], response_model=None)
-    async def completions(request: Request, req: CompletionRequest) -> JSONResponse | StreamingResponse:
-        if isinstance(req.prompt, list):
-            if len(req.prompt) != 1:
-                raise ApiError(400, "prompt: give one prompt per request", param="prompt")
-            prompt = req.prompt[0]
-        else:
-            prompt = req.prompt
-        if not prompt:
-            raise ApiError(400, "prompt is empty: give the text to continue", param="prompt")
-        constraint = constraint_of(req)
-        model_id, decision = pick_model(req.model, lambda: prompt)
-        max_tokens = max_tokens_of(req, req.max_tokens)
-
-        def call(model: ChatModel, **kw: Any) -> Any:
-            from llama_cpp import StoppingCriteriaList
-            from llama_cpp.llama_grammar import LlamaGrammar
-
-            grammar = None
-            if constraint is not None:
-                check_grammar(model.llm, constraint.grammar, constraint.param)
-                grammar = LlamaGrammar.from_string(constraint.grammar, verbose=False)
-            stop = StoppingCriteriaList([lambda *_: cancel_requested()])
-            return model.llm.create_completion(prompt=prompt, stopping_criteria=stop, grammar=grammar, **kw)
-
-        kind = _Kind(
-            id_prefix="cmpl",
-            object_name="text_completion",
-            prompt_text=lambda model: prompt,
-            count_prompt=lambda model: len(model.llm.tokenize(prompt.encode("utf-8"), special=True)),
-            call=call,
-            events=_completion_events,
-            reply=lambda c: {"text": c.get("text") or ""},
-        )
-        return await serve_request(request, req, model_id, max_tokens, kind, decision)
-
-    @app.post("/v1/embeddings", dependencies=[Depends(check_key)], response_model=None)
-    async def embeddings(req: EmbeddingRequest) -> JSONResponse:
-        """Mean-pooled, L2-normalized embeddings from llama.cpp's embedding mode, on the pool's model."""
-        inputs: list[str | list[int]]
-        if isinstance(req.input, str):
-            inputs = [req.input]
-        elif req.input and all(isinstance(x, int) for x in req.input):
-            inputs = [list(req.input)]  # type: ignore[arg-type]  # one input as token ids
-        else:
-            inputs = list(req.input)  # type: ignore[arg-type]
-        if not inputs:
-            raise ApiError(400, "input is empty: give a text, a list of texts or token ids", param="input")
-        if len(inputs) > MAX_EMBEDDING_INPUTS:
-            raise ApiError(400, f"input: at most {MAX_EMBEDDING_INPUTS} inputs per request", param="input")
-        for i, x in enumerate(inputs):
-            if not x:
-                raise ApiError(400, f"input {i} is empty: there is nothing to embed", param="input")
-        texts = [x for x in inputs if isinstance(x, str)]
-        model_id, decision = pick_model(req.model, lambda: " ".join(texts[:1]) or "")
-        lease = await acquire(model_id)
-        try:
-            vectors, n_tokens = await anyio.to_thread.run_sync(embed, lease.model, model_id, inputs, req)
-        finally:
-            lease.release()
-        data = [
-            {
-                "object": "embedding",
-                "index": i,
-                "embedding": (
-                    base64.b64encode(v.astype("<f4").tobytes()).decode("ascii")
-                    if req.encoding_format == "base64"
-                    else v.tolist()
-                ),
-            }
-            for i, v in enumerate(vectors)
-        ]
-        resp = _json(
-            {
-                "object": "list",
-                "data": data,
-                "model": model_id,
-                "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens},
-            }
-        )
-        if decision is not None:
-            resp.headers[ROUTE_HEADER] = (
-                f"{decision.domain}; rule={decision.rule}; confidence={decision.confidence:.3f}"
-            )
-        return resp
-
+    # --- embeddings ---
     def embed(
-        model: ChatModel, model_id: str, inputs: list[str | list[int]], req: EmbeddingRequest
+        self, model: ChatModel, model_id: str, inputs: list[str | list[int]], req: EmbeddingRequest
     ) -> tuple[Any, int]:
         """The embeddings of ``inputs`` (in a worker thread holding the model), and their token count."""
         n_embd = int(model.llm.n_embd())  # type: ignore[attr-defined]
@@ -746,19 +677,19 @@ def create_app(
                 param="dimensions",
             )
         limit = model.max_embed_tokens  # type: ignore[attr-defined]
-        if max_prompt_tokens is not None:
-            limit = min(limit, max_prompt_tokens)
+        if self.max_prompt_tokens is not None:
+            limit = min(limit, self.max_prompt_tokens)
         ids_list = []
         for i, x in enumerate(inputs):
             if isinstance(x, str):
                 least = -(-len(x.encode("utf-8")) // max_token_bytes(model))
                 if least > limit:
-                    raise_too_long(i, f"at least {least}", limit, model_id)
+                    _raise_too_long(i, f"at least {least}", limit, model_id)
                 ids = model.tokenize(x, add_bos=True)
             else:
                 ids = x
             if len(ids) > limit:
-                raise_too_long(i, str(len(ids)), limit, model_id)
+                _raise_too_long(i, str(len(ids)), limit, model_id)
             ids_list.append(ids)
         try:
             vectors = model.embed(ids_list)
@@ -766,24 +697,163 @@ def create_app(
             raise ApiError(400, f"input: {e}", param="input") from None
         return vectors, sum(len(ids) for ids in ids_list)
 
-    def raise_too_long(i: int, size: str, limit: int, model_id: str) -> None:
-        raise ApiError(
-            400,
-            f"input {i} is {size} tokens, over the limit of {limit} tokens per embedding input for "
-            f"model {model_id!r}",
-            param="input",
-            code="context_length_exceeded",
+
+def _set_route_header(resp: JSONResponse | StreamingResponse, decision: RouteDecision | None) -> None:
+    """Say where a routed request went (``X-Route``); a request that named its model gets no header."""
+    if decision is not None:
+        resp.headers[ROUTE_HEADER] = (
+            f"{decision.domain}; rule={decision.rule}; confidence={decision.confidence:.3f}"
         )
 
-    # --- web chat page (serve/web) ---
-    if web_ui:
-        from .web import add_web_routes
 
-        add_web_routes(app)
-    hosts = list(allowed_hosts) if allowed_hosts is not None else list(LOOPBACK_HOSTS)
-    app.add_middleware(BodyLimit, limit=max_body_bytes)
-    app.add_middleware(HostCheck, allowed=hosts)  # outermost: checked first
-    return app
+def _llama_settings(req: _Options, max_tokens: int) -> dict[str, Any]:
+    d = asdict(GenerationSettings())
+    for k in ("temperature", "top_p", "top_k", "repeat_penalty", "seed"):
+        v = getattr(req, k)
+        if v is not None:
+            d[k] = v
+    d["max_tokens"] = max_tokens
+    if req.stop is not None:
+        d["stop"] = req.stop
+    if req.logit_bias:
+        d["logit_bias"] = dict(req.logit_bias)
+    return d
+
+
+def _constraint_of(req: _Options) -> Constraint | None:
+    """The grammar ``response_format`` or ``grammar`` asks for (a 400 naming the field if unusable)."""
+    try:
+        constraint = constraint_for(req.response_format, req.grammar)
+    except BadField as e:
+        raise ApiError(400, str(e), param=e.param) from None
+    if constraint is not None and constraint.is_json and req.stop:
+        raise ApiError(
+            400,
+            "stop: a stop string could cut a JSON reply short; leave it out with response_format "
+            "(the reply ends where the JSON does)",
+            param="stop",
+        )
+    return constraint
+
+
+def _plain_chat_kind(messages: list[dict[str, Any]]) -> _Kind:
+    """A chat request without tools, tool history or a grammar: llama-cpp-python's own chat completion."""
+    return _Kind(
+        id_prefix="chatcmpl",
+        object_name="chat.completion",
+        prompt_text=lambda model: chat_prompt_text(model, messages),
+        count_prompt=lambda model: chat_prompt_tokens(model, messages),
+        call=lambda model, **kw: model.llm.create_chat_completion(messages=messages, **kw),
+        events=_chat_events,
+        reply=_chat_reply,
+    )
+
+
+def _rendered_chat_kind(
+    messages: list[dict[str, Any]], plan: ToolPlan | None, constraint: Constraint | None
+) -> _Kind:
+    """A chat request with tools, tool history or a grammar: the prompt rendered here (the tools through
+    the model's own template), sampled under the grammar; with tools, the reply generated whole and its
+    calls parsed (streamed by :func:`_tool_events`)."""
+
+    def rendered(model: ChatModel) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        if not model.chat_template:
+            return messages, {}
+        return prepare_tools(model, messages, plan)
+
+    def call(model: ChatModel, stream: bool = False, **kw: Any) -> Any:
+        msgs, variables = rendered(model)
+        grammar = constraint.grammar if constraint is not None else None
+        if plan is not None and grammar is None:
+            grammar = plan.grammar(template_tags_calls(model))
+        if grammar is not None:
+            check_grammar(model.llm, grammar, constraint.param if constraint is not None else "tools")
+        if plan is None:
+            return chat_completion(model, msgs, grammar=grammar, variables=variables, stream=stream, **kw)
+
+        def reply() -> dict[str, Any]:  # whole: whether it is a call shows at its end
+            out = chat_completion(model, msgs, grammar=grammar, variables=variables, **kw)
+            return with_tool_calls(out, plan)
+
+        return iter_once(reply) if stream else reply()
+
+    def count(model: ChatModel) -> int:
+        if not model.chat_template:
+            return chat_prompt_tokens(model, [{"role": m["role"], "content": m["content"] or ""}
+                                              for m in messages])  # fmt: skip
+        msgs, variables = rendered(model)
+        return len(prompt_tokens(model, msgs, **variables))
+
+    def text(model: ChatModel) -> str:
+        if not model.chat_template:
+            return "".join(m["content"] or "" for m in messages)
+        msgs, variables = rendered(model)
+        return render_prompt(model, msgs, **variables)
+
+    return _Kind(
+        id_prefix="chatcmpl",
+        object_name="chat.completion",
+        prompt_text=text,
+        count_prompt=count,
+        call=call,
+        events=_tool_events if plan is not None else _chat_events,
+        reply=_chat_reply,
+    )
+
+
+def _completion_kind(prompt: str, constraint: Constraint | None) -> _Kind:
+    """/v1/completions: ``prompt`` continued as it is (no template), under the grammar if one is asked."""
+
+    def call(model: ChatModel, **kw: Any) -> Any:
+        from llama_cpp import StoppingCriteriaList
+        from llama_cpp.llama_grammar import LlamaGrammar
+
+        grammar = None
+        if constraint is not None:
+            check_grammar(model.llm, constraint.grammar, constraint.param)
+            grammar = LlamaGrammar.from_string(constraint.grammar, verbose=False)
+        stop = StoppingCriteriaList([lambda *_: cancel_requested()])
+        return model.llm.create_completion(prompt=prompt, stopping_criteria=stop, grammar=grammar, **kw)
+
+    return _Kind(
+        id_prefix="cmpl",
+        object_name="text_completion",
+        prompt_text=lambda model: prompt,
+        count_prompt=lambda model: len(model.llm.tokenize(prompt.encode("utf-8"), special=True)),
+        call=call,
+        events=_completion_events,
+        reply=lambda c: {"text": c.get("text") or ""},
+    )
+
+
+def _embedding_inputs(req: EmbeddingRequest) -> list[str | list[int]]:
+    """The inputs of an embeddings request, each a text or token ids (a 400 if there are none, too many,
+    or an empty one)."""
+    inputs: list[str | list[int]]
+    if isinstance(req.input, str):
+        inputs = [req.input]
+    elif req.input and all(isinstance(x, int) for x in req.input):
+        inputs = [list(req.input)]  # type: ignore[arg-type]  # one input as token ids
+    else:
+        inputs = list(req.input)  # type: ignore[arg-type]
+    if not inputs:
+        raise ApiError(400, "input is empty: give a text, a list of texts or token ids", param="input")
+    if len(inputs) > MAX_EMBEDDING_INPUTS:
+        raise ApiError(400, f"input: at most {MAX_EMBEDDING_INPUTS} inputs per request", param="input")
+    for i, x in enumerate(inputs):
+        if not x:
+            raise ApiError(400, f"input {i} is empty: there is nothing to embed", param="input")
+    return inputs
+
+
+def _raise_too_long(i: int, size: str, limit: int, model_id: str) -> None:
+    raise ApiError(
+        400,
+        f"input {i} is {size} tokens, over the limit of {limit} tokens per embedding input for "
+        f"model {model_id!r}",
+        param="input",
+        code="context_length_exceeded",
+    )
 
 
 async def _watch_disconnect(request: Request, cancel: threading.Event) -> None:

@@ -27,6 +27,7 @@ import json
 import re
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -214,14 +215,7 @@ def _check(node: Any, root: dict[str, Any], where: str, depth: int, counter: lis
         _resolve(root, ref, f"{where}.$ref")
         used |= {"$ref"}
     elif "anyOf" in node or "oneOf" in node:
-        if "anyOf" in node and "oneOf" in node:
-            raise BadField(where, "give anyOf or oneOf, not both")
-        key = "anyOf" if "anyOf" in node else "oneOf"
-        alts = node[key]
-        if not isinstance(alts, list) or not alts:
-            raise BadField(f"{where}.{key}", "must be a non-empty list of schemas")
-        node[key] = [sub(a, f"{key}.{i}") for i, a in enumerate(alts)]
-        used |= {key}
+        used |= _check_alternatives(node, where, sub)
     elif isinstance(t, list):
         if not t or any(x not in JSON_TYPES for x in t):
             raise BadField(f"{where}.type", f"must name JSON types ({', '.join(JSON_TYPES)})")
@@ -236,45 +230,11 @@ def _check(node: Any, root: dict[str, Any], where: str, depth: int, counter: lis
     elif t in (None, "object") and (
         "properties" in node or ("additionalProperties" in node and node["additionalProperties"] is not True)
     ):
-        props = node.get("properties", {})
-        if not isinstance(props, dict):
-            raise BadField(f"{where}.properties", "must be an object of schemas")
-        node["properties"] = {k: sub(v, f"properties.{k}") for k, v in props.items()}
-        required = node.get("required", [])
-        if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
-            raise BadField(f"{where}.required", "must be a list of property names")
-        missing = [r for r in required if r not in props]
-        if missing:
-            raise BadField(f"{where}.required", f"names {missing[0]!r}, which is not in properties")
-        extra = node.get("additionalProperties")
-        if isinstance(extra, dict):
-            node["additionalProperties"] = sub(extra, "additionalProperties")
-        elif extra is not None and not isinstance(extra, bool):
-            raise BadField(f"{where}.additionalProperties", "must be true, false or a schema")
-        used |= {"type", "properties", "required", "additionalProperties"}
+        used |= _check_object(node, where, sub)
     elif t in (None, "object") and "allOf" in node:
-        parts = node["allOf"]
-        if not isinstance(parts, list) or not parts:
-            raise BadField(f"{where}.allOf", "must be a non-empty list of schemas")
-        for i, part in enumerate(parts):
-            _check_all_of_part(part, root, f"{where}.allOf.{i}")
-        node["allOf"] = [sub(p, f"allOf.{i}") for i, p in enumerate(parts)]
-        used |= {"type", "allOf"}
+        used |= _check_all_of(node, root, where, sub)
     elif t in (None, "array") and ("items" in node or "prefixItems" in node):
-        items = node.get("items")
-        if items is None or isinstance(items, list):
-            key = "prefixItems" if items is None else "items"
-            tup = node[key]
-            if not isinstance(tup, list) or not tup:
-                raise BadField(f"{where}.{key}", "must be a non-empty list of schemas")
-            node[key] = [sub(x, f"{key}.{i}") for i, x in enumerate(tup)]
-            node.pop("items" if key == "prefixItems" else "prefixItems", None)
-            used |= {"type", key}
-        else:
-            node["items"] = sub(items, "items")
-            for k in ("minItems", "maxItems"):
-                _count(node, k, where)
-            used |= {"type", "items", "minItems", "maxItems"}
+        used |= _check_array(node, where, sub)
     elif t in (None, "string") and "pattern" in node:
         pattern = node["pattern"]
         _check_pattern(pattern, f"{where}.pattern")
@@ -305,6 +265,70 @@ def _check(node: Any, root: dict[str, Any], where: str, depth: int, counter: lis
         if not (re.match(r"^uuid[1-5]?$", fmt) or fmt in KNOWN_FORMATS):
             node.pop("format")  # an annotation here, as validators treat unknown formats
     return node
+
+
+_Sub = Callable[[Any, str], Any]
+"""Checks a subschema of the node being checked, at a place relative to it (:func:`_check`'s ``sub``)."""
+
+
+def _check_alternatives(node: dict[str, Any], where: str, sub: _Sub) -> set[str]:
+    """``anyOf`` or ``oneOf`` (the converter treats them alike): each alternative checked."""
+    if "anyOf" in node and "oneOf" in node:
+        raise BadField(where, "give anyOf or oneOf, not both")
+    key = "anyOf" if "anyOf" in node else "oneOf"
+    alts = node[key]
+    if not isinstance(alts, list) or not alts:
+        raise BadField(f"{where}.{key}", "must be a non-empty list of schemas")
+    node[key] = [sub(a, f"{key}.{i}") for i, a in enumerate(alts)]
+    return {key}
+
+
+def _check_object(node: dict[str, Any], where: str, sub: _Sub) -> set[str]:
+    """An object schema: ``properties``, ``required`` (names among them), ``additionalProperties``."""
+    props = node.get("properties", {})
+    if not isinstance(props, dict):
+        raise BadField(f"{where}.properties", "must be an object of schemas")
+    node["properties"] = {k: sub(v, f"properties.{k}") for k, v in props.items()}
+    required = node.get("required", [])
+    if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
+        raise BadField(f"{where}.required", "must be a list of property names")
+    missing = [r for r in required if r not in props]
+    if missing:
+        raise BadField(f"{where}.required", f"names {missing[0]!r}, which is not in properties")
+    extra = node.get("additionalProperties")
+    if isinstance(extra, dict):
+        node["additionalProperties"] = sub(extra, "additionalProperties")
+    elif extra is not None and not isinstance(extra, bool):
+        raise BadField(f"{where}.additionalProperties", "must be true, false or a schema")
+    return {"type", "properties", "required", "additionalProperties"}
+
+
+def _check_all_of(node: dict[str, Any], root: dict[str, Any], where: str, sub: _Sub) -> set[str]:
+    """``allOf`` of object schemas (the only kind the converter merges), each part checked."""
+    parts = node["allOf"]
+    if not isinstance(parts, list) or not parts:
+        raise BadField(f"{where}.allOf", "must be a non-empty list of schemas")
+    for i, part in enumerate(parts):
+        _check_all_of_part(part, root, f"{where}.allOf.{i}")
+    node["allOf"] = [sub(p, f"allOf.{i}") for i, p in enumerate(parts)]
+    return {"type", "allOf"}
+
+
+def _check_array(node: dict[str, Any], where: str, sub: _Sub) -> set[str]:
+    """An array schema: a tuple (``prefixItems``, or ``items`` as a list), or ``items`` with counts."""
+    items = node.get("items")
+    if items is None or isinstance(items, list):
+        key = "prefixItems" if items is None else "items"
+        tup = node[key]
+        if not isinstance(tup, list) or not tup:
+            raise BadField(f"{where}.{key}", "must be a non-empty list of schemas")
+        node[key] = [sub(x, f"{key}.{i}") for i, x in enumerate(tup)]
+        node.pop("items" if key == "prefixItems" else "prefixItems", None)
+        return {"type", key}
+    node["items"] = sub(items, "items")
+    for k in ("minItems", "maxItems"):
+        _count(node, k, where)
+    return {"type", "items", "minItems", "maxItems"}
 
 
 def _check_pattern(pattern: Any, where: str) -> None:
