@@ -207,6 +207,40 @@ def test_parse_calls() -> None:
     assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
 
 
+def test_parse_mistral_calls() -> None:
+    """Mistral's formats: ``[TOOL_CALLS]`` + a JSON list (v3 tokenizers, Mistral 7B v0.3 / Nemo), the
+    same list with the control token dropped by detokenization, and ``[TOOL_CALLS]name[ARGS]{...}`` (v11
+    tokenizers, Mistral Small 3.2 / Magistral), once per call."""
+    names = ["get_weather", "get_time"]
+
+    def args(calls: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+        return [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls]
+
+    v3 = (
+        '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Oslo"}}, '
+        '{"name": "get_time", "arguments": {}}]'
+    )
+    assert args(parse_calls(v3, names)) == [("get_weather", {"city": "Oslo"}), ("get_time", {})]
+    assert args(parse_calls(v3.replace("[TOOL_CALLS] ", ""), names)) == args(parse_calls(v3, names))
+    assert args(parse_calls(v3 + "</s>", names))[0] == ("get_weather", {"city": "Oslo"})
+    v11 = '[TOOL_CALLS]get_weather[ARGS]{"city": "Rome"}[TOOL_CALLS]get_time[ARGS]{"tz": "CET"}'
+    assert args(parse_calls(v11, names)) == [("get_weather", {"city": "Rome"}), ("get_time", {"tz": "CET"})]
+    for text in (
+        "[TOOL_CALLS]",
+        "[TOOL_CALLS] []",
+        '[TOOL_CALLS] [{"name": "other", "arguments": {}}]',
+        '[TOOL_CALLS]get_weather{"city": "Rome"}',  # no [ARGS]
+        '[TOOL_CALLS]get_weather[ARGS]{"city": ',
+        "[1, 2]",
+        "[{broken",
+    ):
+        assert parse_calls(text, names) == [], text
+    one = '[TOOL_CALLS]get_weather[ARGS]{"city": "Rome"}'
+    out = {"choices": [{"message": {"content": one}, "finish_reason": "stop"}]}
+    choice = with_tool_calls(out, ToolPlan(TOOLS, "auto"))["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+
+
 def test_tool_errors(url: str, pool: ModelPool) -> None:
     def post(**body: Any) -> httpx.Response:
         return httpx.post(

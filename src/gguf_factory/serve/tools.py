@@ -212,17 +212,16 @@ def prepare(
 
 # --- the reply ---------------------------------------------------------------------------------------
 def parse_calls(text: str, names: Sequence[str]) -> list[dict[str, Any]]:
-    """OpenAI ``tool_calls`` from a reply: ``<tool_call>`` blocks, or the whole reply as one call object;
-    [] when the reply holds no call of a known function."""
-    blocks = re.findall(rf"{re.escape(TAG_OPEN)}\s*(.*?)\s*(?:{re.escape(TAG_CLOSE)}|$)", text, re.S)
-    if not blocks and text.strip().startswith("{"):
-        blocks = [text.strip()]
+    """OpenAI ``tool_calls`` from a reply, in the formats chat templates teach: ``<tool_call>`` blocks
+    (Hermes, Qwen), Mistral's ``[TOOL_CALLS]`` followed by a JSON list of calls (v3 tokenizers) or by
+    ``name[ARGS]{...}`` (v11), a bare JSON list of calls (Mistral's, its control token dropped), or the
+    whole reply as one call object (Llama 3.1's ``{"name", "parameters"}``); [] when the reply holds no
+    call of a known function."""
+    objects = _call_objects(text)
+    if objects is None:
+        return []
     calls = []
-    for block in blocks:
-        try:
-            obj = json.loads(block)
-        except ValueError:
-            return []
+    for obj in objects:
         if not isinstance(obj, dict) or obj.get("name") not in names:
             return []
         args = obj.get("arguments", obj.get("parameters", {}))
@@ -239,6 +238,43 @@ def parse_calls(text: str, names: Sequence[str]) -> list[dict[str, Any]]:
             }
         )
     return calls
+
+
+MISTRAL_CALLS, MISTRAL_ARGS = "[TOOL_CALLS]", "[ARGS]"
+
+
+def _json_prefix(text: str) -> Any:
+    """The JSON value ``text`` starts with (trailing text ignored); ValueError when there is none."""
+    return json.JSONDecoder().raw_decode(text.strip())[0]
+
+
+def _call_objects(text: str) -> list[Any] | None:
+    """The call objects a reply holds, before their names are checked; None for a plain reply."""
+    try:
+        if MISTRAL_CALLS in text:
+            parts = [p.strip() for p in text.split(MISTRAL_CALLS)[1:]]
+            if parts and parts[0].startswith("["):  # v3: [TOOL_CALLS][{"name": ..., "arguments": ...}]
+                listed = _json_prefix(parts[0])
+                return listed if isinstance(listed, list) and listed else None
+            objects = []  # v11: [TOOL_CALLS]name[ARGS]{...}, once per call
+            for part in parts:
+                name, sep, args = part.partition(MISTRAL_ARGS)
+                if not sep:
+                    return None
+                objects.append({"name": name.strip(), "arguments": _json_prefix(args)})
+            return objects or None
+        blocks = re.findall(rf"{re.escape(TAG_OPEN)}\s*(.*?)\s*(?:{re.escape(TAG_CLOSE)}|$)", text, re.S)
+        if blocks:
+            return [json.loads(b) for b in blocks]
+        stripped = text.strip()
+        if stripped.startswith("{"):
+            return [json.loads(stripped)]
+        if stripped.startswith("[{"):
+            listed = json.loads(stripped)
+            return listed if isinstance(listed, list) else None
+    except ValueError:
+        return None
+    return None
 
 
 def with_tool_calls(out: dict[str, Any], plan: ToolPlan) -> dict[str, Any]:
