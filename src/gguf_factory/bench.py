@@ -28,6 +28,7 @@ from .errors import FactoryError
 from .files import human_size, require_dir, require_file
 
 if TYPE_CHECKING:  # not imported at run time: the measuring child imports only what a system needs
+    from .data import Conversation
     from .scoring import BitsPerByte
 
 log = logging.getLogger(__name__)
@@ -372,65 +373,23 @@ def run_bench(
     skip the check that ``ggufs`` share the HF model's tokenizer. Writes
     ``bench-report.json``, ``.md`` and ``.png`` into ``out_dir`` (created; its parent must exist).
     """
-    from .bases import resolve_path
-    from .data import load_dataset
-    from .errors import DataError, InputError
-    from .evaluate import bits_per_byte, similarity
-    from .files import atomic_write_json, atomic_write_text, check_output_dir, prepare_output_dir
-    from .replies import held_out_prompts, score_replies
+    from .files import prepare_output_dir
+    from .replies import held_out_prompts
 
     t0 = time.perf_counter()
-    if lstm is not None and train_lstm:
-        raise InputError("give --lstm DIR or --train-lstm, not both")
-    if hf is None and not ggufs and lstm is None and not train_lstm:
-        raise InputError("nothing to benchmark: give a Hugging Face model (--hf), GGUF files or an LSTM")
-    if n_prompts < 1 or max_tokens < 1:
-        raise InputError("the number of prompts and max_tokens must be at least 1")
-    check_output_dir(out_dir)
-    hf_dir = _check_hf_dir(resolve_path(hf, what="--hf model")) if hf is not None else None
-    gguf_paths = [_check_gguf(Path(g)) for g in ggufs]
-    other_paths = [_check_gguf(Path(g)) for g in others]
-    if len({p.resolve() for p in gguf_paths + other_paths}) != len(gguf_paths) + len(other_paths):
-        raise InputError("the same GGUF is given twice")
+    hf_dir, gguf_paths, other_paths = _check_bench_inputs(
+        ggufs, hf, others, lstm, train_lstm, out_dir, n_prompts, max_tokens
+    )
     lstm_dir = Path(lstm) if lstm is not None else None
     if lstm_dir is not None:
         from .baseline.lstm import load_lstm
 
         load_lstm(lstm_dir, threads=1)  # a bad folder fails here, before any measurement
-    splits = load_dataset(data_dir)
+    splits, held_out = _held_out_conversations(data_dir, max_quality)
     test_path = Path(data_dir) / "test.jsonl"
-    held_out = [
-        c
-        for c in splits["test"]
-        if any(m.role == "user" for m in c.messages) and any(m.role == "assistant" for m in c.messages)
-    ]
-    if not held_out:
-        raise DataError(f"{test_path}: no held-out conversation with a user turn and an answer")
-    if not splits["train"]:
-        raise DataError(f"{Path(data_dir) / 'train.jsonl'}: empty training split")
-    held_out = held_out[:max_quality] if max_quality else held_out
-    quality_prompts = [next(m.content for m in c.messages if m.role == "user") for c in held_out]
-    references = [next(m.content for m in c.messages if m.role == "assistant") for c in held_out]
     prompts = held_out_prompts(test_path, n_prompts)
-
     if hf_dir is not None and gguf_paths:  # every GGUF must be this model's: same tokenizer
-        from .verify import check_tokenizer_parity
-
-        texts = [m.content for c in held_out[:20] for m in c.messages]
-        verify_log = logging.getLogger("gguf_factory.verify")
-        level = verify_log.level
-        verify_log.setLevel(logging.ERROR)  # the error below says it in one line
-        try:
-            for g in gguf_paths:
-                parity = check_tokenizer_parity(g, hf_dir, texts)
-                if not parity.ok:
-                    raise InputError(
-                        f"{g} is not a GGUF of {hf_dir}: their tokenizers disagree on "
-                        f"{len(parity.mismatches)} of {parity.n_checks} held-out texts and chat prompts "
-                        "(another model family?)"
-                    )
-        finally:
-            verify_log.setLevel(level)
+        _check_same_tokenizer(hf_dir, gguf_paths, held_out)
 
     out = prepare_output_dir(out_dir)
     lstm_training = None
@@ -448,29 +407,17 @@ def run_bench(
     systems += [(g, "gguf") for g in other_paths + gguf_paths]
     if lstm_dir is not None:
         systems.append((lstm_dir, "lstm"))
-    scored: list[SystemScores] = []
-    reference_rate = chance_rate = 0.0
-    for path, kind in systems:
-        log.info("measuring %s (%s)", path, KIND_LABELS[kind])
-        row = measure(
-            path,
-            [p for p, _ in prompts],
-            runs=runs,
-            max_tokens=max_tokens,
-            threads=threads,
-            kind=kind,
-            quality_prompts=quality_prompts,
-            name="lstm-seq2seq" if kind == "lstm" and train_lstm else None,
-        )
-        rs = score_replies(splits["train"], held_out, row.quality_replies)
-        reference_rate, chance_rate = rs.reference_domain_match, rs.chance_domain_match
-        sim = statistics.fmean(similarity(r, a) for r, a in zip(row.quality_replies, references, strict=True))
-        s = SystemScores(row, rs.known_word_rate, rs.domain_match, sim)
-        # teacher-forced scoring is cheap: every held-out conversation, not only the answered ones
-        s.bits_per_byte = bits_per_byte(path, test_path, kind=kind, threads=threads)
-        if kind == "gguf":
-            s.targets = {k: s.figures[k] < v for k, v in SEED_TARGETS.items()}
-        scored.append(s)
+    scored, reference_rate, chance_rate = _score_systems(
+        systems,
+        splits["train"],
+        held_out,
+        prompts,
+        test_path,
+        runs=runs,
+        max_tokens=max_tokens,
+        threads=threads,
+        trained_lstm=train_lstm,
+    )
 
     report = BenchReport(
         out_dir=out,
@@ -486,19 +433,147 @@ def run_bench(
     )
     report.seconds = time.perf_counter() - t0
     settings = {"runs": runs, "prompts": len(prompts), "max_tokens": max_tokens, "threads": threads}
+    _write_report(report, data_dir, settings)
+    return report
+
+
+def _check_bench_inputs(
+    ggufs: Sequence[str | os.PathLike[str]],
+    hf: str | os.PathLike[str] | None,
+    others: Sequence[str | os.PathLike[str]],
+    lstm: str | os.PathLike[str] | None,
+    train_lstm: bool,
+    out_dir: str | os.PathLike[str],
+    n_prompts: int,
+    max_tokens: int,
+) -> tuple[Path | None, list[Path], list[Path]]:
+    """Refuse contradictory or empty settings and unusable inputs before any work; returns the HF model
+    folder (if any), the GGUFs of that model and the other GGUFs."""
+    from .bases import resolve_path
+    from .errors import InputError
+    from .files import check_output_dir
+
+    if lstm is not None and train_lstm:
+        raise InputError("give --lstm DIR or --train-lstm, not both")
+    if hf is None and not ggufs and lstm is None and not train_lstm:
+        raise InputError("nothing to benchmark: give a Hugging Face model (--hf), GGUF files or an LSTM")
+    if n_prompts < 1 or max_tokens < 1:
+        raise InputError("the number of prompts and max_tokens must be at least 1")
+    check_output_dir(out_dir)
+    hf_dir = _check_hf_dir(resolve_path(hf, what="--hf model")) if hf is not None else None
+    gguf_paths = [_check_gguf(Path(g)) for g in ggufs]
+    other_paths = [_check_gguf(Path(g)) for g in others]
+    if len({p.resolve() for p in gguf_paths + other_paths}) != len(gguf_paths) + len(other_paths):
+        raise InputError("the same GGUF is given twice")
+    return hf_dir, gguf_paths, other_paths
+
+
+def _held_out_conversations(
+    data_dir: str | os.PathLike[str], max_quality: int | None
+) -> tuple[dict[str, list[Conversation]], list[Conversation]]:
+    """The dataset's splits and its held-out conversations with a user turn and an answer (the first
+    ``max_quality`` of them)."""
+    from .data import load_dataset
+    from .errors import DataError
+
+    splits = load_dataset(data_dir)
+    held_out = [
+        c
+        for c in splits["test"]
+        if any(m.role == "user" for m in c.messages) and any(m.role == "assistant" for m in c.messages)
+    ]
+    if not held_out:
+        raise DataError(
+            f"{Path(data_dir) / 'test.jsonl'}: no held-out conversation with a user turn and an answer"
+        )
+    if not splits["train"]:
+        raise DataError(f"{Path(data_dir) / 'train.jsonl'}: empty training split")
+    return splits, held_out[:max_quality] if max_quality else held_out
+
+
+def _check_same_tokenizer(hf_dir: Path, gguf_paths: Sequence[Path], held_out: Sequence[Conversation]) -> None:
+    """Refuse a GGUF whose tokenizer disagrees with the HF model's on the held-out texts: another model's."""
+    from .errors import InputError
+    from .verify import check_tokenizer_parity
+
+    texts = [m.content for c in held_out[:20] for m in c.messages]
+    verify_log = logging.getLogger("gguf_factory.verify")
+    level = verify_log.level
+    verify_log.setLevel(logging.ERROR)  # the error below says it in one line
+    try:
+        for g in gguf_paths:
+            parity = check_tokenizer_parity(g, hf_dir, texts)
+            if not parity.ok:
+                raise InputError(
+                    f"{g} is not a GGUF of {hf_dir}: their tokenizers disagree on "
+                    f"{len(parity.mismatches)} of {parity.n_checks} held-out texts and chat prompts "
+                    "(another model family?)"
+                )
+    finally:
+        verify_log.setLevel(level)
+
+
+def _score_systems(
+    systems: Sequence[tuple[Path, str]],
+    train: Sequence[Conversation],
+    held_out: Sequence[Conversation],
+    prompts: Sequence[tuple[str, str]],
+    test_path: Path,
+    *,
+    runs: int,
+    max_tokens: int,
+    threads: int | None,
+    trained_lstm: bool,
+) -> tuple[list[SystemScores], float, float]:
+    """Measure each ``(path, kind)`` system and score its replies to the held-out prompts; returns the
+    scores and the on-topic rates of the reference answers and of chance."""
+    from .evaluate import bits_per_byte, similarity
+    from .replies import score_replies
+
+    quality_prompts = [next(m.content for m in c.messages if m.role == "user") for c in held_out]
+    references = [next(m.content for m in c.messages if m.role == "assistant") for c in held_out]
+    scored: list[SystemScores] = []
+    reference_rate = chance_rate = 0.0
+    for path, kind in systems:
+        log.info("measuring %s (%s)", path, KIND_LABELS[kind])
+        row = measure(
+            path,
+            [p for p, _ in prompts],
+            runs=runs,
+            max_tokens=max_tokens,
+            threads=threads,
+            kind=kind,
+            quality_prompts=quality_prompts,
+            name="lstm-seq2seq" if kind == "lstm" and trained_lstm else None,
+        )
+        rs = score_replies(train, held_out, row.quality_replies)
+        reference_rate, chance_rate = rs.reference_domain_match, rs.chance_domain_match
+        sim = statistics.fmean(similarity(r, a) for r, a in zip(row.quality_replies, references, strict=True))
+        s = SystemScores(row, rs.known_word_rate, rs.domain_match, sim)
+        # teacher-forced scoring is cheap: every held-out conversation, not only the answered ones
+        s.bits_per_byte = bits_per_byte(path, test_path, kind=kind, threads=threads)
+        if kind == "gguf":
+            s.targets = {k: s.figures[k] < v for k, v in SEED_TARGETS.items()}
+        scored.append(s)
+    return scored, reference_rate, chance_rate
+
+
+def _write_report(report: BenchReport, data_dir: str | os.PathLike[str], settings: dict[str, Any]) -> None:
+    """Write the report's chart, JSON and Markdown."""
+    from .files import atomic_write_json, atomic_write_text
+
     write_chart(report, report.png_path)
     atomic_write_json(
         report.json_path,
         {
             "data": str(data_dir), "settings": settings, "cpus": os.cpu_count(), "seed_targets": SEED_TARGETS,
-            "quality_prompts": report.n_quality, "reference_on_topic": reference_rate,
-            "chance_on_topic": chance_rate, "systems": [s.to_json() for s in scored],
-            "prompts": [{"prompt": p, "reference": r} for p, r in prompts], "lstm_training": lstm_training,
-            "seconds": report.seconds,
+            "quality_prompts": report.n_quality, "reference_on_topic": report.reference_on_topic,
+            "chance_on_topic": report.chance_on_topic, "systems": [s.to_json() for s in report.systems],
+            "prompts": [{"prompt": p, "reference": r} for p, r in report.prompts],
+            "lstm_training": report.lstm_training, "seconds": report.seconds,
         },
     )  # fmt: skip
     atomic_write_text(report.md_path, report_markdown(report, settings))
-    return report
 
 
 def _pct(x: float) -> str:

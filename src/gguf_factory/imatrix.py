@@ -363,61 +363,21 @@ def compute_imatrix(
         vocab = llama_cpp.llama_model_get_vocab(model)
         add_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab))
         bos = int(llama_cpp.llama_vocab_bos(vocab))
-        src, texts = _data_texts(
-            data,
-            _meta_str(llama_cpp, model, "tokenizer.chat_template"),
-            _piece(llama_cpp, vocab, bos),
-            _piece(llama_cpp, vocab, int(llama_cpp.llama_vocab_eos(vocab))),
-        )
-        ids: list[int] = []
-        for text in texts:  # rendered templates carry their own BOS text where the template wants it
-            ids += _tokenize(llama_cpp, vocab, text, False)
-            if len(ids) >= max_tokens:
-                break
-        ids = ids[:max_tokens]
+        src, ids = _data_tokens(llama_cpp, model, vocab, data, bos, max_tokens)
         step = ctx - 1 if add_bos and bos >= 0 else ctx
         chunks = [ids[i : i + step] for i in range(0, len(ids), step)]
         chunks = [c for c in chunks if len(c) >= min(16, step)] or chunks[:1]
         if not chunks:
             raise DataError(f"{src}: no tokens to run")
 
-        cparams = llama_cpp.llama_context_default_params()
-        cparams.n_ctx = ctx
-        cparams.n_batch = ctx
-        cparams.n_ubatch = ctx
-        cparams.n_seq_max = 1
-        cparams.n_threads = threads
-        cparams.n_threads_batch = threads
-        cparams.cb_eval = collector.callback
-        cparams.cb_eval_user_data = None
-        cparams.no_perf = True
+        cparams = _context_params(llama_cpp, ctx, threads, collector)
         with _quiet_stderr():
             ctx_p = llama_cpp.llama_init_from_model(model, cparams)
         if not ctx_p:
             raise ModelError(f"llama.cpp could not create a context for {model_path}")
-        mem = llama_cpp.llama_get_memory(ctx_p)
         batch = llama_cpp.llama_batch_init(ctx, 0, 1)
-        n_tokens = 0
-        for k, chunk in enumerate(chunks):
-            toks = ([bos] if step < ctx else []) + chunk
-            llama_cpp.llama_memory_clear(mem, True)
-            for i, tok in enumerate(toks):
-                batch.token[i] = tok
-                batch.pos[i] = i
-                batch.n_seq_id[i] = 1
-                batch.seq_id[i][0] = 0
-                batch.logits[i] = 1
-            batch.n_tokens = len(toks)
-            rc = llama_cpp.llama_decode(ctx_p, batch)
-            if collector.error is not None:
-                err = collector.error
-                if isinstance(err, FactoryError):
-                    raise err
-                raise ImatrixError(f"reading activations failed: {err!r}") from err
-            if rc != 0:
-                raise ModelError(f"llama_decode failed on chunk {k + 1} (code {rc})")
-            n_tokens += len(toks)
-            log.debug("imatrix chunk %d/%d (%d tokens)", k + 1, len(chunks), len(toks))
+        prefix = [bos] if step < ctx else []  # each chunk starts with BOS when the vocabulary asks for one
+        n_tokens = _run_chunks(llama_cpp, ctx_p, batch, chunks, prefix, collector)
     finally:
         with _quiet_stderr():
             if batch is not None:
@@ -446,6 +406,69 @@ def compute_imatrix(
         dataset=str(src),
         names=sorted(collector.sums),
     )
+
+
+def _data_tokens(
+    llama_cpp: Any, model: Any, vocab: Any, data: str | os.PathLike[str], bos: int, max_tokens: int
+) -> tuple[Path, list[int]]:
+    """The data file and its first ``max_tokens`` tokens (chat data rendered with the model's template)."""
+    src, texts = _data_texts(
+        data,
+        _meta_str(llama_cpp, model, "tokenizer.chat_template"),
+        _piece(llama_cpp, vocab, bos),
+        _piece(llama_cpp, vocab, int(llama_cpp.llama_vocab_eos(vocab))),
+    )
+    ids: list[int] = []
+    for text in texts:  # rendered templates carry their own BOS text where the template wants it
+        ids += _tokenize(llama_cpp, vocab, text, False)
+        if len(ids) >= max_tokens:
+            break
+    return src, ids[:max_tokens]
+
+
+def _context_params(llama_cpp: Any, ctx: int, threads: int, collector: _Collector) -> Any:
+    """A context of ``ctx`` tokens, every one an output, whose eval callback is ``collector``'s."""
+    cparams = llama_cpp.llama_context_default_params()
+    cparams.n_ctx = ctx
+    cparams.n_batch = ctx
+    cparams.n_ubatch = ctx
+    cparams.n_seq_max = 1
+    cparams.n_threads = threads
+    cparams.n_threads_batch = threads
+    cparams.cb_eval = collector.callback
+    cparams.cb_eval_user_data = None
+    cparams.no_perf = True
+    return cparams
+
+
+def _run_chunks(
+    llama_cpp: Any, ctx_p: Any, batch: Any, chunks: list[list[int]], prefix: list[int], collector: _Collector
+) -> int:
+    """Decode each chunk (after ``prefix``) from an empty cache, the collector reading the activations;
+    returns the number of tokens run."""
+    mem = llama_cpp.llama_get_memory(ctx_p)
+    n_tokens = 0
+    for k, chunk in enumerate(chunks):
+        toks = prefix + chunk
+        llama_cpp.llama_memory_clear(mem, True)
+        for i, tok in enumerate(toks):
+            batch.token[i] = tok
+            batch.pos[i] = i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = 1
+        batch.n_tokens = len(toks)
+        rc = llama_cpp.llama_decode(ctx_p, batch)
+        if collector.error is not None:
+            err = collector.error
+            if isinstance(err, FactoryError):
+                raise err
+            raise ImatrixError(f"reading activations failed: {err!r}") from err
+        if rc != 0:
+            raise ModelError(f"llama_decode failed on chunk {k + 1} (code {rc})")
+        n_tokens += len(toks)
+        log.debug("imatrix chunk %d/%d (%d tokens)", k + 1, len(chunks), len(toks))
+    return n_tokens
 
 
 def write_imatrix(

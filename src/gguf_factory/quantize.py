@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import InputError, QuantizeError
-from .files import atomic_paths, check_output_path, require_file
+from .files import Paths, atomic_paths, check_output_path, require_file
 from .gguf_header import MAX_ARRAY_NESTING, scan_gguf_bytes, scan_gguf_header  # noqa: F401  (re-exported)
 from .splitset import part_path
 
@@ -554,15 +554,7 @@ def quantize(
     """
     import llama_cpp  # imported lazily: loading the shared library costs time the CLI's --help need not pay
 
-    from .gguf_writer import split_limits
-    from .splitset import SplitSetError
-
-    split_size, split_tensors = split_limits(split_max_size, split_max_tensors)
-    if keep_split and (split_size or split_tensors):
-        raise InputError(
-            "--keep-split keeps the input's parts; --split-max-size/--split-max-tensors make new ones: "
-            "choose one"
-        )
+    split = _split_settings(split_max_size, split_max_tensors, keep_split)
     src = require_file(input_path, "input GGUF")
     check_gguf_magic(src)
     prof = resolve_profile(profile) if profile else None
@@ -571,12 +563,86 @@ def quantize(
     name = normalize_qtype(
         qtype or (recipe_obj.qtype if recipe_obj else None) or (prof.qtype if prof else "Q4_K_M")
     )
+    out_t, emb_t = _tensor_type_settings(output_type, embedding_type, leave_output)
+    if context_length is not None and context_length <= 0:
+        raise InputError(f"context length must be positive, got {context_length}")
+
+    info = _read_quantize_input(src, allow_requantize)
+    shape = ModelShape(n_layers=info.n_layers, base_qtype=name)
+    rec = resolve_recipe(recipe_obj, shape) if recipe_obj is not None else None
+    if rec is not None:
+        out_t = out_t or rec.output_type
+        emb_t = emb_t or rec.embedding_type
+    rules = user_rules + (rec.rules if rec else [])
+    _check_rules_match(user_rules, info, src)
+
+    if imatrix is None and data is not None:
+        imatrix = _imatrix_from_data(src, data, threads)
+    imat = load_imatrix(imatrix) if imatrix is not None else None
+    if imat is None:
+        _refuse_imatrix_types(name, rules, out_t, emb_t)
+
+    in_parts = info.parts or [src]
+    imatrix_path = imatrix if isinstance(imatrix, str | os.PathLike) else None
+    inputs = [*in_parts, imatrix_path]
+    dst, finals = _output_targets(src, output_path, name, len(in_parts), keep_split, inputs)
+
+    ctx = _recommended_context(context_length, prof, info)
+    params = _quantize_params(llama_cpp, name, threads, allow_requantize, pure, leave_output, out_t, emb_t)
+    recipe_label = _recipe_label(rec, user_rules)
+    kv = _quantize_metadata(prof, ctx, recipe_label, imat, imatrix, data)
+    keep_alive = _attach_overrides(llama_cpp, params, kv, rules, imat)  # ctypes arrays llama.cpp reads
+
+    t0 = time.perf_counter()
+    parts = _run_quantizer(llama_cpp, params, src, dst, name, finals, inputs, n_rules=len(rules), split=split)
+    seconds = time.perf_counter() - t0
+    del keep_alive
+    return QuantizeResult(
+        path=parts[0],
+        qtype=name,
+        input_path=src,
+        input_bytes=sum(p.stat().st_size for p in in_parts),
+        size_bytes=sum(p.stat().st_size for p in parts),
+        seconds=seconds,
+        profile=prof.name if prof else None,
+        context_length=ctx,
+        recipe=recipe_label,
+        rules=rules,
+        imatrix_entries=len(imat) if imat else 0,
+        parts=parts,
+    )
+
+
+def _split_settings(
+    split_max_size: int | str | None, split_max_tensors: int | None, keep_split: bool
+) -> tuple[int, int]:
+    """(bytes, tensors) per output part, 0 meaning no limit; refused together with ``keep_split``."""
+    from .gguf_writer import split_limits
+
+    split_size, split_tensors = split_limits(split_max_size, split_max_tensors)
+    if keep_split and (split_size or split_tensors):
+        raise InputError(
+            "--keep-split keeps the input's parts; --split-max-size/--split-max-tensors make new ones: "
+            "choose one"
+        )
+    return split_size, split_tensors
+
+
+def _tensor_type_settings(
+    output_type: str | None, embedding_type: str | None, leave_output: bool
+) -> tuple[str | None, str | None]:
+    """The ``output.weight`` and ``token_embd.weight`` tensor types asked for (None: the file type's)."""
     out_t = normalize_tensor_type(output_type, "--output-type") if output_type else None
     emb_t = normalize_tensor_type(embedding_type, "--embedding-type") if embedding_type else None
     if leave_output and out_t:
         raise InputError("--leave-output and --output-type contradict each other: choose one")
-    if context_length is not None and context_length <= 0:
-        raise InputError(f"context length must be positive, got {context_length}")
+    return out_t, emb_t
+
+
+def _read_quantize_input(src: Path, allow_requantize: bool) -> GGUFInfo:
+    """``src``'s header, refused when llama.cpp cannot quantize it or (without ``allow_requantize``) when
+    its tensors are already quantized."""
+    from .splitset import SplitSetError
 
     try:
         info = read_gguf_info(src)
@@ -590,49 +656,61 @@ def quantize(
             f"{src} is already quantized ({', '.join(quantized_inputs)} tensors); requantizing loses quality "
             "twice: start from the F16/F32 file, or pass --allow-requantize"
         )
-    shape = ModelShape(n_layers=info.n_layers, base_qtype=name)
-    rec = resolve_recipe(recipe_obj, shape) if recipe_obj is not None else None
-    if rec is not None:
-        out_t = out_t or rec.output_type
-        emb_t = emb_t or rec.embedding_type
-    rules = user_rules + (rec.rules if rec else [])
-    for r in user_rules:  # a user rule that touches nothing is a typo, not a wish
+    return info
+
+
+def _check_rules_match(user_rules: Sequence[TensorRule], info: GGUFInfo, src: Path) -> None:
+    """A user rule that touches nothing is a typo, not a wish: refuse it."""
+    for r in user_rules:
         if not any(r.matches(t) for t in info.tensor_types):
             example = next(
                 (t for t in info.tensor_types if t.startswith("blk.")), next(iter(info.tensor_types), "")
             )
             raise InputError(f"tensor rule {r} matches no tensor of {src} (names look like {example!r})")
 
-    if imatrix is None and data is not None:
-        imatrix = _imatrix_from_data(src, data, threads)
-    imat = load_imatrix(imatrix) if imatrix is not None else None
-    if imat is None:
-        needs = [name] if name in IMATRIX_TYPES else []
-        needs += [str(r) for r in rules if r.type in IMATRIX_TENSOR_TYPES]
-        needs += [t for t in (out_t, emb_t) if t in IMATRIX_TENSOR_TYPES]
-        if needs:
-            raise InputError(
-                f"{', '.join(needs)} needs an importance matrix: pass --imatrix FILE "
-                "(make one from your chat data with `gguf-factory imatrix`)"
-            )
 
-    in_parts = info.parts or [src]
-    imatrix_path = imatrix if isinstance(imatrix, str | os.PathLike) else None
+def _refuse_imatrix_types(
+    name: str, rules: Sequence[TensorRule], out_t: str | None, emb_t: str | None
+) -> None:
+    """Without an importance matrix: refuse a file type, rule or tensor type that needs one."""
+    needs = [name] if name in IMATRIX_TYPES else []
+    needs += [str(r) for r in rules if r.type in IMATRIX_TENSOR_TYPES]
+    needs += [t for t in (out_t, emb_t) if t in IMATRIX_TENSOR_TYPES]
+    if needs:
+        raise InputError(
+            f"{', '.join(needs)} needs an importance matrix: pass --imatrix FILE "
+            "(make one from your chat data with `gguf-factory imatrix`)"
+        )
+
+
+def _output_targets(
+    src: Path,
+    output_path: str | os.PathLike[str] | None,
+    name: str,
+    n_parts: int,
+    keep_split: bool,
+    inputs: Paths,
+) -> tuple[Path, list[Path]]:
+    """The output path (by default beside ``src``) and the final path of each output part (one per input
+    part with ``keep_split``), checked before any work: none may land on an input."""
+    from .splitset import output_paths
+
     dst = check_output_path(
-        output_path if output_path is not None else default_output_path(src, name),
-        inputs=[*in_parts, imatrix_path],
+        output_path if output_path is not None else default_output_path(src, name), inputs=inputs
     )
     if dst.resolve() == src.resolve():
         raise InputError(f"output would overwrite the input: {dst}")
-    from .splitset import output_paths
-
-    n_keep = len(in_parts) if keep_split else 1
+    n_keep = n_parts if keep_split else 1
     if keep_split and n_keep == 1:
         log.info("--keep-split: %s is not split; writing one file", src)
     finals = output_paths(dst, n_keep)
-    for f in finals:  # before any work: no part may land on an input
-        check_output_path(f, inputs=[*in_parts, imatrix_path])
+    for f in finals:
+        check_output_path(f, inputs=inputs)
+    return dst, finals
 
+
+def _recommended_context(context_length: int | None, prof: Profile | None, info: GGUFInfo) -> int | None:
+    """The context to record (``context_length``, else the profile's), capped at the trained context."""
     ctx = context_length if context_length is not None else (prof.context_length if prof else None)
     if ctx is not None and info.context_length and ctx > info.context_length:
         log.warning(
@@ -642,7 +720,20 @@ def quantize(
             info.context_length,
         )
         ctx = info.context_length
+    return ctx
 
+
+def _quantize_params(
+    llama_cpp: Any,
+    name: str,
+    threads: int | None,
+    allow_requantize: bool,
+    pure: bool,
+    leave_output: bool,
+    out_t: str | None,
+    emb_t: str | None,
+) -> Any:
+    """``llama_model_quantize_params`` for the file type and the output/embedding tensor settings."""
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, QUANT_TYPES[name])
     params.nthread = threads or os.cpu_count() or 1
@@ -654,14 +745,24 @@ def quantize(
         params.output_tensor_type = ggml_type_id(out_t)
     if emb_t:
         params.token_embedding_type = ggml_type_id(emb_t)
+    return params
 
-    keep_alive: list[Any] = []  # ctypes arrays llama.cpp reads during the call
+
+def _quantize_metadata(
+    prof: Profile | None,
+    ctx: int | None,
+    recipe_label: str | None,
+    imat: Mapping[str, Any] | None,
+    imatrix: str | os.PathLike[str] | Mapping[str, Any] | None,
+    data: str | os.PathLike[str] | None,
+) -> dict[str, int | str]:
+    """The keys the quantizer writes into the output: who quantized it, the profile, the recommended
+    context, the recipe and the importance matrix's provenance."""
     kv: dict[str, int | str] = {"general.quantized_by": "gguf-factory"}
     if prof:
         kv[PROFILE_KEY] = prof.name
     if ctx is not None:
         kv[CONTEXT_KEY] = int(ctx)
-    recipe_label = _recipe_label(rec, user_rules)
     if recipe_label:
         kv[RECIPE_KEY] = recipe_label
     if imat is not None:  # the keys llama.cpp's own quantize tool records
@@ -670,6 +771,19 @@ def quantize(
             kv["quantize.imatrix.dataset"] = Path(data).name[-_KV_STR_MAX:]
         elif not isinstance(imatrix, Mapping):
             kv["quantize.imatrix.file"] = Path(imatrix).name[-_KV_STR_MAX:]
+    return kv
+
+
+def _attach_overrides(
+    llama_cpp: Any,
+    params: Any,
+    kv: Mapping[str, int | str],
+    rules: Sequence[TensorRule],
+    imat: Mapping[str, np.ndarray] | None,
+) -> list[Any]:
+    """Point ``params`` at the metadata overrides, the tensor-type rules and the importance data; returns
+    the ctypes arrays (and data) llama.cpp reads during the call, which must stay alive until it returns."""
+    keep_alive: list[Any] = []
     kv_arr = _kv_override_array(llama_cpp, kv)
     keep_alive.append(kv_arr)
     params.kv_overrides = ctypes.cast(kv_arr, ctypes.POINTER(llama_cpp.llama_model_kv_override))
@@ -691,21 +805,39 @@ def quantize(
         im_arr[len(imat)].name = None  # terminator
         keep_alive += [im_arr, imat]
         params.imatrix = ctypes.cast(im_arr, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+    return keep_alive
 
+
+def _run_quantizer(
+    llama_cpp: Any,
+    params: Any,
+    src: Path,
+    dst: Path,
+    name: str,
+    finals: list[Path],
+    inputs: Paths,
+    *,
+    n_rules: int,
+    split: tuple[int, int],
+) -> list[Path]:
+    """Run llama.cpp's quantizer into a private folder beside ``dst``, then move its output to ``finals``
+    (or re-split it by ``split``: bytes and tensors per part, 0 meaning no limit); returns the output
+    parts."""
     log.info(
         "quantizing %s -> %s (%s%s, %d threads)",
         src,
         dst,
         name,
-        f", {len(rules)} tensor rules" if rules else "",
+        f", {n_rules} tensor rules" if n_rules else "",
         params.nthread,
     )
+    n_keep = len(finals)  # llama.cpp writes one part per final part
+    split_size, split_tensors = split
     # llama.cpp reports every tensor through llama-cpp-python's logger: keep its errors, and the rest at -v
     lc_logger = logging.getLogger("llama-cpp-python")
     old_level = lc_logger.level
     if not log.isEnabledFor(logging.DEBUG):
         lc_logger.setLevel(logging.ERROR)
-    t0 = time.perf_counter()
     scratch = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent or "."))
     try:
         # llama.cpp writes into a private folder beside the output: one file, or with keep_split
@@ -725,36 +857,19 @@ def quantize(
         if split_size or split_tensors:  # gguf-py splits llama.cpp's one file by the new limits
             from .gguf_writer import resplit_gguf
 
-            parts = resplit_gguf(
+            return resplit_gguf(
                 target,
                 dst,
                 split_max_size=split_size or None,
                 split_max_tensors=split_tensors or None,
-                inputs=[*in_parts, imatrix_path],
+                inputs=inputs,
             )
-        else:
-            with atomic_paths(finals, inputs=[*in_parts, imatrix_path]) as tmps:
-                for w, tmp in zip(written, tmps, strict=True):
-                    os.replace(w, tmp)
-            parts = finals
+        with atomic_paths(finals, inputs=inputs) as tmps:
+            for w, tmp in zip(written, tmps, strict=True):
+                os.replace(w, tmp)
+        return finals
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    seconds = time.perf_counter() - t0
-    del keep_alive
-    return QuantizeResult(
-        path=parts[0],
-        qtype=name,
-        input_path=src,
-        input_bytes=sum(p.stat().st_size for p in in_parts),
-        size_bytes=sum(p.stat().st_size for p in parts),
-        seconds=seconds,
-        profile=prof.name if prof else None,
-        context_length=ctx,
-        recipe=recipe_label,
-        rules=rules,
-        imatrix_entries=len(imat) if imat else 0,
-        parts=parts,
-    )
 
 
 def _imatrix_from_data(

@@ -405,6 +405,10 @@ def repair(
             shutil.rmtree(d, ignore_errors=True)
 
 
+_KVs = dict[str, tuple[Any, gguf.GGUFValueType, gguf.GGUFValueType | None]]
+"""Key -> (value, type, array subtype): the key/values the repaired file is written with."""
+
+
 def _repair_with(
     g: GGUFFile,
     src: Path,
@@ -417,16 +421,7 @@ def _repair_with(
     smoke: bool,
     split: tuple[int, int] = (0, 0),
 ) -> RepairResult:
-    if blocking:
-        detail = "; ".join(f"{f.code}: {f.message}" for f in blocking[:4])
-        raise RepairError(
-            f"cannot repair {src} {'from the file alone' if source is None else 'even with the source'} "
-            f"({len(blocking)} unrepairable finding(s)): {detail}"
-        )
-    if chat_template is not None:
-        problems = check_template(chat_template)
-        if problems:
-            raise RepairError(f"the replacement chat template is not usable: {problems[0].message}")
+    _refuse_unrepairable(src, blocking, source, chat_template)
     codes = {f.code for f in before.findings}
     actions: list[str] = []
 
@@ -437,8 +432,60 @@ def _repair_with(
             raise RepairError(f"cannot repair {src}: general.architecture is missing and cannot be inferred")
         actions.append(f"set general.architecture = {arch!r} (from the hyperparameter keys)")
 
-    # --- key/values -------------------------------------------------------------------------------
-    kvs: dict[str, tuple[Any, gguf.GGUFValueType, gguf.GGUFValueType | None]] = {}
+    kvs = _copy_kvs(g, codes, actions)
+    _fix_key_types(kvs, actions)
+    _fix_hparams(g, src, arch, before, codes, kvs, actions)
+    _fix_tokenizer(before, kvs, actions)
+    _fix_file_type(g, codes, kvs, actions)
+    _fix_chat_template(codes, chat_template, kvs, actions)
+
+    tensors = _unique_tensors(g, src, actions)
+    for name in replace:
+        actions.append(f"rebuilt tensor {name!r} from {source}")
+    if replace or codes & {
+        "tensor-offset-misaligned",
+        "tensor-offset-gap",
+        "bad-alignment",
+        "trailing-bytes",
+    }:
+        actions.append("re-packed the tensor data in order at the default alignment")
+
+    gguf_log = logging.getLogger("gguf")
+    level = gguf_log.level
+    gguf_log.setLevel(logging.WARNING)  # the writer's INFO lines name the temporary file
+    if g.parts:
+        actions.append(f"read the {len(g.parts)} parts of the split set")
+    try:
+        parts = _write(g, src, out, arch, kvs, tensors, replace, split)
+    finally:
+        gguf_log.setLevel(level)
+    out = parts[0]
+    after = validate(out, smoke=smoke)
+    after_codes = {f.code for f in after.at_least(Severity.WARNING)}
+    fixed = sorted({f.code for f in before.at_least(Severity.WARNING)} - after_codes)
+    log.debug("repaired %s -> %s: %s", src, out, "; ".join(actions) or "nothing to do")
+    return RepairResult(out, actions, fixed, before, after, after.at_least(Severity.WARNING))
+
+
+def _refuse_unrepairable(
+    src: Path, blocking: list[Finding], source: str | os.PathLike[str] | None, chat_template: str | None
+) -> None:
+    """Refuse, before any work, findings repair cannot fix and a replacement template that is unusable."""
+    if blocking:
+        detail = "; ".join(f"{f.code}: {f.message}" for f in blocking[:4])
+        raise RepairError(
+            f"cannot repair {src} {'from the file alone' if source is None else 'even with the source'} "
+            f"({len(blocking)} unrepairable finding(s)): {detail}"
+        )
+    if chat_template is not None:
+        problems = check_template(chat_template)
+        if problems:
+            raise RepairError(f"the replacement chat template is not usable: {problems[0].message}")
+
+
+def _copy_kvs(g: GGUFFile, codes: set[str], actions: list[str]) -> _KVs:
+    """The file's key/values, less second copies, nested arrays and the keys the writer sets itself."""
+    kvs: _KVs = {}
     for kv in g.kvs:
         if kv.key in kvs:
             actions.append(f"dropped the second {kv.key!r}")
@@ -453,7 +500,11 @@ def _repair_with(
         actions.append(f"reset general.alignment to the default {gguf.GGUF_DEFAULT_ALIGNMENT}")
     if "string-not-utf8" in codes:
         actions.append("replaced invalid UTF-8 bytes in strings with U+FFFD")
+    return kvs
 
+
+def _fix_key_types(kvs: _KVs, actions: list[str]) -> None:
+    """Convert mistyped general./tokenizer. keys to the type llama.cpp reads (dropped when they cannot be)."""
     for key, (vt, sub) in OTHER_KEY_TYPES.items():
         if key not in kvs or key == K.General.ARCHITECTURE:
             continue
@@ -467,6 +518,18 @@ def _repair_with(
             del kvs[key]
             actions.append(f"dropped {key} (a {t.name} that cannot become {vt.name})")
 
+
+def _fix_hparams(
+    g: GGUFFile,
+    src: Path,
+    arch: str,
+    before: ValidationReport,
+    codes: set[str],
+    kvs: _KVs,
+    actions: list[str],
+) -> None:
+    """Hyperparameters that are missing, mistyped, impossible or contradicted by the tensor shapes:
+    re-derived from the tensors, converted, or (the RMS norm epsilon) set to the usual value."""
     derived = _derive_hparams(g, arch)
     hp_codes = {"hparam-missing", "hparam-wrong-type", "hparam-bad-value", "tensor-shape-mismatch"}
     bad_keys = {f.subject for f in before.findings if f.code in hp_codes and f.subject}
@@ -498,31 +561,40 @@ def _repair_with(
                 kvs[key] = (value, vt, None)
                 actions.append(f"set {key} = {value} (the tensor shapes disagreed)")
 
+
+def _fix_tokenizer(before: ValidationReport, kvs: _KVs, actions: list[str]) -> None:
+    """Tokenizer arrays resized to the token list, a missing model name inferred, and special token ids
+    outside the vocabulary pointed at a usual token (or dropped)."""
     tokens = kvs.get(K.Tokenizer.LIST, (None,))[0]
     n_vocab = len(tokens) if isinstance(tokens, list) else None
-    if n_vocab is not None:
-        for key, fill in ((K.Tokenizer.TOKEN_TYPE, gguf.TokenType.NORMAL), (K.Tokenizer.SCORES, 0.0)):
-            if key in kvs:
-                value, t, s = kvs[key]
-                arr = list(_plain(value))
-                if len(arr) != n_vocab:
-                    arr = (arr + [type(arr[0] if arr else fill)(fill)] * n_vocab)[:n_vocab]
-                    kvs[key] = (arr, t, s)
-                    actions.append(f"resized {key} to the {n_vocab} tokens")
-        if K.Tokenizer.MODEL not in kvs:
-            model = "gpt2" if K.Tokenizer.MERGES in kvs else "llama"
-            kvs[K.Tokenizer.MODEL] = (model, VT.STRING, None)
-            actions.append(f"set tokenizer.ggml.model = {model!r} (inferred from the tokenizer arrays)")
-        for f in before.findings:
-            if f.code != "special-token-out-of-range" or not f.subject:
-                continue
-            pick = next((tokens.index(c) for c in SPECIAL_CANDIDATES.get(f.subject, ()) if c in tokens), None)
-            if pick is None:
-                del kvs[f.subject]
-                actions.append(f"dropped {f.subject} (out of range, no usual token to point it at)")
-            else:
-                kvs[f.subject] = (pick, VT.UINT32, None)
-                actions.append(f"set {f.subject} = {pick} ({tokens[pick]!r})")
+    if n_vocab is None:
+        return
+    for key, fill in ((K.Tokenizer.TOKEN_TYPE, gguf.TokenType.NORMAL), (K.Tokenizer.SCORES, 0.0)):
+        if key in kvs:
+            value, t, s = kvs[key]
+            arr = list(_plain(value))
+            if len(arr) != n_vocab:
+                arr = (arr + [type(arr[0] if arr else fill)(fill)] * n_vocab)[:n_vocab]
+                kvs[key] = (arr, t, s)
+                actions.append(f"resized {key} to the {n_vocab} tokens")
+    if K.Tokenizer.MODEL not in kvs:
+        model = "gpt2" if K.Tokenizer.MERGES in kvs else "llama"
+        kvs[K.Tokenizer.MODEL] = (model, VT.STRING, None)
+        actions.append(f"set tokenizer.ggml.model = {model!r} (inferred from the tokenizer arrays)")
+    for f in before.findings:
+        if f.code != "special-token-out-of-range" or not f.subject:
+            continue
+        pick = next((tokens.index(c) for c in SPECIAL_CANDIDATES.get(f.subject, ()) if c in tokens), None)
+        if pick is None:
+            del kvs[f.subject]
+            actions.append(f"dropped {f.subject} (out of range, no usual token to point it at)")
+        else:
+            kvs[f.subject] = (pick, VT.UINT32, None)
+            actions.append(f"set {f.subject} = {pick} ({tokens[pick]!r})")
+
+
+def _fix_file_type(g: GGUFFile, codes: set[str], kvs: _KVs, actions: list[str]) -> None:
+    """general.file_type set from the tensor types (dropped when no value matches them)."""
     if codes & {"file-type-mismatch", "file-type-unknown"}:
         ft = _file_type_for(g)
         if ft is None:
@@ -531,6 +603,10 @@ def _repair_with(
         else:
             kvs[K.General.FILE_TYPE] = (int(ft), VT.UINT32, None)
             actions.append(f"set general.file_type = {int(ft)} ({ft.name}, from the tensor types)")
+
+
+def _fix_chat_template(codes: set[str], chat_template: str | None, kvs: _KVs, actions: list[str]) -> None:
+    """The given chat template replaces the file's; else a broken or unsafe one is removed."""
     template_codes = {c for c in codes if c.startswith("template-") and c in REPAIRABLE}
     if chat_template is not None:
         kvs[K.Tokenizer.CHAT_TEMPLATE] = (chat_template, VT.STRING, None)
@@ -542,7 +618,9 @@ def _repair_with(
             "pass --chat-template to set one"
         )
 
-    # --- tensors ----------------------------------------------------------------------------------
+
+def _unique_tensors(g: GGUFFile, src: Path, actions: list[str]) -> list[TensorInfo]:
+    """The file's tensors less identical duplicates (two different tensors of one name are refused)."""
     tensors: list[TensorInfo] = []
     seen: dict[str, TensorInfo] = {}
     for t in g.tensors:
@@ -556,31 +634,7 @@ def _repair_with(
             continue
         seen[t.name] = t
         tensors.append(t)
-    for name in replace:
-        actions.append(f"rebuilt tensor {name!r} from {source}")
-    if replace or codes & {
-        "tensor-offset-misaligned",
-        "tensor-offset-gap",
-        "bad-alignment",
-        "trailing-bytes",
-    }:
-        actions.append("re-packed the tensor data in order at the default alignment")
-
-    gguf_log = logging.getLogger("gguf")
-    level = gguf_log.level
-    gguf_log.setLevel(logging.WARNING)  # the writer's INFO lines name the temporary file
-    if g.parts:
-        actions.append(f"read the {len(g.parts)} parts of the split set")
-    try:
-        parts = _write(g, src, out, arch, kvs, tensors, replace, split)
-    finally:
-        gguf_log.setLevel(level)
-    out = parts[0]
-    after = validate(out, smoke=smoke)
-    after_codes = {f.code for f in after.at_least(Severity.WARNING)}
-    fixed = sorted({f.code for f in before.at_least(Severity.WARNING)} - after_codes)
-    log.debug("repaired %s -> %s: %s", src, out, "; ".join(actions) or "nothing to do")
-    return RepairResult(out, actions, fixed, before, after, after.at_least(Severity.WARNING))
+    return tensors
 
 
 def _write(
@@ -588,7 +642,7 @@ def _write(
     src: Path,
     out: Path,
     arch: str,
-    kvs: dict[str, tuple[Any, gguf.GGUFValueType, gguf.GGUFValueType | None]],
+    kvs: _KVs,
     tensors: list[TensorInfo],
     replace: dict[str, tuple[GGUFFile, TensorInfo]],
     split: tuple[int, int] = (0, 0),

@@ -30,6 +30,7 @@ from .reader import (
     VT,
     GGUFFile,
     GGUFFormatError,
+    KVEntry,
     TensorInfo,
     gc_paused,
     read_gguf,
@@ -518,17 +519,8 @@ def _first(v: list[int] | int | None) -> int | None:
 
 
 def check_metadata(g: GGUFFile) -> list[Finding]:
-    out: list[Finding] = []
     md = g.metadata
-    # key types (general.* / tokenizer.*)
-    for key, (vt, sub) in OTHER_KEY_TYPES.items():
-        kv = md.get(key)
-        if kv is None or (kv.type == vt and (sub is None or kv.subtype == sub)):
-            continue
-        if key == K.General.ARCHITECTURE:
-            continue  # reported as arch-missing below
-        want = f"ARRAY[{sub.name}]" if sub is not None else vt.name
-        out.append(finding("kv-wrong-type", f"{key} is {kv.type_name}, expected {want}", key))
+    out = _check_key_types(md)
     arch = g.architecture
     if arch is None:
         out.append(finding("arch-missing", "general.architecture is missing or not a string"))
@@ -538,7 +530,59 @@ def check_metadata(g: GGUFFile) -> list[Finding]:
             finding("arch-unknown", f"architecture {arch!r} is unknown to llama.cpp", K.General.ARCHITECTURE)
         )
     is_adapter = _is_adapter(g)
-    # hyperparameter types and presence
+    wrong_types = _check_hparam_types(md, arch)
+    out += wrong_types
+    if not is_adapter and arch in _known_archs():
+        out += _check_required_hparams(md, arch)
+    hp = _read_hparams(g, arch, wrong={f.subject for f in wrong_types})
+    out += _check_hparam_values(arch, hp)
+    n_vocab = _vocab_size(g)
+
+    by_name = {t.name: t for t in g.tensors}
+    if not is_adapter:
+        out += _check_tensor_names(g, arch, hp.n_layer)
+    expect: dict[str, tuple[int | None, ...]] = {
+        "token_embd.weight": (hp.n_embd, None),  # vocab checked separately
+        "output_norm.weight": (hp.n_embd,),
+    }
+    if arch in LLAMA_LIKE:
+        per_block = _llama_block_shapes(hp)
+        if not is_adapter:
+            out += _check_missing_tensors(arch, per_block, hp.n_layer, by_name)
+        for t in g.tensors:
+            m = BLOCK_TENSOR.match(t.name)
+            if m and m.group(2) in per_block:
+                expect[t.name] = per_block[m.group(2)]
+        expect["output.weight"] = (hp.n_embd, None)
+    out += _check_shapes(expect, by_name)
+    if n_vocab is not None:
+        out += _check_vocab_rows(by_name, n_vocab)
+    out += _check_contradictions(g, arch, by_name, n_vocab, hp.n_layer, hp.n_head, hp.n_head_kv, hp.head_dim)
+    return Findings(out + _check_tokenizer(g, is_adapter) + _check_file_type(g)).done()
+
+
+def _mistyped(code: str, key: str, kv: KVEntry, want: str) -> Finding:
+    """``code``: ``key`` is stored as ``kv``'s type where llama.cpp reads ``want``."""
+    return finding(code, f"{key} is {kv.type_name}, expected {want}", key)
+
+
+def _check_key_types(md: dict[str, KVEntry]) -> list[Finding]:
+    """general./tokenizer. keys of another type than llama.cpp reads (kv-wrong-type)."""
+    out: list[Finding] = []
+    for key, (vt, sub) in OTHER_KEY_TYPES.items():
+        kv = md.get(key)
+        if kv is None or (kv.type == vt and (sub is None or kv.subtype == sub)):
+            continue
+        if key == K.General.ARCHITECTURE:
+            continue  # reported as arch-missing
+        out.append(_mistyped("kv-wrong-type", key, kv, f"ARRAY[{sub.name}]" if sub is not None else vt.name))
+    return out
+
+
+def _check_hparam_types(md: dict[str, KVEntry], arch: str) -> list[Finding]:
+    """Hyperparameters of another type than llama.cpp reads (hparam-wrong-type); a per-layer array of
+    integers is accepted where llama.cpp takes one."""
+    out: list[Finding] = []
     for tmpl, (vt, arr_ok) in ARCH_KEY_TYPES.items():
         key = tmpl.format(arch=arch)
         kv = md.get(key)
@@ -546,49 +590,82 @@ def check_metadata(g: GGUFFile) -> list[Finding]:
             continue
         if kv.type == vt or (arr_ok and kv.type == VT.ARRAY and kv.subtype in (VT.UINT32, VT.INT32)):
             continue
-        out.append(finding("hparam-wrong-type", f"{key} is {kv.type_name}, expected {vt.name}", key))
-    if not is_adapter and arch in _known_archs():
-        for tmpl in REQUIRED_COMMON + REQUIRED_BY_ARCH.get(arch, ()):
-            key = tmpl.format(arch=arch)
-            if key not in md:
-                out.append(
-                    finding("hparam-missing", f"{key} is missing (llama.cpp requires it for {arch})", key)
-                )
-    wrong = {f.subject for f in out if f.code == "hparam-wrong-type"}
+        out.append(_mistyped("hparam-wrong-type", key, kv, vt.name))
+    return out
 
-    def hp(tmpl: str) -> int | None:
+
+def _check_required_hparams(md: dict[str, KVEntry], arch: str) -> list[Finding]:
+    """Hyperparameters llama.cpp requires for ``arch`` that are missing."""
+    out: list[Finding] = []
+    for tmpl in REQUIRED_COMMON + REQUIRED_BY_ARCH.get(arch, ()):
+        key = tmpl.format(arch=arch)
+        if key not in md:
+            out.append(finding("hparam-missing", f"{key} is missing (llama.cpp requires it for {arch})", key))
+    return out
+
+
+@dataclass(frozen=True)
+class _HParams:
+    """The hyperparameters the shape checks use; None where absent or of the wrong type (a per-layer
+    value: its largest)."""
+
+    n_embd: int | None
+    n_layer: int | None
+    n_ff: int | None
+    n_head: int | None
+    n_head_kv: int | None  # head_count when absent
+    k_len: int | None
+    v_len: int | None
+
+    @property
+    def head_dim(self) -> int | None:
+        if self.k_len:
+            return self.k_len
+        n_embd, n_head = self.n_embd, self.n_head
+        return n_embd // n_head if n_embd and n_head and n_head > 0 else None
+
+    @property
+    def head_dim_v(self) -> int | None:
+        return self.v_len if self.v_len else self.head_dim
+
+
+def _read_hparams(g: GGUFFile, arch: str, wrong: set[str | None]) -> _HParams:
+    """``arch``'s hyperparameters, leaving out the keys in ``wrong`` (reported as of the wrong type)."""
+
+    def scalar(tmpl: str) -> int | None:
         key = tmpl.format(arch=arch)
         return None if key in wrong else _int_value(g, key)
 
-    n_embd = hp(K.LLM.EMBEDDING_LENGTH)
-    n_layer = hp(K.LLM.BLOCK_COUNT)
-    n_ff = (
-        None
-        if K.LLM.FEED_FORWARD_LENGTH.format(arch=arch) in wrong
-        else _first(_per_layer(g, K.LLM.FEED_FORWARD_LENGTH.format(arch=arch)))
+    def largest(tmpl: str) -> int | None:
+        key = tmpl.format(arch=arch)
+        return None if key in wrong else _first(_per_layer(g, key))
+
+    n_head = largest(K.Attention.HEAD_COUNT)
+    n_head_kv = largest(K.Attention.HEAD_COUNT_KV)
+    return _HParams(
+        n_embd=scalar(K.LLM.EMBEDDING_LENGTH),
+        n_layer=scalar(K.LLM.BLOCK_COUNT),
+        n_ff=largest(K.LLM.FEED_FORWARD_LENGTH),
+        n_head=n_head,
+        n_head_kv=n_head if n_head_kv is None else n_head_kv,
+        k_len=scalar(K.Attention.KEY_LENGTH),
+        v_len=scalar(K.Attention.VALUE_LENGTH),
     )
-    n_head = (
-        None
-        if K.Attention.HEAD_COUNT.format(arch=arch) in wrong
-        else _first(_per_layer(g, K.Attention.HEAD_COUNT.format(arch=arch)))
-    )
-    n_head_kv = (
-        None
-        if K.Attention.HEAD_COUNT_KV.format(arch=arch) in wrong
-        else _first(_per_layer(g, K.Attention.HEAD_COUNT_KV.format(arch=arch)))
-    )
-    n_head_kv = n_head if n_head_kv is None else n_head_kv
+
+
+def _check_hparam_values(arch: str, hp: _HParams) -> list[Finding]:
+    """Impossible sizes, and head counts that do not divide the embedding or each other."""
+    out: list[Finding] = []
+    n_embd, n_head, n_head_kv = hp.n_embd, hp.n_head, hp.n_head_kv
     for tmpl, val in (
         (K.LLM.EMBEDDING_LENGTH, n_embd),
-        (K.LLM.BLOCK_COUNT, n_layer),
+        (K.LLM.BLOCK_COUNT, hp.n_layer),
         (K.Attention.HEAD_COUNT, n_head),
     ):
         if val is not None and (val <= 0 or val > 1 << 24):
             key = tmpl.format(arch=arch)
             out.append(finding("hparam-bad-value", f"{key} = {val} is impossible", key))
-    k_len = hp(K.Attention.KEY_LENGTH)
-    v_len = hp(K.Attention.VALUE_LENGTH)
-    if n_embd and n_head and n_head > 0 and k_len is None and n_embd % n_head:
+    if n_embd and n_head and n_head > 0 and hp.k_len is None and n_embd % n_head:
         out.append(
             finding(
                 "hparam-bad-value",
@@ -604,52 +681,58 @@ def check_metadata(g: GGUFFile) -> list[Finding]:
                 K.Attention.HEAD_COUNT_KV.format(arch=arch),
             )
         )
-    head_dim = k_len if k_len else (n_embd // n_head if n_embd and n_head and n_head > 0 else None)
-    head_dim_v = v_len if v_len else head_dim
-    n_vocab = _vocab_size(g)
+    return out
 
-    by_name = {t.name: t for t in g.tensors}
-    if not is_adapter:
-        out += _check_tensor_names(g, arch, n_layer)
-    expect: dict[str, tuple[int | None, ...]] = {
-        "token_embd.weight": (n_embd, None),  # vocab checked separately
-        "output_norm.weight": (n_embd,),
+
+def _llama_block_shapes(hp: _HParams) -> dict[str, tuple[int | None, ...]]:
+    """The ggml shape of each tensor of a Llama-like block (None: a dimension the hyperparameters leave
+    open), by its name less the ``blk.N.`` prefix."""
+    n_embd, n_ff, n_head, n_head_kv = hp.n_embd, hp.n_ff, hp.n_head, hp.n_head_kv
+    head_dim, head_dim_v = hp.head_dim, hp.head_dim_v
+    q_out = n_head * head_dim if n_head and head_dim else None
+    k_out = n_head_kv * head_dim if n_head_kv and head_dim else None
+    v_out = n_head_kv * head_dim_v if n_head_kv and head_dim_v else None
+    o_in = n_head * head_dim_v if n_head and head_dim_v else None
+    return {
+        "attn_norm.weight": (n_embd,),
+        "attn_q.weight": (n_embd, q_out),
+        "attn_k.weight": (n_embd, k_out),
+        "attn_v.weight": (n_embd, v_out),
+        "attn_output.weight": (o_in, n_embd),
+        "ffn_norm.weight": (n_embd,),
+        "ffn_gate.weight": (n_embd, n_ff),
+        "ffn_up.weight": (n_embd, n_ff),
+        "ffn_down.weight": (n_ff, n_embd),
     }
-    if arch in LLAMA_LIKE:
-        q_out = n_head * head_dim if n_head and head_dim else None
-        k_out = n_head_kv * head_dim if n_head_kv and head_dim else None
-        v_out = n_head_kv * head_dim_v if n_head_kv and head_dim_v else None
-        o_in = n_head * head_dim_v if n_head and head_dim_v else None
-        per_block: dict[str, tuple[int | None, ...]] = {
-            "attn_norm.weight": (n_embd,),
-            "attn_q.weight": (n_embd, q_out),
-            "attn_k.weight": (n_embd, k_out),
-            "attn_v.weight": (n_embd, v_out),
-            "attn_output.weight": (o_in, n_embd),
-            "ffn_norm.weight": (n_embd,),
-            "ffn_gate.weight": (n_embd, n_ff),
-            "ffn_up.weight": (n_embd, n_ff),
-            "ffn_down.weight": (n_ff, n_embd),
-        }
-        if not is_adapter and n_layer and 0 < n_layer <= 4096:
-            missing = [
-                f"blk.{i}.{s}" for i in range(n_layer) for s in per_block if f"blk.{i}.{s}" not in by_name
-            ]
-            missing += [n for n in ("token_embd.weight", "output_norm.weight") if n not in by_name]
-            if missing:
-                out.append(
-                    finding(
-                        "tensor-missing",
-                        f"{len(missing)} tensor(s) {arch} needs are missing: {', '.join(missing[:5])}"
-                        + (" ..." if len(missing) > 5 else ""),
-                        missing[0],
-                    )
-                )
-        for t in g.tensors:
-            m = BLOCK_TENSOR.match(t.name)
-            if m and m.group(2) in per_block:
-                expect[t.name] = per_block[m.group(2)]
-        expect["output.weight"] = (n_embd, None)
+
+
+def _check_missing_tensors(
+    arch: str,
+    per_block: dict[str, tuple[int | None, ...]],
+    n_layer: int | None,
+    by_name: dict[str, TensorInfo],
+) -> list[Finding]:
+    """One finding for every block tensor (and embedding / final norm) the architecture needs and the file
+    lacks."""
+    if not (n_layer and 0 < n_layer <= 4096):
+        return []
+    missing = [f"blk.{i}.{s}" for i in range(n_layer) for s in per_block if f"blk.{i}.{s}" not in by_name]
+    missing += [n for n in ("token_embd.weight", "output_norm.weight") if n not in by_name]
+    if not missing:
+        return []
+    return [
+        finding(
+            "tensor-missing",
+            f"{len(missing)} tensor(s) {arch} needs are missing: {', '.join(missing[:5])}"
+            + (" ..." if len(missing) > 5 else ""),
+            missing[0],
+        )
+    ]
+
+
+def _check_shapes(expect: dict[str, tuple[int | None, ...]], by_name: dict[str, TensorInfo]) -> list[Finding]:
+    """Tensors whose shape disagrees with the one the hyperparameters give (None: any size)."""
+    out: list[Finding] = []
     for name, want in expect.items():
         t = by_name.get(name)
         if t is None or t.type is None or len(t.dims) > GGML_MAX_DIMS or 0 in t.dims:
@@ -664,19 +747,23 @@ def check_metadata(g: GGUFFile) -> list[Finding]:
                     name,
                 )
             )
-    if n_vocab is not None:
-        for name in ("token_embd.weight", "output.weight"):
-            t = by_name.get(name)
-            if t is not None and len(t.dims) == 2 and t.dims[1] != n_vocab:
-                out.append(
-                    finding(
-                        "vocab-size-mismatch",
-                        f"tensor {name!r} has {t.dims[1]} rows but the tokenizer has {n_vocab} tokens",
-                        name,
-                    )
+    return out
+
+
+def _check_vocab_rows(by_name: dict[str, TensorInfo], n_vocab: int) -> list[Finding]:
+    """Embedding and output matrices with another number of rows than the tokenizer has tokens."""
+    out: list[Finding] = []
+    for name in ("token_embd.weight", "output.weight"):
+        t = by_name.get(name)
+        if t is not None and len(t.dims) == 2 and t.dims[1] != n_vocab:
+            out.append(
+                finding(
+                    "vocab-size-mismatch",
+                    f"tensor {name!r} has {t.dims[1]} rows but the tokenizer has {n_vocab} tokens",
+                    name,
                 )
-    out += _check_contradictions(g, arch, by_name, n_vocab, n_layer, n_head, n_head_kv, head_dim)
-    return Findings(out + _check_tokenizer(g, is_adapter) + _check_file_type(g)).done()
+            )
+    return out
 
 
 def _check_contradictions(
@@ -692,27 +779,47 @@ def _check_contradictions(
     """Metadata that contradicts itself or the tensors, beyond the shape checks: ``{arch}.vocab_size``
     against the token list and the embedding rows, per-layer head counts against ``block_count``, the
     RoPE dimension against the head size, and the context length against the RoPE scaling."""
+    return [
+        *_check_vocab_size_key(g, arch, by_name, n_vocab),
+        *_check_head_counts(g, arch, n_layer, n_head, n_head_kv),
+        *_check_rope(g, arch, head_dim),
+    ]
+
+
+def _check_vocab_size_key(
+    g: GGUFFile, arch: str, by_name: dict[str, TensorInfo], n_vocab: int | None
+) -> list[Finding]:
+    """``{arch}.vocab_size`` against the token list and the embedding rows."""
     out: list[Finding] = []
     key = K.LLM.VOCAB_SIZE.format(arch=arch)
     declared = _int_value(g, key)
-    if declared is not None:
-        if n_vocab is not None and declared != n_vocab:
-            out.append(
-                finding(
-                    "vocab-size-mismatch",
-                    f"{key} = {declared} but tokenizer.ggml.tokens has {n_vocab} tokens",
-                    key,
-                )
+    if declared is None:
+        return out
+    if n_vocab is not None and declared != n_vocab:
+        out.append(
+            finding(
+                "vocab-size-mismatch",
+                f"{key} = {declared} but tokenizer.ggml.tokens has {n_vocab} tokens",
+                key,
             )
-        embd = by_name.get("token_embd.weight")
-        if embd is not None and len(embd.dims) == 2 and embd.dims[1] != declared:
-            out.append(
-                finding(
-                    "vocab-size-mismatch",
-                    f"{key} = {declared} but tensor 'token_embd.weight' has {embd.dims[1]} rows",
-                    key,
-                )
+        )
+    embd = by_name.get("token_embd.weight")
+    if embd is not None and len(embd.dims) == 2 and embd.dims[1] != declared:
+        out.append(
+            finding(
+                "vocab-size-mismatch",
+                f"{key} = {declared} but tensor 'token_embd.weight' has {embd.dims[1]} rows",
+                key,
             )
+        )
+    return out
+
+
+def _check_head_counts(
+    g: GGUFFile, arch: str, n_layer: int | None, n_head: int | None, n_head_kv: int | None
+) -> list[Finding]:
+    """Per-layer arrays of another length than ``block_count``, and more KV heads than heads."""
+    out: list[Finding] = []
     for tmpl in (K.Attention.HEAD_COUNT, K.Attention.HEAD_COUNT_KV, K.LLM.FEED_FORWARD_LENGTH):
         k = tmpl.format(arch=arch)
         per_layer = _per_layer(g, k)
@@ -729,6 +836,23 @@ def _check_contradictions(
         out.append(
             finding("hparam-contradiction", f"{k} = {n_head_kv} is more than head_count = {n_head}", k)
         )
+    return out
+
+
+def _positive_float(g: GGUFFile, key: str, out: list[Finding]) -> Any:
+    """``key``'s value; a float that is not a positive number is reported (hparam-bad-value) and read as
+    None."""
+    value = g.get(key)
+    if isinstance(value, float) and not (value > 0 and math.isfinite(value)):
+        out.append(finding("hparam-bad-value", f"{key} = {value} must be a positive number", key))
+        return None
+    return value
+
+
+def _check_rope(g: GGUFFile, arch: str, head_dim: int | None) -> list[Finding]:
+    """The RoPE dimension against the head size, the RoPE base and scaling factor, and the context
+    lengths (trained and recommended) against the RoPE scaling."""
+    out: list[Finding] = []
     k = K.Rope.DIMENSION_COUNT.format(arch=arch)
     rope_dims = _int_value(g, k)
     if rope_dims is not None and head_dim and (rope_dims > head_dim or rope_dims % 2):
@@ -741,17 +865,8 @@ def _check_contradictions(
         )
     ctx_key = K.LLM.CONTEXT_LENGTH.format(arch=arch)
     ctx = _int_value(g, ctx_key)
-    base_key = K.Rope.FREQ_BASE.format(arch=arch)
-    base = g.get(base_key)
-    if isinstance(base, float) and not (base > 0 and math.isfinite(base)):
-        out.append(finding("hparam-bad-value", f"{base_key} = {base} must be a positive number", base_key))
-    factor_key = K.Rope.SCALING_FACTOR.format(arch=arch)
-    factor = g.get(factor_key)
-    if isinstance(factor, float) and not (factor > 0 and math.isfinite(factor)):
-        out.append(
-            finding("hparam-bad-value", f"{factor_key} = {factor} must be a positive number", factor_key)
-        )
-        factor = None
+    _positive_float(g, K.Rope.FREQ_BASE.format(arch=arch), out)
+    factor = _positive_float(g, K.Rope.SCALING_FACTOR.format(arch=arch), out)
     orig_key = K.Rope.SCALING_ORIG_CTX_LEN.format(arch=arch)
     orig = _int_value(g, orig_key)
     if ctx is not None and orig is not None and orig > 0:

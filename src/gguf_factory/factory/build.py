@@ -28,7 +28,7 @@ from typing import Any
 from ..errors import InputError
 from ..files import atomic_write_json, atomic_write_text, human_size, sha256_file
 from .graph import Graph, LocalExecutor, RayExecutor, Step, StepRecord
-from .manifest import DataSpec, FactoryManifest, base_model_source, read_factory
+from .manifest import DataSpec, DomainSpec, FactoryManifest, base_model_source, read_factory
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +76,30 @@ def _union(*specs: DataSpec) -> DataSpec:
 
 def plan(m: FactoryManifest, root: Path, threads: int | None) -> list[Step]:
     """The step graph of a manifest (``root``: the manifest's folder)."""
-    from ..quantize import PROFILES
-
-    steps: list[Step] = []
     domain_data = {name: _union(d, *d.subdomains.values()) for name, d in m.domains.items()}
+    steps = _universal_steps(m, root, threads, domain_data)
+    router_domains: dict[str, Any] = {}
+    for name, d in m.domains.items():
+        steps.append(Step(f"prepare:{name}", "prepare", _data_settings(domain_data[name], m, root)))
+        adapters = {f"{name}.{s}": sub for s, sub in d.subdomains.items()} or {name: d}
+        for aname, spec in adapters.items():
+            steps += _adapter_steps(m, root, threads, name, aname, spec)
+        steps += _parent_steps(threads, name, d, adapters)
+        router_domains |= _routes(m, name, d, adapters)
+    if m.outputs.router:
+        deps = {s for r in router_domains.values() for s in (r["data"], r["quantize"])}
+        steps.append(
+            Step("router", "router", {"name": m.name, "domains": router_domains}, tuple(sorted(deps)))
+        )
+    return steps
+
+
+def _universal_steps(
+    m: FactoryManifest, root: Path, threads: int | None, domain_data: dict[str, DataSpec]
+) -> list[Step]:
+    """The universal model: trained on every domain's data, converted, and (when it is an output)
+    quantized and validated."""
+    steps: list[Step] = []
     steps.append(Step("prepare:all", "prepare", _data_settings(_union(*domain_data.values()), m, root)))
     base = None if m.base.model is None else base_model_source(root, m.base.model)
     steps.append(
@@ -109,77 +129,89 @@ def plan(m: FactoryManifest, root: Path, threads: int | None) -> list[Step]:
         steps.append(
             Step("validate:universal", "validate", {"gguf": "quantize:universal"}, ("quantize:universal",))
         )
-    router_domains: dict[str, Any] = {}
-    for name, d in m.domains.items():
-        steps.append(Step(f"prepare:{name}", "prepare", _data_settings(domain_data[name], m, root)))
-        adapters = {f"{name}.{s}": sub for s, sub in d.subdomains.items()} or {name: d}
-        total = sum(a.weight for a in adapters.values())
-        for aname, spec in adapters.items():
-            data_step = f"prepare:{aname}"
-            if aname != name:
-                steps.append(Step(data_step, "prepare", _data_settings(spec, m, root)))
-            lora_settings = {
-                "lora": m.lora.model_dump(),
-                "threads": threads,
-                "data": data_step,
-                "base": "train:universal",
-            }
-            steps.append(Step(f"lora:{aname}", "lora", lora_settings, (data_step, "train:universal")))
-            if m.outputs.lora_gguf:
-                steps.append(
-                    Step(
-                        f"lora_gguf:{aname}",
-                        "lora_gguf",
-                        {"adapter": f"lora:{aname}", "base": "train:universal"},
-                        (f"lora:{aname}", "train:universal"),
-                    )
+    return steps
+
+
+def _adapter_steps(
+    m: FactoryManifest, root: Path, threads: int | None, name: str, aname: str, spec: DataSpec
+) -> list[Step]:
+    """One adapter ``aname`` of domain ``name``: its data (a subdomain's own), its LoRA on the universal
+    model and (when wanted) its GGUF LoRA, validated on the quantized universal model."""
+    steps: list[Step] = []
+    data_step = f"prepare:{aname}"
+    if aname != name:
+        steps.append(Step(data_step, "prepare", _data_settings(spec, m, root)))
+    lora_settings = {
+        "lora": m.lora.model_dump(),
+        "threads": threads,
+        "data": data_step,
+        "base": "train:universal",
+    }
+    steps.append(Step(f"lora:{aname}", "lora", lora_settings, (data_step, "train:universal")))
+    if m.outputs.lora_gguf:
+        steps.append(
+            Step(
+                f"lora_gguf:{aname}",
+                "lora_gguf",
+                {"adapter": f"lora:{aname}", "base": "train:universal"},
+                (f"lora:{aname}", "train:universal"),
+            )
+        )
+        if m.outputs.universal:
+            steps.append(
+                Step(
+                    f"validate:{aname}.lora",
+                    "validate",
+                    {"gguf": "quantize:universal", "adapter": f"lora_gguf:{aname}"},
+                    ("quantize:universal", f"lora_gguf:{aname}"),
                 )
-                if m.outputs.universal:
-                    steps.append(
-                        Step(
-                            f"validate:{aname}.lora",
-                            "validate",
-                            {"gguf": "quantize:universal", "adapter": f"lora_gguf:{aname}"},
-                            ("quantize:universal", f"lora_gguf:{aname}"),
-                        )
-                    )
-        adapter_list = [{"step": f"lora:{a}", "weight": spec.weight / total} for a, spec in adapters.items()]
-        steps.append(
-            Step(
-                f"merge:{name}",
-                "merge",
-                {"base": "train:universal", "adapters": adapter_list},
-                ("train:universal", *(a["step"] for a in adapter_list)),
             )
-        )
-        steps.append(Step(f"convert:{name}", "convert", {"model": f"merge:{name}"}, (f"merge:{name}",)))
-        steps.append(
-            Step(
-                f"quantize:{name}",
-                "quantize",
-                {"gguf": f"convert:{name}", "profile": d.profile, "threads": threads},
-                (f"convert:{name}",),
-            )
-        )
-        steps.append(
-            Step(f"validate:{name}", "validate", {"gguf": f"quantize:{name}"}, (f"quantize:{name}",))
-        )
-        steps.append(
-            Step(
-                f"eval:{name}",
-                "eval",
-                {
-                    "gguf": f"quantize:{name}",
-                    "ref": f"convert:{name}",
-                    "data": f"prepare:{name}",
-                    "threads": threads,
-                },
-                (f"quantize:{name}", f"convert:{name}", f"prepare:{name}"),
-            )
-        )
-        qtype = PROFILES[d.profile].qtype
-        if m.outputs.router_to == "parents":
-            router_domains[name] = {
+    return steps
+
+
+def _parent_steps(threads: int | None, name: str, d: DomainSpec, adapters: dict[str, DataSpec]) -> list[Step]:
+    """Domain ``name``'s parent model: the universal model with its adapters merged in (weighted),
+    converted, quantized to its profile, validated and evaluated against its F16."""
+    total = sum(a.weight for a in adapters.values())
+    adapter_list = [{"step": f"lora:{a}", "weight": spec.weight / total} for a, spec in adapters.items()]
+    return [
+        Step(
+            f"merge:{name}",
+            "merge",
+            {"base": "train:universal", "adapters": adapter_list},
+            ("train:universal", *(a["step"] for a in adapter_list)),
+        ),
+        Step(f"convert:{name}", "convert", {"model": f"merge:{name}"}, (f"merge:{name}",)),
+        Step(
+            f"quantize:{name}",
+            "quantize",
+            {"gguf": f"convert:{name}", "profile": d.profile, "threads": threads},
+            (f"convert:{name}",),
+        ),
+        Step(f"validate:{name}", "validate", {"gguf": f"quantize:{name}"}, (f"quantize:{name}",)),
+        Step(
+            f"eval:{name}",
+            "eval",
+            {
+                "gguf": f"quantize:{name}",
+                "ref": f"convert:{name}",
+                "data": f"prepare:{name}",
+                "threads": threads,
+            },
+            (f"quantize:{name}", f"convert:{name}", f"prepare:{name}"),
+        ),
+    ]
+
+
+def _routes(m: FactoryManifest, name: str, d: DomainSpec, adapters: dict[str, DataSpec]) -> dict[str, Any]:
+    """The router's routes for domain ``name``: to its parent model, or one per adapter on the shared
+    universal model (``router_to: adapters``)."""
+    from ..quantize import PROFILES
+
+    qtype = PROFILES[d.profile].qtype
+    if m.outputs.router_to == "parents":
+        return {
+            name: {
                 "model": f"models/{name}-{qtype}.gguf",
                 "profile": d.profile,
                 "quantize": f"quantize:{name}",
@@ -187,23 +219,19 @@ def plan(m: FactoryManifest, root: Path, threads: int | None) -> list[Step]:
                 "description": d.description,
                 "data": f"prepare:{name}",
             }
-        else:  # one route per adapter, on the shared universal model
-            for aname in adapters:
-                router_domains[aname] = {
-                    "model": "models/universal-Q4_K_M.gguf",
-                    "adapter": f"adapters/{aname}.gguf",
-                    "profile": "production",
-                    "quantize": "quantize:universal",
-                    "keywords": d.keywords,
-                    "description": d.description,
-                    "data": f"prepare:{aname}",
-                }
-    if m.outputs.router:
-        deps = {s for r in router_domains.values() for s in (r["data"], r["quantize"])}
-        steps.append(
-            Step("router", "router", {"name": m.name, "domains": router_domains}, tuple(sorted(deps)))
-        )
-    return steps
+        }
+    return {
+        aname: {
+            "model": "models/universal-Q4_K_M.gguf",
+            "adapter": f"adapters/{aname}.gguf",
+            "profile": "production",
+            "quantize": "quantize:universal",
+            "keywords": d.keywords,
+            "description": d.description,
+            "data": f"prepare:{aname}",
+        }
+        for aname in adapters
+    }
 
 
 def _link(src: Path, dst: Path) -> None:
