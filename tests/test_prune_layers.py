@@ -90,7 +90,7 @@ def test_dropped_layers_are_gone_exactly(five_layers: Path, tiny_data_dir: Path,
     assert all(row["block_influence"] > 0 for row in report["layers"])
     cfg = json.loads((r.output_dir / "config.json").read_text())
     assert cfg["num_hidden_layers"] == 3 and cfg["intermediate_size"] == 128
-    assert report["num_hidden_layers"] == {"before": 5, "after": 3}
+    assert report["num_hidden_layers"] == {"before": 5, "after": 3} and report["layers_fraction"] == 0.4
 
     # the original with the same layers taken out of its ModuleList computes the same logits
     ref = _hf(five_layers)

@@ -78,6 +78,8 @@ class StudentRecipe:
     vocab_size: int = 16384
     ffn: float = 0.5
     heads: float = 0.0
+    layers: float = 0.0
+    """Fraction of whole decoder layers removed (``prune --layers``)."""
     epochs: int = 2
     lr: float = 2e-4
     temperature: float = 2.0
@@ -391,10 +393,11 @@ def _student(
         lambda: trim_vocab(model_dir, data_dir, trimmed, vocab_size=s.vocab_size),
     )
     pruned = out / f"{name}-pruned-hf"
+    what = [kind for kind, f in (("layers", s.layers), ("FFN channels", s.ffn), ("heads", s.heads)) if f]
     steps.run(
-        "prune FFN channels",
+        "prune " + " and ".join(what or ["nothing"]),
         pruned,
-        lambda: prune(trimmed, data_dir, pruned, ffn=s.ffn, heads=s.heads, threads=threads),
+        lambda: prune(trimmed, data_dir, pruned, ffn=s.ffn, heads=s.heads, layers=s.layers, threads=threads),
     )
     teacher = out / f"{name}-trim-F16.gguf"  # a GGUF teacher runs once, in llama.cpp, before training
     steps.run("convert the teacher", teacher, lambda: convert(trimmed, teacher, outtype="f16", name=name))
@@ -437,11 +440,14 @@ def _student_note(out: Path, name: str) -> str:
     trim = json.loads((out / f"{name}-trim-hf" / "trim_report.json").read_text(encoding="utf-8"))
     pruned = json.loads((out / f"{name}-pruned-hf" / "prune_report.json").read_text(encoding="utf-8"))
     ffn = pruned["intermediate_size"]
-    return (
-        f"student: vocabulary {trim['vocab_before']:,} -> {trim['vocab_after']:,} tokens, FFN "
-        f"{ffn['before']} -> {ffn['after']} channels per layer, {trim['params_before'] / 1e6:.1f} M -> "
-        f"{pruned['params']['after'] / 1e6:.1f} M parameters, distilled from the fine-tuned model"
-    )
+    layers = pruned.get("num_hidden_layers") or {}
+    parts = [f"vocabulary {trim['vocab_before']:,} -> {trim['vocab_after']:,} tokens"]
+    if layers and layers["after"] != layers["before"]:
+        parts.append(f"{layers['before']} -> {layers['after']} layers")
+    if ffn["after"] != ffn["before"]:
+        parts.append(f"FFN {ffn['before']} -> {ffn['after']} channels per layer")
+    parts.append(f"{trim['params_before'] / 1e6:.1f} M -> {pruned['params']['after'] / 1e6:.1f} M parameters")
+    return "student: " + ", ".join(parts) + ", distilled from the fine-tuned model"
 
 
 def _copy_q8(src: Path, dst: Path, threads: int | None) -> None:

@@ -649,6 +649,76 @@ def _share_removed(scores: Any, keep: Any) -> float:
     return 1.0 - float(scores[keep].sum()) / total if total > 0 else 0.0
 
 
+@dataclass
+class _Sizes:
+    """What the model has and what is kept, decided before any work (a fraction that rounds to nothing
+    or everything fails first)."""
+
+    inter: int
+    n_heads: int
+    n_kv: int
+    head_dim: int
+    n_layers: int
+    keep_ffn: int
+    grain: int
+    keep_groups: int
+    keep_layers: int
+
+    @classmethod
+    def of(cls, model_dir: Path, ffn: float, heads: float, layers: float, multiple_of: int | None) -> _Sizes:
+        hf_config = _hf_config(model_dir)
+        inter, n_heads, n_kv, head_dim = _shape(hf_config)
+        keep_ffn, grain = ffn_keep_count(inter, ffn, multiple_of)
+        n_layers = int(hf_config.num_hidden_layers)
+        return cls(
+            inter, n_heads, n_kv, head_dim, n_layers, keep_ffn, grain,
+            group_keep_count(n_kv, n_heads, heads), layer_keep_count(n_layers, layers),
+        )  # fmt: skip
+
+
+@dataclass
+class _Choice:
+    """What the calibration data says to keep."""
+
+    imp: Importance
+    ffn_keep: list[Any] | None
+    group_scores: list[Any]
+    group_keep: list[Any] | None
+    removal: list[float] | None
+    layer_keep: list[int] | None
+
+    @classmethod
+    def measure(cls, model: Any, batches: Sequence[dict[str, Any]], z: _Sizes) -> _Choice:
+        imp = measure_importance(model, batches)
+        group_scores = imp.groups(z.n_kv)
+        removal = layer_removal_loss(model, batches) if z.keep_layers < z.n_layers else None
+        return cls(
+            imp=imp,
+            ffn_keep=top_indices(imp.ffn, z.keep_ffn) if z.keep_ffn < z.inter else None,
+            group_scores=group_scores,
+            group_keep=top_indices(group_scores, z.keep_groups) if z.keep_groups < z.n_kv else None,
+            removal=removal,
+            layer_keep=layers_to_keep(removal, z.keep_layers) if removal is not None else None,
+        )
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Per layer of the input model: its scores and what was kept of it."""
+        out = []
+        for i in range(len(self.imp.ffn)):
+            row: dict[str, Any] = {"layer": i, "block_influence": round(self.imp.blocks[i], 6)}
+            if self.layer_keep is not None and self.removal is not None:
+                row["kept"] = i in self.layer_keep
+                row["removal_loss"] = round(self.removal[i], 6) if math.isfinite(self.removal[i]) else None
+            if self.ffn_keep is not None:
+                row["ffn_importance_removed"] = round(_share_removed(self.imp.ffn[i], self.ffn_keep[i]), 6)
+            if self.group_keep is not None:
+                row["kv_groups_kept"] = self.group_keep[i].tolist()
+                share = _share_removed(self.group_scores[i], self.group_keep[i])
+                row["head_importance_removed"] = round(share, 6)
+            out.append(row)
+        return out
+
+
 def prune(
     model_dir: str | os.PathLike[str],
     data_dir: str | os.PathLike[str],
@@ -680,10 +750,8 @@ def prune(
     from .bases import resolve_path
 
     model_dir, data_dir = resolve_path(model_dir), Path(data_dir)
-    ffn = _check_fraction("ffn", ffn)
-    heads = _check_fraction("heads", heads)
-    layers = _check_fraction("layers", layers)
-    if ffn == 0.0 and heads == 0.0 and layers == 0.0:
+    fractions = {k: _check_fraction(k, v) for k, v in (("ffn", ffn), ("heads", heads), ("layers", layers))}
+    if not any(fractions.values()):
         log.warning("ffn=0, heads=0 and layers=0: the model is written unchanged")
     if samples < 1:
         raise InputError(f"samples must be at least 1, got {samples}")
@@ -691,14 +759,12 @@ def prune(
         raise InputError(f"max_tokens must be at least 16, got {max_tokens}")
     config = _read_config(model_dir)
     arch = config["_arch"]
-    if heads > 0 and arch in _NO_HEAD_PRUNING:
+    if fractions["heads"] > 0 and arch in _NO_HEAD_PRUNING:
         raise ModelError(
             f"{model_dir}: attention heads of {arch} cannot be pruned ({_NO_HEAD_PRUNING[arch]})"
         )
     out = _check_output(model_dir, Path(output_dir))
-    files.require_dir(data_dir, "dataset folder")
-    train_convs = _load_conversations(data_dir, "train")
-    test_convs = _load_conversations(data_dir, "test") if (data_dir / "test.jsonl").is_file() else []
+    train_convs, test_convs = _calibration_data(data_dir)
     to_gguf = to_gguf or ref is not None
     ref_path = files.require_file(ref, "reference GGUF") if ref is not None else None
     gguf_path = out.parent / f"{out.name}-F16.gguf"
@@ -706,124 +772,98 @@ def prune(
         if not test_convs:
             raise DataError(f"no test conversations in {data_dir / 'test.jsonl'} to evaluate the GGUF on")
         files.check_output_path(gguf_path)
-
-    # sizes first: a fraction that rounds to nothing or everything fails before any work
-    hf_config = _hf_config(model_dir)
-    inter, n_heads, n_kv, head_dim = _shape(hf_config)
-    keep_ffn, grain = ffn_keep_count(inter, ffn, multiple_of)
-    keep_groups = group_keep_count(n_kv, n_heads, heads)
-    n_layers = int(hf_config.num_hidden_layers)
-    keep_layers = layer_keep_count(n_layers, layers)
+    z = _Sizes.of(model_dir, fractions["ffn"], fractions["heads"], fractions["layers"], multiple_of)
 
     from .train.loop import quiet_hf_progress
 
     with _torch_threads(threads), quiet_hf_progress():
         model, tokenizer = load_model(model_dir)
         max_seq = min(int(getattr(model.config, "max_position_embeddings", MAX_SEQ_LEN)), MAX_SEQ_LEN)
-        rng = random.Random(seed)
-        picked = rng.sample(train_convs, min(samples, len(train_convs)))
+        picked = random.Random(seed).sample(train_convs, min(samples, len(train_convs)))
         calib = encode_texts(tokenizer, picked, max_tokens=max_tokens, max_seq_len=max_seq)
         if not calib:
             raise DataError(f"{data_dir / 'train.jsonl'}: no conversation to calibrate on")
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        calib_batches = make_batches(calib, pad)
-        imp = measure_importance(model, calib_batches)
-
-        ffn_keep = top_indices(imp.ffn, keep_ffn) if keep_ffn < inter else None
-        group_scores = imp.groups(n_kv)
-        group_keep = top_indices(group_scores, keep_groups) if keep_groups < n_kv else None
-        removal = layer_removal_loss(model, calib_batches) if keep_layers < n_layers else None
-        layer_keep = layers_to_keep(removal, keep_layers) if removal is not None else None
-        pruned = prune_model(model, ffn_keep, group_keep, layer_keep)
-
+        choice = _Choice.measure(model, make_batches(calib, pad), z)
+        pruned = prune_model(model, choice.ffn_keep, choice.group_keep, choice.layer_keep)
         heldout = None
         if test_convs:
             held = encode_texts(tokenizer, test_convs[:samples], max_tokens=max_tokens, max_seq_len=max_seq)
             if held:
                 heldout = heldout_kl(model, pruned, make_batches(held, pad))
                 heldout["data"] = str(data_dir / "test.jsonl")
-
-        layers = []
-        for i in range(len(imp.ffn)):
-            row: dict[str, Any] = {"layer": i, "block_influence": round(imp.blocks[i], 6)}
-            if layer_keep is not None and removal is not None:
-                row["kept"] = i in layer_keep
-                row["removal_loss"] = round(removal[i], 6) if math.isfinite(removal[i]) else None
-            if ffn_keep is not None:
-                row["ffn_importance_removed"] = round(_share_removed(imp.ffn[i], ffn_keep[i]), 6)
-            if group_keep is not None:
-                row["kv_groups_kept"] = group_keep[i].tolist()
-                row["head_importance_removed"] = round(_share_removed(group_scores[i], group_keep[i]), 6)
-            layers.append(row)
-
+        rows = choice.rows()
         params_before, params_after = count_params(model), count_params(pruned)
-        save_dtype = _saved_dtype(config)
-        with files.atomic_path(out) as tmp:
-            tmp.mkdir()
-            pruned.to(save_dtype).save_pretrained(tmp, safe_serialization=True)
-            for name in _TOKENIZER_FILES:
-                if (model_dir / name).is_file():
-                    shutil.copyfile(model_dir / name, tmp / name)
-            report = {
-                "source_model": str(model_dir.resolve()),
-                "arch": arch,
-                "ffn_fraction": ffn,
-                "heads_fraction": heads,
-                "multiple_of": grain,
-                "params": {"before": params_before, "after": params_after},
-                "intermediate_size": {"before": inter, "after": keep_ffn},
-                "num_attention_heads": {"before": n_heads, "after": keep_groups * (n_heads // n_kv)},
-                "num_key_value_heads": {"before": n_kv, "after": keep_groups},
-                "num_hidden_layers": {"before": n_layers, "after": keep_layers},
-                "layers_fraction": layers,
-                "head_dim": head_dim,
-                "calibration": {
-                    "data": str(data_dir / "train.jsonl"),
-                    "conversations": len(calib),
-                    "tokens": imp.tokens,
-                    "seed": seed,
-                    "ffn_score": "mean |act(gate)*up| x L2 norm of the down_proj column",
-                    "head_score": "mean L2 norm of the head's o_proj output (KV group: sum over its heads)",
-                    "layer_score": "the rise of the next-token loss with that one layer skipped "
-                    "(first and last always kept); block influence (mean 1 - cos(input, output)) reported",
-                },
-                "heldout_transformers": heldout,
-                "layers": [
-                    {**row, "ffn_removed": _removed(inter, ffn_keep[i]) if ffn_keep is not None else []}
-                    for i, row in enumerate(layers)
-                ],
-            }
-            (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        report = {
+            "source_model": str(model_dir.resolve()),
+            "arch": arch,
+            "ffn_fraction": fractions["ffn"],
+            "heads_fraction": fractions["heads"],
+            "layers_fraction": fractions["layers"],
+            "multiple_of": z.grain,
+            "params": {"before": params_before, "after": params_after},
+            "intermediate_size": {"before": z.inter, "after": z.keep_ffn},
+            "num_attention_heads": {"before": z.n_heads, "after": z.keep_groups * (z.n_heads // z.n_kv)},
+            "num_key_value_heads": {"before": z.n_kv, "after": z.keep_groups},
+            "num_hidden_layers": {"before": z.n_layers, "after": z.keep_layers},
+            "head_dim": z.head_dim,
+            "calibration": _calibration_note(data_dir, len(calib), choice.imp.tokens, seed),
+            "heldout_transformers": heldout,
+            "layers": [
+                {**row, "ffn_removed": _removed(z.inter, choice.ffn_keep[i]) if choice.ffn_keep else []}
+                for i, row in enumerate(rows)
+            ],
+        }
+        _write_pruned(out, model_dir, pruned.to(_saved_dtype(config)), report)
         del model, pruned
 
     result = PruneResult(
-        output_dir=out,
-        arch=arch,
-        params_before=params_before,
-        params_after=params_after,
-        intermediate_before=inter,
-        intermediate_after=keep_ffn,
-        heads_before=n_heads,
-        heads_after=keep_groups * (n_heads // n_kv),
-        kv_heads_before=n_kv,
-        kv_heads_after=keep_groups,
-        layers_before=n_layers,
-        layers_after=keep_layers,
-        head_dim=head_dim,
-        multiple_of=grain,
-        layers=layers,
-        calibration_conversations=len(calib),
-        calibration_tokens=imp.tokens,
-        heldout=heldout,
-        seconds=0.0,
-        report_path=out / REPORT_NAME,
-    )
+        output_dir=out, arch=arch, params_before=params_before, params_after=params_after,
+        intermediate_before=z.inter, intermediate_after=z.keep_ffn,
+        heads_before=z.n_heads, heads_after=z.keep_groups * (z.n_heads // z.n_kv),
+        kv_heads_before=z.n_kv, kv_heads_after=z.keep_groups,
+        layers_before=z.n_layers, layers_after=z.keep_layers, head_dim=z.head_dim, multiple_of=z.grain,
+        layers=rows, calibration_conversations=len(calib), calibration_tokens=choice.imp.tokens,
+        heldout=heldout, seconds=0.0, report_path=out / REPORT_NAME,
+    )  # fmt: skip
     if to_gguf:
         result.gguf = _gguf_compare(model_dir, out, gguf_path, ref_path, data_dir, threads)
         report["gguf"] = _jsonable(asdict(result.gguf))
         files.atomic_write_json(out / REPORT_NAME, report)
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _calibration_data(data_dir: Path) -> tuple[list[Any], list[Any]]:
+    """The conversations of ``data_dir``'s train split (calibration) and test split (may be empty)."""
+    files.require_dir(data_dir, "dataset folder")
+    train = _load_conversations(data_dir, "train")
+    test = _load_conversations(data_dir, "test") if (data_dir / "test.jsonl").is_file() else []
+    return train, test
+
+
+def _calibration_note(data_dir: Path, conversations: int, tokens: int, seed: int) -> dict[str, Any]:
+    return {
+        "data": str(data_dir / "train.jsonl"),
+        "conversations": conversations,
+        "tokens": tokens,
+        "seed": seed,
+        "ffn_score": "mean |act(gate)*up| x L2 norm of the down_proj column",
+        "head_score": "mean L2 norm of the head's o_proj output (KV group: sum over its heads)",
+        "layer_score": "the rise of the next-token loss with that one layer skipped "
+        "(first and last always kept); block influence (mean 1 - cos(input, output)) reported",
+    }
+
+
+def _write_pruned(out: Path, model_dir: Path, pruned: Any, report: dict[str, Any]) -> None:
+    """The pruned model, the input's tokenizer files and the report, as one atomically renamed folder."""
+    with files.atomic_path(out) as tmp:
+        tmp.mkdir()
+        pruned.save_pretrained(tmp, safe_serialization=True)
+        for name in _TOKENIZER_FILES:
+            if (model_dir / name).is_file():
+                shutil.copyfile(model_dir / name, tmp / name)
+        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
 
 
 def _removed(total: int, keep: Any) -> list[int]:
