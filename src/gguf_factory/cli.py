@@ -5,13 +5,16 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
 from .errors import FactoryError
+
+if TYPE_CHECKING:
+    from .train import TrainResult
 
 app = typer.Typer(
     name="gguf-factory",
@@ -88,121 +91,141 @@ def prepare(
     console.print(f"wrote {result.train_path}, {result.val_path}, {result.test_path}")
 
 
+# The train command's options, one alias each (its signature stays short).
+
+TrainData = Annotated[Path | None, typer.Argument(help="Folder written by `prepare` (or `data:` in -c).")]
+TrainConfigFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        help="A train.yaml holding any of these options (long names, '_' for '-'); flags given here win.",
+    ),
+]
+TrainPreset = Annotated[str, typer.Option(help="Model size when training from scratch: nano | small.")]
+TrainBase = Annotated[
+    str | None,
+    typer.Option(
+        help="Fine-tune this model instead: a HF folder, a .gguf, a named base (`gguf-factory bases`) or "
+        "a Hub id[@revision]."
+    ),
+]
+TrainEpochs = Annotated[int | None, typer.Option(help="Maximum epochs.")]
+TrainBatchSize = Annotated[int | None, typer.Option(help="Batch size (per process).")]
+TrainLr = Annotated[float | None, typer.Option(help="Peak learning rate.")]
+TrainMaxSeqLen = Annotated[int | None, typer.Option(help="Truncate examples to this many tokens.")]
+TrainMaxSteps = Annotated[int | None, typer.Option(help="Stop after this many optimizer steps.")]
+TrainPatience = Annotated[
+    int | None, typer.Option(help="Early stopping: epochs without val improvement (default: preset's).")
+]
+TrainMonitor = Annotated[
+    str, typer.Option(help="Best epoch by validation top-1 'accuracy' or validation 'loss'.")
+]
+TrainKeep = Annotated[
+    str | None, typer.Option(help="Save the 'best' epoch's weights or the 'last' (default: preset's).")
+]
+TrainSeed = Annotated[int, typer.Option(help="Random seed.")]
+TrainThreads = Annotated[
+    int | None, typer.Option(help="CPU threads per process (default: the cores / processes per machine).")
+]
+TrainLora = Annotated[
+    bool, typer.Option("--lora", help="Train a PEFT LoRA adapter for --base instead of all its weights.")
+]
+TrainLoraRank = Annotated[int | None, typer.Option(help="LoRA rank (default 8).")]
+TrainLoraAlpha = Annotated[
+    float | None, typer.Option(help="LoRA alpha; updates are scaled by alpha/rank (default 16).")
+]
+TrainLoraTargets = Annotated[
+    str | None, typer.Option(help="Comma list of module names (default: attention and MLP projections).")
+]
+TrainLoraDropout = Annotated[float | None, typer.Option(help="LoRA dropout (default 0.05).")]
+TrainDistillFrom = Annotated[
+    str | None,
+    typer.Option(
+        help="Distil this teacher (HF folder, .gguf, named base or Hub id; same vocabulary) into the student."
+    ),
+]
+TrainDistillTemperature = Annotated[float, typer.Option(help="Distillation temperature.")]
+TrainDistillAlpha = Annotated[
+    float, typer.Option(help="Weight of the teacher's KL term (the rest: cross-entropy on the data).")
+]
+TrainDevice = Annotated[str, typer.Option(help="auto | cpu | cuda | mps (auto: CUDA, else MPS, else CPU).")]
+TrainPrecision = Annotated[
+    str,
+    typer.Option(help="auto | fp32 | bf16 | fp16 mixed precision (auto: bf16 on a GPU with it, else fp32)."),
+]
+TrainGradAccum = Annotated[int, typer.Option(help="Micro-batches accumulated per optimizer step.")]
+TrainGradientCheckpointing = Annotated[
+    bool, typer.Option("--gradient-checkpointing", help="Recompute activations in the backward pass.")
+]
+TrainPack = Annotated[
+    bool,
+    typer.Option(
+        "--pack",
+        help="Pack each batch's conversations into one row, no padding (attention kept within each).",
+    ),
+]
+TrainGroupByLength = Annotated[bool, typer.Option(help="Batches of similar lengths (little padding).")]
+TrainSaveEvery = Annotated[int | None, typer.Option(help="Write a checkpoint every N optimizer steps.")]
+TrainKeepCheckpoints = Annotated[int, typer.Option(help="How many of the latest checkpoints to keep.")]
+TrainCheckpointDir = Annotated[
+    Path | None, typer.Option(help="Checkpoints folder (default: OUTPUT.checkpoints beside OUTPUT).")
+]
+TrainResume = Annotated[
+    str | None,
+    typer.Option(
+        help="Resume from the latest checkpoint (bare --resume) or from this checkpoint folder.",
+    ),
+]
+TrainLoadIn4bit = Annotated[
+    bool,
+    typer.Option("--load-in-4bit", help="QLoRA: the base in 4 bits (bitsandbytes; CUDA; with --lora)."),
+]
+
+
 @app.command()
 def train(
     ctx: typer.Context,
-    data: Annotated[
-        Path | None, typer.Argument(help="Folder written by `prepare` (or `data:` in -c).")
-    ] = None,
+    data: TrainData = None,
     output: Out = Path("model"),
-    config: Annotated[
-        Path | None,
-        typer.Option(
-            "--config",
-            "-c",
-            help="A train.yaml holding any of these options (long names, '_' for '-'); flags given here win.",
-        ),
-    ] = None,
-    preset: Annotated[
-        str, typer.Option(help="Model size when training from scratch: nano | small.")
-    ] = "nano",
-    base: Annotated[
-        str | None,
-        typer.Option(
-            help="Fine-tune this model instead: a HF folder, a .gguf, a named base (`gguf-factory bases`) or "
-            "a Hub id[@revision]."
-        ),
-    ] = None,
-    epochs: Annotated[int | None, typer.Option(help="Maximum epochs.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Batch size (per process).")] = None,
-    lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
-    max_seq_len: Annotated[int | None, typer.Option(help="Truncate examples to this many tokens.")] = None,
-    max_steps: Annotated[int | None, typer.Option(help="Stop after this many optimizer steps.")] = None,
-    patience: Annotated[
-        int | None, typer.Option(help="Early stopping: epochs without val improvement (default: preset's).")
-    ] = None,
-    monitor: Annotated[
-        str, typer.Option(help="Best epoch by validation top-1 'accuracy' or validation 'loss'.")
-    ] = "accuracy",
-    keep: Annotated[
-        str | None, typer.Option(help="Save the 'best' epoch's weights or the 'last' (default: preset's).")
-    ] = None,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 1234,
-    threads: Annotated[
-        int | None, typer.Option(help="CPU threads per process (default: the cores / processes per machine).")
-    ] = None,
-    lora: Annotated[
-        bool, typer.Option("--lora", help="Train a PEFT LoRA adapter for --base instead of all its weights.")
-    ] = False,
-    lora_rank: Annotated[int | None, typer.Option(help="LoRA rank (default 8).")] = None,
-    lora_alpha: Annotated[
-        float | None, typer.Option(help="LoRA alpha; updates are scaled by alpha/rank (default 16).")
-    ] = None,
-    lora_targets: Annotated[
-        str | None, typer.Option(help="Comma list of module names (default: attention and MLP projections).")
-    ] = None,
-    lora_dropout: Annotated[float | None, typer.Option(help="LoRA dropout (default 0.05).")] = None,
-    distill_from: Annotated[
-        str | None,
-        typer.Option(
-            help="Distil this teacher (HF folder, .gguf, named base or Hub id; same vocabulary) into the "
-            "student."
-        ),
-    ] = None,
-    distill_temperature: Annotated[float, typer.Option(help="Distillation temperature.")] = 2.0,
-    distill_alpha: Annotated[
-        float, typer.Option(help="Weight of the teacher's KL term (the rest: cross-entropy on the data).")
-    ] = 0.5,
-    device: Annotated[
-        str, typer.Option(help="auto | cpu | cuda | mps (auto: CUDA, else MPS, else CPU).")
-    ] = "auto",
-    precision: Annotated[
-        str,
-        typer.Option(
-            help="auto | fp32 | bf16 | fp16 mixed precision (auto: bf16 on a GPU with it, else fp32)."
-        ),
-    ] = "auto",
-    grad_accum: Annotated[int, typer.Option(help="Micro-batches accumulated per optimizer step.")] = 1,
-    gradient_checkpointing: Annotated[
-        bool, typer.Option("--gradient-checkpointing", help="Recompute activations in the backward pass.")
-    ] = False,
-    pack: Annotated[
-        bool,
-        typer.Option(
-            "--pack",
-            help="Pack each batch's conversations into one row, no padding (attention kept within each).",
-        ),
-    ] = False,
-    group_by_length: Annotated[
-        bool, typer.Option(help="Batches of similar lengths (little padding).")
-    ] = True,
-    save_every: Annotated[
-        int | None, typer.Option(help="Write a checkpoint every N optimizer steps.")
-    ] = None,
-    keep_checkpoints: Annotated[int, typer.Option(help="How many of the latest checkpoints to keep.")] = 2,
-    checkpoint_dir: Annotated[
-        Path | None, typer.Option(help="Checkpoints folder (default: OUTPUT.checkpoints beside OUTPUT).")
-    ] = None,
-    resume: Annotated[
-        str | None,
-        typer.Option(
-            help="Resume from the latest checkpoint (bare --resume) or from this checkpoint folder.",
-        ),
-    ] = None,
-    load_in_4bit: Annotated[
-        bool,
-        typer.Option("--load-in-4bit", help="QLoRA: the base in 4 bits (bitsandbytes; CUDA; with --lora)."),
-    ] = False,
+    config: TrainConfigFile = None,
+    preset: TrainPreset = "nano",
+    base: TrainBase = None,
+    epochs: TrainEpochs = None,
+    batch_size: TrainBatchSize = None,
+    lr: TrainLr = None,
+    max_seq_len: TrainMaxSeqLen = None,
+    max_steps: TrainMaxSteps = None,
+    patience: TrainPatience = None,
+    monitor: TrainMonitor = "accuracy",
+    keep: TrainKeep = None,
+    seed: TrainSeed = 1234,
+    threads: TrainThreads = None,
+    lora: TrainLora = False,
+    lora_rank: TrainLoraRank = None,
+    lora_alpha: TrainLoraAlpha = None,
+    lora_targets: TrainLoraTargets = None,
+    lora_dropout: TrainLoraDropout = None,
+    distill_from: TrainDistillFrom = None,
+    distill_temperature: TrainDistillTemperature = 2.0,
+    distill_alpha: TrainDistillAlpha = 0.5,
+    device: TrainDevice = "auto",
+    precision: TrainPrecision = "auto",
+    grad_accum: TrainGradAccum = 1,
+    gradient_checkpointing: TrainGradientCheckpointing = False,
+    pack: TrainPack = False,
+    group_by_length: TrainGroupByLength = True,
+    save_every: TrainSaveEvery = None,
+    keep_checkpoints: TrainKeepCheckpoints = 2,
+    checkpoint_dir: TrainCheckpointDir = None,
+    resume: TrainResume = None,
+    load_in_4bit: TrainLoadIn4bit = False,
 ) -> None:
     """Train a small Llama chat model from scratch, fine-tune a local HF causal LM, or train a LoRA for it.
 
     Several GPUs or machines: start it with `torchrun --nproc-per-node N -m gguf_factory.cli train ...` or
     `accelerate launch -m gguf_factory.cli train ...`."""
     import os
-
-    from .errors import InputError, TrainingError
-    from .train import LoraSettings
-    from .train import train as do_train
 
     o = dict(
         data=data, output=output, preset=preset, base=base, epochs=epochs, batch_size=batch_size, lr=lr,
@@ -215,12 +238,32 @@ def train(
         checkpoint_dir=checkpoint_dir, resume=resume, load_in_4bit=load_in_4bit,
     )  # fmt: skip
     if config is not None:
-        from .train.options import read_train_config
+        _apply_train_config(ctx, config, o)
+    r = _train_with_options(o)
+    if os.environ.get("RANK", "0") not in ("0", ""):  # one report: the first process's
+        return
+    _print_trained(r, lora=bool(o["lora"]))
 
-        for key, value in read_train_config(config).items():
-            source = ctx.get_parameter_source(key)
-            if source is None or source.name != "COMMANDLINE":
-                o[key] = value
+
+def _apply_train_config(ctx: typer.Context, config: Path, o: dict[str, Any]) -> None:
+    """Set in ``o`` the options the ``train.yaml`` at ``config`` holds, except those given on the command
+    line (they win)."""
+    from .train.options import read_train_config
+
+    for key, value in read_train_config(config).items():
+        source = ctx.get_parameter_source(key)
+        if source is None or source.name != "COMMANDLINE":
+            o[key] = value
+
+
+def _train_with_options(o: dict[str, Any]) -> TrainResult:
+    """Run :func:`gguf_factory.train.train` with the train command's options ``o`` (flags and file
+    merged): a dataset is needed, ``resume: latest`` is the latest checkpoint, ``--lora-*`` need
+    ``--lora``."""
+    from .errors import InputError, TrainingError
+    from .train import LoraSettings
+    from .train import train as do_train
+
     if o["data"] is None:
         raise InputError("train: no dataset: give the folder written by `prepare` (DATA) or `data:` in -c")
     res = o["resume"]
@@ -232,7 +275,7 @@ def train(
     lora_opts = {k: v for k, v in lora_opts.items() if v is not None}
     if lora_opts and not o["lora"]:
         raise TrainingError(f"--lora-{next(iter(lora_opts))} needs --lora")
-    r = do_train(
+    return do_train(
         o["data"],
         o["output"],
         preset=o["preset"],
@@ -263,9 +306,11 @@ def train(
         resume=res,
         load_in_4bit=o["load_in_4bit"],
     )
-    if os.environ.get("RANK", "0") not in ("0", ""):  # one report: the first process's
-        return
-    what = "LoRA adapter" if o["lora"] else "M params"
+
+
+def _print_trained(r: TrainResult, *, lora: bool) -> None:
+    """The train command's report: what was saved, the kept and best epochs; and a distillation's scores."""
+    what = "LoRA adapter" if lora else "M params"
     rate = f", {r.tokens_per_second:,.0f} tokens/s" if r.tokens_per_second else ""
     procs = f" on {r.world_size} processes" if r.world_size > 1 else ""
     console.print(

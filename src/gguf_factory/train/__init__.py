@@ -11,7 +11,10 @@ end, so an interrupted run never leaves a half model at ``out_dir``.
 
 Every kind of training runs the same loop (:mod:`.loop`) through Hugging Face Accelerate: ``device`` and
 ``precision``, gradient accumulation and checkpointing, packing, checkpoints and resume, and several
-processes when launched by ``torchrun`` / ``accelerate launch`` (see :class:`.options.RunOptions`).
+processes when launched by ``torchrun`` / ``accelerate launch`` (see :class:`.options.RunOptions`). The
+options the four kinds share are one :class:`.options.TrainSettings` (holding the ``RunOptions``), which
+:func:`train` builds once and hands to ``train_scratch``, ``finetune``, ``train_lora`` or ``distill`` with
+only that kind's own arguments.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-from .options import RunOptions
+from .options import RunOptions, TrainSettings
 
 if TYPE_CHECKING:  # the implementations import torch: loaded on first use, not with the package
     from .distill import DistillResult
@@ -36,6 +39,7 @@ __all__ = [
     "ModelPreset",
     "RunOptions",
     "TrainResult",
+    "TrainSettings",
     "train",
 ]
 
@@ -125,66 +129,78 @@ def train(
     on its shard of every batch round with DDP and only the first writes.
     """
     from ..bases import resolve_gguf_or_folder, resolve_path
-    from ..errors import TrainingError
-    from .devices import check_options
     from .finetune import finetune
     from .scratch import train_scratch
 
-    run = RunOptions(
-        device=device, precision=precision, grad_accum=grad_accum,
-        gradient_checkpointing=gradient_checkpointing, pack=pack, group_by_length=group_by_length,
-        save_every=save_every, keep_checkpoints=keep_checkpoints, checkpoint_dir=checkpoint_dir,
-        resume=resume, load_in_4bit=load_in_4bit,
+    settings = TrainSettings(
+        epochs=epochs, batch_size=batch_size, lr=lr, max_seq_len=max_seq_len, patience=patience,
+        monitor=monitor, keep=keep, seed=seed, threads=threads, progress=progress, max_steps=max_steps,
+        run=RunOptions(
+            device=device, precision=precision, grad_accum=grad_accum,
+            gradient_checkpointing=gradient_checkpointing, pack=pack, group_by_length=group_by_length,
+            save_every=save_every, keep_checkpoints=keep_checkpoints, checkpoint_dir=checkpoint_dir,
+            resume=resume, load_in_4bit=load_in_4bit,
+        ),
     )  # fmt: skip
-    check_options(run, lora=lora is not False and lora is not None)  # before any work or log line
-    if distill_from is not None:  # settings before the sources are resolved (that may convert a GGUF)
-        from .distill import DistillSettings
-
-        if lora is not False and lora is not None:
-            raise TrainingError("--distill-from cannot be combined with --lora")
-        DistillSettings(temperature=temperature, alpha=alpha).check()
-
+    _check_before_work(settings.run, lora, distill_from, temperature, alpha)
     if base is not None:  # a folder, a GGUF, a named base or a Hub id -> a HF folder
         base = resolve_path(base, what="base model")
     if distill_from is not None:  # GGUF teachers run in llama.cpp as they are
-        distill_from = resolve_gguf_or_folder(distill_from, what="teacher")
-    common = dict(
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        max_seq_len=max_seq_len,
-        patience=patience,
-        monitor=monitor,
-        keep=keep,
-        seed=seed,
-        threads=threads,
-        progress=progress,
-        max_steps=max_steps,
-        run=run,
-    )
-    if distill_from is not None:
+        teacher = resolve_gguf_or_folder(distill_from, what="teacher")
         from .distill import distill
 
         return distill(
-            data_dir,
-            out_dir,
-            teacher=distill_from,
-            preset=preset,
-            base=base,
-            temperature=temperature,
-            alpha=alpha,
-            **common,
-        )
-    if lora is not False and lora is not None:
-        from .lora import LoraSettings, train_lora
-
-        if base is None:
-            raise TrainingError("LoRA training (--lora) needs a base model folder (--base)")
-        if lora is True:
-            lora = LoraSettings()
-        if not isinstance(lora, LoraSettings):
-            raise TrainingError(f"lora must be True or a LoraSettings, got {lora!r}")
-        return train_lora(data_dir, out_dir, base=base, lora=lora, **common)
+            data_dir, out_dir, settings=settings, teacher=teacher, preset=preset, base=base,
+            temperature=temperature, alpha=alpha,
+        )  # fmt: skip
+    if _wants_lora(lora):
+        return _train_lora(data_dir, out_dir, settings, base, lora)
     if base is None:
-        return train_scratch(data_dir, out_dir, preset=preset, **common)
-    return finetune(data_dir, out_dir, base=base, **common)
+        return train_scratch(data_dir, out_dir, settings=settings, preset=preset)
+    return finetune(data_dir, out_dir, settings=settings, base=base)
+
+
+def _wants_lora(lora: bool | LoraSettings | None) -> bool:
+    return lora is not False and lora is not None
+
+
+def _check_before_work(
+    run: RunOptions,
+    lora: bool | LoraSettings | None,
+    distill_from: str | os.PathLike[str] | None,
+    temperature: float,
+    alpha: float,
+) -> None:
+    """The checks that need no model: before any work or log line, and before the sources are resolved
+    (that may convert a GGUF)."""
+    from ..errors import TrainingError
+    from .devices import check_options
+
+    check_options(run, lora=_wants_lora(lora))
+    if distill_from is not None:
+        from .distill import DistillSettings
+
+        if _wants_lora(lora):
+            raise TrainingError("--distill-from cannot be combined with --lora")
+        DistillSettings(temperature=temperature, alpha=alpha).check()
+
+
+def _train_lora(
+    data_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    settings: TrainSettings,
+    base: str | os.PathLike[str] | None,
+    lora: bool | LoraSettings,
+) -> TrainResult:
+    """A LoRA adapter for ``base`` (which it needs); ``lora``: ``True`` (the default
+    :class:`LoraSettings`) or a :class:`LoraSettings`."""
+    from ..errors import TrainingError
+    from .lora import LoraSettings, train_lora
+
+    if base is None:
+        raise TrainingError("LoRA training (--lora) needs a base model folder (--base)")
+    if lora is True:
+        lora = LoraSettings()
+    if not isinstance(lora, LoraSettings):
+        raise TrainingError(f"lora must be True or a LoraSettings, got {lora!r}")
+    return train_lora(data_dir, out_dir, settings=settings, base=base, lora=lora)

@@ -39,7 +39,6 @@ from .finetune import FINETUNE_DEFAULTS, _max_positions, _token_id, check_base_f
 from .loop import (
     IGNORE_INDEX,
     Example,
-    LoopSettings,
     TrainResult,
     _to,
     check_out_dir,
@@ -48,18 +47,16 @@ from .loop import (
     count_params,
     encode_splits,
     load_splits,
+    loop_settings,
     make_batches,
-    output_folder,
     quiet_hf_progress,
     run_loop,
+    save_run,
     seed_everything,
     target_logits,
     time_now,
-    train_result,
-    training_record,
-    write_json,
 )
-from .options import RunOptions
+from .options import TrainSettings
 from .scratch import ModelPreset, build_model, get_preset
 from .tokenizer import ENDOFTEXT, IM_END
 
@@ -461,28 +458,90 @@ def _loss_fn(teacher: Teacher, examples: Sequence[Example], vocab: int, settings
     return loss
 
 
+@dataclass
+class _Student:
+    """The model distilled into, with its tokenizer (the teacher's vocabulary)."""
+
+    model: Any
+    tokenizer: Any
+    name: str
+    preset: ModelPreset | None
+    """From scratch: the preset, at the run's ``max_seq_len``."""
+    chat: dict[str, Any] | None
+    """With a base: what :func:`.finetune.prepare_chat` did."""
+    vocab: int
+    pad_id: int
+    max_seq_len: int
+
+
+def _chat_tokenizer_of(t: Teacher) -> Any:
+    """The teacher's tokenizer, for a student from scratch: it must have a chat template and an EOS."""
+    tokenizer = t.chat_tokenizer()
+    if not getattr(tokenizer, "chat_template", None):
+        raise ModelError(
+            f"teacher {t.path} has no chat template: distillation renders the data with the "
+            "teacher's template (fine-tune the teacher first)"
+        )
+    if tokenizer.eos_token is None:
+        raise ModelError(f"teacher {t.path}'s tokenizer has no EOS token")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _open_student(
+    t: Teacher,
+    base: str | os.PathLike[str] | None,
+    p: ModelPreset | None,
+    settings: TrainSettings,
+    default_seq: int,
+) -> _Student:
+    """The student: ``base`` loaded and made chat-ready, or ``p`` built from scratch with the teacher's
+    tokenizer (after seeding); its vocabulary must be the teacher's, and its ``max_seq_len`` fit both."""
+    chat_info: dict[str, Any] | None = None
+    model = None
+    if base is None:
+        assert p is not None
+        tokenizer = _chat_tokenizer_of(t)
+        student_name = f"preset {p.name!r}"
+    else:
+        model, tokenizer = load_base(base)
+        chat_info = prepare_chat(model, tokenizer)
+        student_name = str(base)
+    vocab = len(tokenizer)
+    _check_vocab(
+        list(tokenizer.convert_ids_to_tokens(list(range(vocab)))), t.tokens(), student_name, str(t.path)
+    )
+    pad_id = _token_id(tokenizer, tokenizer.pad_token)
+    given = settings.max_seq_len
+    seq = default_seq if given is None else given
+    limits = [x for x in (t.max_positions(), None if model is None else _max_positions(model.config)) if x]
+    if limits and seq > min(limits):
+        if given is not None:
+            log.warning("max_seq_len %d is over the models' %d positions; using that", seq, min(limits))
+        seq = min(limits)
+    seed_everything(
+        settings.seed
+    )  # after loading the teacher: the student's initialisation depends on seed only
+    if model is None:
+        assert p is not None
+        p = replace(p, max_seq_len=seq)
+        ids = {ENDOFTEXT: pad_id, IM_END: _token_id(tokenizer, tokenizer.eos_token)}  # bos=pad, eos
+        model = build_model(p, vocab, max_seq_len=seq, special_ids=ids)
+    return _Student(model, tokenizer, student_name, p, chat_info, vocab, pad_id, seq)
+
+
 def distill(
     data_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
     *,
+    settings: TrainSettings,
     teacher: str | os.PathLike[str],
     preset: str | ModelPreset = "nano",
     base: str | os.PathLike[str] | None = None,
     temperature: float = 2.0,
     alpha: float = 0.5,
     top_k: int = 64,
-    epochs: int | None = None,
-    batch_size: int | None = None,
-    lr: float | None = None,
-    max_seq_len: int | None = None,
-    patience: int | None = None,
-    monitor: str = "accuracy",
-    keep: str | None = None,
-    seed: int = 1234,
-    threads: int | None = None,
-    progress: bool = True,
-    max_steps: int | None = None,
-    run: RunOptions | None = None,
 ) -> DistillResult:
     """Distil ``teacher`` (HF folder or GGUF) into a student written as a HF model folder at ``out_dir``.
 
@@ -496,11 +555,7 @@ def distill(
     ds.check()
     p = get_preset(preset) if base is None else None
     defaults: Any = p if p is not None else FINETUNE_DEFAULTS
-    default_seq = defaults.max_seq_len
-    settings = LoopSettings.with_defaults(
-        defaults, epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, keep=keep,
-        monitor=monitor, seed=seed, max_steps=max_steps, progress=progress,
-    )  # fmt: skip
+    loop = loop_settings(defaults, settings)
     out = check_out_dir(out_dir)
     for other, what in ((teacher, "teacher"), (base, "base model")):
         if other is not None and out.resolve() == Path(other).resolve():
@@ -508,51 +563,20 @@ def distill(
     if base is not None:
         check_base_folder(base)
     splits = load_splits(data_dir)
-    rt = start_runtime(run or RunOptions(), threads)
+    rt = start_runtime(settings.run, settings.threads)
     ckpt_dir, resume = checkpoint_plan(rt, out)
 
     t = open_teacher(teacher, rt.threads)
     try:
-        chat_info: dict[str, Any] | None = None
-        if base is None:
-            tokenizer = t.chat_tokenizer()
-            if not getattr(tokenizer, "chat_template", None):
-                raise ModelError(
-                    f"teacher {t.path} has no chat template: distillation renders the data with the "
-                    "teacher's template (fine-tune the teacher first)"
-                )
-            if tokenizer.eos_token is None:
-                raise ModelError(f"teacher {t.path}'s tokenizer has no EOS token")
-            if tokenizer.pad_token is None:
-                tokenizer.pad_token = tokenizer.eos_token
-            student_name = f"preset {p.name!r}"
-        else:
-            model, tokenizer = load_base(base)
-            chat_info = prepare_chat(model, tokenizer)
-            student_name = str(base)
-        vocab = len(tokenizer)
-        _check_vocab(
-            list(tokenizer.convert_ids_to_tokens(list(range(vocab)))), t.tokens(), student_name, str(t.path)
-        )
-        pad_id = _token_id(tokenizer, tokenizer.pad_token)
-        seq = default_seq if max_seq_len is None else max_seq_len
-        limits = [x for x in (t.max_positions(), None if base is None else _max_positions(model.config)) if x]
-        if limits and seq > min(limits):
-            if max_seq_len is not None:
-                log.warning("max_seq_len %d is over the models' %d positions; using that", seq, min(limits))
-            seq = min(limits)
-        seed_everything(seed)  # after loading the teacher: the student's initialisation depends on seed only
-        if base is None:
-            p = replace(p, max_seq_len=seq)
-            ids = {ENDOFTEXT: pad_id, IM_END: _token_id(tokenizer, tokenizer.eos_token)}  # bos=pad, eos
-            model = build_model(p, vocab, max_seq_len=seq, special_ids=ids)
+        st = _open_student(t, base, p, settings, defaults.max_seq_len)
+        model, tokenizer, vocab, pad_id, seq = st.model, st.tokenizer, st.vocab, st.pad_id, st.max_seq_len
         tr, va = encode_splits(tokenizer, splits, seq)
         n_params = count_params(model)
         log.info(
             "distilling %s (%s teacher) into %s (%.2f M parameters): T=%g, alpha=%g",
             t.path,
             t.kind,
-            student_name,
+            st.name,
             n_params / 1e6,
             ds.temperature,
             ds.alpha,
@@ -564,43 +588,34 @@ def distill(
         loss_fn = _loss_fn(t, tr.examples, vocab, ds)
 
         identity = {
-            "kind": "distill", "teacher": str(Path(t.path).resolve()), "student": student_name,
+            "kind": "distill", "teacher": str(Path(t.path).resolve()), "student": st.name,
             "temperature": ds.temperature, "alpha": ds.alpha, "top_k": ds.top_k, "max_seq_len": seq,
         }  # fmt: skip
         outcome = run_loop(
-            model, tr.examples, va.examples, settings, pad_id=pad_id, loss_fn=loss_fn, runtime=rt,
+            model, tr.examples, va.examples, loop, pad_id=pad_id, loss_fn=loss_fn, runtime=rt,
             checkpoint_dir=ckpt_dir, resume_from=resume, identity=identity,
         )  # fmt: skip
         report = None
-        if rt.is_main:
-            val_bs = max(1, settings.batch_size * 2)
+        extra: dict[str, Any] = {}
+        if rt.is_main:  # the one process that writes
+            val_bs = max(1, loop.batch_size * 2)
             report = distill_report(model, t, va.examples, val_bs, pad_id, vocab, ds, runtime=rt)
-        with output_folder(out, rt) as tmp:
-            if tmp is not None:
-                assert report is not None
-                with quiet_hf_progress():
-                    model.save_pretrained(tmp)
-                tokenizer.save_pretrained(tmp)
-                record = training_record(
-                    kind="distill",
-                    settings=settings,
-                    outcome=outcome,
-                    n_params=n_params,
-                    max_seq_len=seq,
-                    threads=rt.threads,
-                    train=tr,
-                    val=va,
-                    seconds=time_now() - t0,
-                    extra={
-                        "preset": asdict(p) if base is None else None,
-                        "base": None if base is None else str(Path(base).resolve()),
-                        **({"chat": chat_info} if chat_info is not None else {}),
-                        "distill": report.to_json(),
-                    },
-                )
-                write_json(tmp / "training.json", record)
+            extra = {
+                "preset": asdict(st.preset) if st.preset is not None else None,
+                "base": None if base is None else str(Path(base).resolve()),
+                **({"chat": st.chat} if st.chat is not None else {}),
+                "distill": report.to_json(),
+            }
+
+        def save(folder: Path) -> None:
+            with quiet_hf_progress():
+                model.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+
+        r = save_run(
+            out, rt, save, kind="distill", settings=loop, outcome=outcome, n_params=n_params,
+            max_seq_len=seq, train=tr, val=va, started=t0, extra=extra,
+        )  # fmt: skip
     finally:
         t.close()
-
-    r = train_result(out, n_params, settings, outcome, tr, va, seconds=time_now() - t0)
     return DistillResult(**vars(r), distill=report)

@@ -17,23 +17,20 @@ from typing import Any
 from ..errors import ModelError, TrainingError
 from .devices import Runtime, start_runtime
 from .loop import (
-    LoopSettings,
     TrainResult,
     check_out_dir,
     checkpoint_plan,
     count_params,
     encode_splits,
     load_splits,
-    output_folder,
+    loop_settings,
     quiet_hf_progress,
     run_loop,
+    save_run,
     seed_everything,
     time_now,
-    train_result,
-    training_record,
-    write_json,
 )
-from .options import RunOptions
+from .options import TrainSettings
 from .tokenizer import CHAT_TEMPLATE, ENDOFTEXT, IM_END, IM_START
 
 log = logging.getLogger(__name__)
@@ -208,38 +205,25 @@ def finetune(
     data_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
     *,
+    settings: TrainSettings,
     base: str | os.PathLike[str],
-    epochs: int | None = None,
-    batch_size: int | None = None,
-    lr: float | None = None,
-    max_seq_len: int | None = None,
-    patience: int | None = None,
-    monitor: str = "accuracy",
-    keep: str | None = None,
-    seed: int = 1234,
-    threads: int | None = None,
-    progress: bool = True,
-    max_steps: int | None = None,
-    run: RunOptions | None = None,
 ) -> TrainResult:
+    """Fine-tune all the weights of the HF model folder ``base`` (unset: :data:`FINETUNE_DEFAULTS`)."""
     t0 = time_now()
     d = FINETUNE_DEFAULTS
-    settings = LoopSettings.with_defaults(
-        d, epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, keep=keep, monitor=monitor,
-        seed=seed, max_steps=max_steps, progress=progress,
-    )  # fmt: skip
+    loop = loop_settings(d, settings)
     check_base_folder(base)
     out = check_out_dir(out_dir)
     if out.resolve() == Path(base).resolve():
         raise TrainingError(f"the output folder is the base model folder: {out}")
     splits = load_splits(data_dir)
-    rt = start_runtime(run or RunOptions(), threads)
+    rt = start_runtime(settings.run, settings.threads)
     ckpt_dir, resume = checkpoint_plan(rt, out)
-    seed_everything(seed)
+    seed_everything(settings.seed)
 
     model, tokenizer = load_base(base)
     chat_info = prepare_chat(model, tokenizer)
-    seq = fit_seq_len(model.config, max_seq_len, d.max_seq_len)
+    seq = fit_seq_len(model.config, settings.max_seq_len, d.max_seq_len)
     tr, va = encode_splits(tokenizer, splits, seq)
     n_params = count_params(model)
     log.info("fine-tuning %s (%.2f M parameters)", base, n_params / 1e6)
@@ -247,26 +231,16 @@ def finetune(
 
     base_path = str(Path(base).resolve())
     outcome = run_loop(
-        model, tr.examples, va.examples, settings, pad_id=pad_id, runtime=rt, checkpoint_dir=ckpt_dir,
+        model, tr.examples, va.examples, loop, pad_id=pad_id, runtime=rt, checkpoint_dir=ckpt_dir,
         resume_from=resume, identity={"kind": "finetune", "base": base_path, "max_seq_len": seq},
     )  # fmt: skip
-    with output_folder(out, rt) as tmp:
-        if tmp is not None:
-            with quiet_hf_progress():
-                model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            record = training_record(
-                kind="finetune",
-                settings=settings,
-                outcome=outcome,
-                n_params=n_params,
-                max_seq_len=seq,
-                threads=rt.threads,
-                train=tr,
-                val=va,
-                seconds=time_now() - t0,
-                extra={"preset": None, "base": base_path, "chat": chat_info},
-            )
-            write_json(tmp / "training.json", record)
 
-    return train_result(out, n_params, settings, outcome, tr, va, seconds=time_now() - t0)
+    def save(folder: Path) -> None:
+        with quiet_hf_progress():
+            model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    return save_run(
+        out, rt, save, kind="finetune", settings=loop, outcome=outcome, n_params=n_params, max_seq_len=seq,
+        train=tr, val=va, started=t0, extra={"preset": None, "base": base_path, "chat": chat_info},
+    )  # fmt: skip

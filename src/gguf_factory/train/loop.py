@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from ..errors import TrainingError
 from ..turns import assistant_spans
 from .devices import Runtime
+from .options import TrainSettings
 
 log = logging.getLogger(__name__)
 
@@ -483,6 +484,16 @@ class LoopSettings:
             raise TrainingError(f"max_steps must be at least 1, got {self.max_steps}")
 
 
+def loop_settings(defaults: Any, settings: TrainSettings) -> LoopSettings:
+    """The loop's settings for a run: those ``settings`` gives, the rest from ``defaults`` (a preset or a
+    defaults record), checked."""
+    return LoopSettings.with_defaults(
+        defaults, epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr,
+        patience=settings.patience, keep=settings.keep, monitor=settings.monitor, seed=settings.seed,
+        max_steps=settings.max_steps, progress=settings.progress,
+    )  # fmt: skip
+
+
 @dataclass
 class LoopOutcome:
     epochs_run: int
@@ -627,6 +638,429 @@ def _seconds(x: float) -> str:
     return f"{x // 3600}:{x % 3600 // 60:02d}:{x % 60:02d}" if x >= 3600 else f"{x // 60}:{x % 60:02d}"
 
 
+@dataclass
+class _Plan:
+    """How an epoch's batches are dealt to the processes, and how many optimizer steps the run takes."""
+
+    rounds_per_epoch: int
+    """Rounds (one micro-batch per process) in an epoch."""
+    steps_per_epoch: int
+    total: int
+    """Optimizer steps of the whole run (``max_steps`` included)."""
+    warmup: int
+
+
+def _plan(n_examples: int, s: LoopSettings, world: int, accum: int) -> _Plan:
+    """The run's rounds and steps; fewer batches than processes is a :class:`TrainingError`."""
+    n_batches = math.ceil(n_examples / s.batch_size)
+    rounds_per_epoch = n_batches // world
+    if rounds_per_epoch < 1:
+        raise TrainingError(
+            f"{n_examples} training examples make {n_batches} batches of {s.batch_size}, fewer than "
+            f"the {world} processes: lower the batch size"
+        )
+    if n_batches % world:
+        log.info(
+            "each epoch leaves out %d of its %d batches so that the %d processes take as many (drawn anew "
+            "every epoch)", n_batches % world, n_batches, world,
+        )  # fmt: skip
+    steps_per_epoch = math.ceil(rounds_per_epoch / accum)
+    total = s.epochs * steps_per_epoch
+    if s.max_steps is not None:
+        total = min(total, s.max_steps)
+    warmup = max(1, round(s.warmup_ratio * total))
+    return _Plan(rounds_per_epoch, steps_per_epoch, total, warmup)
+
+
+@dataclass
+class _Throughput:
+    """What this run (not the one it resumed) trained on, and the time its steps took."""
+
+    tokens: int = 0
+    targets: int = 0
+    slots: int = 0
+    train_seconds: float = 0.0
+    cpu_seconds: float = 0.0
+    steps: int = 0
+
+    def rate(self) -> float:
+        """Training tokens per second of training steps."""
+        return self.tokens / max(self.train_seconds, 1e-9)
+
+    def eta(self, steps_left: int) -> float:
+        return steps_left * self.train_seconds / max(self.steps, 1)
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "tokens": self.tokens,
+            "target_tokens": self.targets,
+            "computed_positions": self.slots,
+            "padding_fraction": round(1 - self.tokens / self.slots, 4) if self.slots else 0.0,
+            "train_seconds": round(self.train_seconds, 2),
+            "cpu_seconds": round(self.cpu_seconds, 2),
+            "tokens_per_second": round(self.tokens / self.train_seconds, 1) if self.train_seconds else None,
+            "steps": self.steps,
+        }
+
+
+class _Loop:
+    """One run of :func:`run_loop`: the prepared model, optimizer and schedule, where the loop is
+    (:class:`_State`, what a checkpoint keeps) and its counters."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        train_examples: Sequence[Example],
+        val_examples: Sequence[Example],
+        settings: LoopSettings,
+        pad_id: int,
+        *,
+        loss_fn: LossFn | None,
+        runtime: Runtime | None,
+        checkpoint_dir: Path | None,
+        identity: dict[str, Any] | None,
+    ) -> None:
+        from .devices import start_runtime
+        from .options import RunOptions
+
+        s = settings
+        s.check()
+        if not train_examples:
+            raise TrainingError("no usable training example")
+        self.model, self.train_examples, self.val_examples = model, train_examples, val_examples
+        self.s, self.pad_id, self.loss_fn, self.checkpoint_dir = s, pad_id, loss_fn, checkpoint_dir
+        self.rt = rt = runtime if runtime is not None else start_runtime(RunOptions(), None)
+        self.opts = opts = rt.options
+        self.acc = rt.accelerator
+        self.world, self.rank, self.accum = rt.world_size, rt.rank, opts.grad_accum
+        self.plan = _plan(len(train_examples), s, self.world, self.accum)
+        self.lens = [len(e.input_ids) for e in train_examples]
+        self.n_next = [n_next_targets(e) for e in train_examples]
+        self.ident = {
+            **(identity or {}),
+            "epochs": s.epochs, "batch_size": s.batch_size, "lr": s.lr, "patience": s.patience,
+            "seed": s.seed, "max_steps": s.max_steps, "monitor": s.monitor, "keep": s.keep,
+            "grad_accum": self.accum, "pack": opts.pack, "group_by_length": opts.group_by_length,
+            "world_size": self.world, "train_examples": len(train_examples),
+            "train_data": data_digest(train_examples),
+        }  # fmt: skip
+        self._prepare_model()
+        self.val_bs = max(1, s.batch_size * 2)
+        self.st = _State()
+        self.local = _Local()
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.resumed: str | None = None
+        self.done = _Throughput()
+        self.stopped_early = False
+        self.progress: Any = None
+        self.task: Any = None
+
+    def _prepare_model(self) -> None:
+        """Gradient checkpointing, the optimizer and its schedule, Accelerate's wrapping; check packing."""
+        s, rt = self.s, self.rt
+        if self.opts.gradient_checkpointing:
+            enable_gradient_checkpointing(self.model)
+        raw_opt = _optimizer(self.model, s, rt.device_type)
+        lr_lambda = _lr_lambda(self.plan.total, self.plan.warmup, s.min_lr_ratio)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(raw_opt, lr_lambda)
+        self.prepared, self.opt = self.acc.prepare(self.model, raw_opt)
+        # the model itself (with the precision's autocast), no DDP hooks
+        self.scored = self.acc.unwrap_model(self.prepared)
+        if self.opts.pack:
+            check_packing(self.scored, self.train_examples, self.pad_id, rt)
+
+    def resume(self, path: Path) -> None:
+        """Continue from the checkpoint at ``path`` (its identity must match this run's)."""
+        from . import checkpoints as ck
+
+        saved = ck.read_state(path)
+        ck.check_identity(path, saved.get("identity", {}), self.ident)
+        loop, self.best_state = ck.load_checkpoint(
+            path, model=self.scored, optimizer=self.opt, scheduler=self.sched, rank=self.rank
+        )
+        loop = loop["loop"]
+        self.local = _Local.from_list(loop.pop("local")[self.rank])
+        self.st = _State(**loop)
+        self.resumed = str(path)
+        log.info("resumed from %s: step %d, epoch %d", path, self.st.step, self.st.epoch)
+
+    def save_checkpoint(self, eta: float) -> None:
+        """Write a checkpoint of the current step (the main process; every process's generators and
+        counters)."""
+        from accelerate.utils import gather_object
+
+        from . import checkpoints as ck
+
+        rt, local = self.rt, self.local
+        rngs = gather_object([ck.rng_state()]) if rt.distributed else [ck.rng_state()]
+        locals_ = gather_object([local.as_list()]) if rt.distributed else [local.as_list()]
+        if rt.is_main:
+            assert self.checkpoint_dir is not None
+            state = {
+                "identity": self.ident,
+                "threads": rt.threads,
+                "loop": {**asdict(self.st), "local": locals_},
+                "eta_seconds": round(eta, 1),
+                "saved": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            }
+            path = ck.save_checkpoint(
+                self.checkpoint_dir, self.st.step, model=self.scored, optimizer=self.opt,
+                scheduler=self.sched, state=state, rng_states=rngs, best=self.best_state,
+                keep=self.opts.keep_checkpoints,
+            )  # fmt: skip
+            log.info("checkpoint %s", path)
+        rt.wait()
+
+    def train(self) -> None:
+        """Epochs until ``epochs``, ``max_steps`` or early stopping, with a progress bar on the main
+        process."""
+        s, st, accum, world = self.s, self.st, self.accum, self.world
+        rng = random.Random(s.seed)
+        log.info(
+            "training on %d examples (%d validation), %d steps/epoch, up to %d steps%s",
+            len(self.train_examples), len(self.val_examples), self.plan.steps_per_epoch, self.plan.total,
+            f" (batch {s.batch_size} x {accum} accumulated x {world} processes)" if accum * world > 1 else "",
+        )  # fmt: skip
+        self.progress = _progress(s.progress and self.rt.is_main)
+        if self.progress is not None:
+            self.progress.start()
+            self.task = self.progress.add_task(
+                f"epoch {st.epoch}/{s.epochs}", total=self.plan.total, completed=st.step, info=""
+            )
+        try:
+            self.prepared.train()
+            for epoch in range(st.epoch, s.epochs + 1):
+                hit_max = self._train_epoch(epoch, rng)
+                if self._end_epoch(epoch, hit_max):
+                    break
+        finally:
+            if self.progress is not None:
+                self.progress.stop()
+
+    def _train_epoch(self, epoch: int, rng: random.Random) -> bool:
+        """The optimizer steps of ``epoch`` (those after the round resumed from); True when ``max_steps``
+        stopped it."""
+        from . import checkpoints as ck
+
+        s, st, world, accum = self.s, self.st, self.world, self.accum
+        resuming_here = st.epoch == epoch and st.epoch_rng is not None
+        st.epoch = epoch
+        if resuming_here:
+            rng.setstate(ck.unflatten(st.epoch_rng, {}))
+        else:
+            st.epoch_rng = ck.flatten(rng.getstate(), {})
+            st.round = 0
+        batches = make_batches(
+            self.train_examples, s.batch_size, rng, group_by_length=self.opts.group_by_length
+        )
+        rounds = [batches[k * world : (k + 1) * world] for k in range(self.plan.rounds_per_epoch)]
+        for w0 in range(0, self.plan.rounds_per_epoch, accum):
+            window = rounds[w0 : w0 + accum]
+            if w0 + len(window) <= st.round:  # done before the checkpoint this run resumed from
+                continue
+            if s.max_steps is not None and st.step >= s.max_steps:
+                return True
+            self._step(epoch, window, w0)
+        return False
+
+    def _step(self, epoch: int, window: list[list[list[int]]], w0: int) -> None:
+        """One optimizer step over the rounds ``window`` (starting at round ``w0`` of the epoch)."""
+        s, st, acc = self.s, self.st, self.acc
+        t_win, c_win = time.perf_counter(), time.process_time()
+        n_global = sum(self.n_next[i] for rnd in window for b in rnd for i in b)
+        if n_global == 0:
+            st.round = w0 + len(window)
+            return
+        win_loss = self._accumulate(window, n_global)
+        if s.grad_clip:
+            acc.clip_grad_norm_(self.prepared.parameters(), s.grad_clip)
+        self.opt.step()
+        if not acc.optimizer_step_was_skipped:
+            self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        st.step += 1
+        self.done.steps += 1
+        st.round = w0 + len(window)
+        if self.rt.distributed:
+            summed = acc.reduce(torch.tensor([win_loss], dtype=torch.float64, device=self.rt.device))
+            win_loss = float(summed)
+        step_loss = win_loss / n_global
+        if not math.isfinite(step_loss):
+            raise TrainingError(
+                f"the loss became {step_loss} at step {st.step}; try a lower learning rate (now {s.lr})"
+            )
+        done = self.done
+        done.tokens += sum(self.lens[i] for rnd in window for b in rnd for i in b)
+        done.targets += n_global
+        done.slots += sum(batch_slots(self.train_examples, b, self.opts.pack) for rnd in window for b in rnd)
+        done.train_seconds += time.perf_counter() - t_win
+        done.cpu_seconds += time.process_time() - c_win
+        eta = done.eta(self.plan.total - st.step)
+        if self.progress is not None:
+            self.progress.update(
+                self.task, advance=1, description=f"epoch {epoch}/{s.epochs}",
+                info=f"step {st.step} loss {step_loss:.3f} {done.rate():,.0f} tok/s",
+            )  # fmt: skip
+        save_every = self.opts.save_every
+        if save_every and self.checkpoint_dir is not None and st.step % save_every == 0:
+            self.save_checkpoint(eta)
+
+    def _accumulate(self, window: list[list[list[int]]], n_global: int) -> float:
+        """Forward and backward this process's micro-batch of each round (gradients synchronised on the
+        last); the summed loss of its micro-batches."""
+        acc, local = self.acc, self.local
+        win_loss = 0.0
+        for j, rnd in enumerate(window):
+            b = rnd[self.rank]
+            batch = _to(collate(self.train_examples, b, self.pad_id, pack=self.opts.pack), self.rt)
+            sync = j == len(window) - 1
+            with contextlib.nullcontext() if sync else acc.no_sync(self.prepared):
+                if self.loss_fn is None:
+                    loss_sum, n = _loss_sum(self.prepared, batch)
+                else:
+                    loss_sum, n = self.loss_fn(self.prepared, batch, b)
+                acc.backward(loss_sum * (self.world / n_global))
+            lv = float(loss_sum.detach())
+            win_loss += lv
+            local.ep_loss += lv
+            local.ep_targets += n
+            local.tokens += sum(self.lens[i] for i in b)
+            local.targets += n
+            local.examples += len(b)
+        return win_loss
+
+    def _end_epoch(self, epoch: int, hit_max: bool) -> bool:
+        """The epoch's end (or max_steps): its training loss over every process, validation, the best
+        epoch; True when the run stops here."""
+        s, st, local = self.s, self.st, self.local
+        tl, vl, va = self._epoch_scores()
+        improved = self._keep_if_best(epoch, tl, vl, va)
+        eta = self.done.eta(self.plan.total - st.step)
+        rate = self.done.rate()
+        st.epoch_log.append({
+            "epoch": epoch, "step": st.step, "tokens_per_second": round(rate, 1),
+            "eta_seconds": round(eta, 1),
+        })  # fmt: skip
+        msg = f"epoch {epoch}: train loss {tl:.4f}" + (
+            f", val loss {vl:.4f}, val accuracy {va:.2%}" if self.val_examples else ""
+        )
+        log.info("%s%s; %.0f tokens/s, ETA %s", msg, " (best)" if improved else "", rate, _seconds(eta))
+        if self.progress is not None:
+            self.progress.update(self.task, info=msg)
+        local.ep_loss, local.ep_targets = 0.0, 0
+        st.epoch_rng = None
+        st.round = 0
+        if hit_max or (s.max_steps is not None and st.step >= s.max_steps):
+            return True
+        if st.bad_epochs >= s.patience and epoch < s.epochs:
+            self.stopped_early = True
+            log.info(
+                "early stop: no improvement for %d epochs; keeping epoch %d",
+                s.patience, st.best_epoch if s.keep == "best" else epoch,
+            )  # fmt: skip
+            return True
+        return False
+
+    def _epoch_scores(self) -> tuple[float, float, float]:
+        """The epoch's training loss (every process's targets) and its validation loss and accuracy."""
+        rt, local = self.rt, self.local
+        sums = torch.tensor([local.ep_loss, local.ep_targets], dtype=torch.float64, device=rt.device)
+        if rt.distributed:
+            sums = self.acc.reduce(sums, "sum")
+        ep_loss, ep_targets = sums.tolist()
+        tl = ep_loss / max(ep_targets, 1)
+        vl, va = evaluate(
+            self.scored, self.val_examples, self.val_bs, self.pad_id, pack=self.opts.pack, runtime=rt
+        )
+        return tl, vl, va
+
+    def _keep_if_best(self, epoch: int, tl: float, vl: float, va: float) -> bool:
+        """Record the epoch's scores; keep its weights when it is the best so far (``keep="best"``)."""
+        from . import checkpoints as ck
+
+        s, st = self.s, self.st
+        st.train_losses.append(tl)
+        if self.val_examples:
+            st.val_losses.append(vl)
+            st.val_accs.append(va)
+        score = (-va if s.monitor == "accuracy" else vl) if self.val_examples else tl
+        improved = score < st.best - s.min_delta
+        if improved:
+            st.best, st.best_epoch, st.bad_epochs = score, epoch, 0
+            if s.keep == "best":
+                self.best_state = {n: t.clone() for n, t in ck.trainable_tensors(self.scored).items()}
+        else:
+            st.bad_epochs += 1
+        return improved
+
+    def finish(self) -> LoopOutcome:
+        """Leave the caller's model holding the kept weights, unwrapped, and sum up the run."""
+        from . import checkpoints as ck
+
+        s, st, rt = self.s, self.st, self.rt
+        epochs_run = len(st.train_losses)
+        kept = epochs_run
+        if self.best_state is not None and s.keep == "best":
+            ck.load_trainable(self.scored, self.best_state, Path("(best epoch)"))
+            kept = st.best_epoch
+        # the caller's model, without the autocast wrapper
+        self.acc.unwrap_model(self.prepared, keep_fp32_wrapper=False)
+        self.model.eval()
+        ranks = self._ranks()
+        rt.wait()
+        self.acc.free_memory()
+        best_epoch = st.best_epoch
+        scored_epoch = bool(self.val_examples and best_epoch)
+        opts = self.opts
+        return LoopOutcome(
+            epochs_run=epochs_run,
+            train_losses=st.train_losses,
+            val_losses=st.val_losses,
+            best_val_loss=st.val_losses[best_epoch - 1] if scored_epoch else float("nan"),
+            best_epoch=best_epoch,
+            stopped_early=self.stopped_early,
+            steps=st.step,
+            val_accuracies=st.val_accs,
+            best_val_accuracy=st.val_accs[best_epoch - 1] if scored_epoch else float("nan"),
+            kept_epoch=kept,
+            run={
+                **rt.describe(),
+                "grad_accum": self.accum,
+                "effective_batch": s.batch_size * self.accum * self.world,
+                "pack": opts.pack,
+                "group_by_length": opts.group_by_length,
+                "gradient_checkpointing": opts.gradient_checkpointing,
+            },
+            throughput=self.done.record(),
+            distributed={"world_size": self.world, "backend": rt.backend, "ranks": ranks},
+            epoch_log=st.epoch_log,
+            resumed_from=self.resumed,
+        )
+
+    def _ranks(self) -> list[dict[str, Any]]:
+        """Per process: the tokens, target tokens and examples it trained on and (several processes) a
+        digest of its final weights."""
+        local, rank = self.local, self.rank
+        mine = [local.tokens, local.targets, local.examples]
+        digest = weights_digest(self.scored) if self.rt.distributed else None
+        if self.rt.distributed:
+            from accelerate.utils import gather_object
+
+            everyone = gather_object([[rank, *mine, digest]])
+        else:
+            everyone = [[rank, *mine, digest]]
+        return [
+            {
+                "rank": r,
+                "tokens": t,
+                "target_tokens": n,
+                "examples": e,
+                **({"weights_sha256": d} if d else {}),
+            }
+            for r, t, n, e, d in sorted(everyone)
+        ]
+
+
 def run_loop(
     model: torch.nn.Module,
     train_examples: Sequence[Example],
@@ -663,285 +1097,14 @@ def run_loop(
     loss over the batch's target tokens and their count, like the default cross-entropy; ``indices`` are
     the positions in ``train_examples`` of the batch's rows. Validation stays cross-entropy.
     """
-    from . import checkpoints as ck
-    from .devices import start_runtime
-    from .options import RunOptions
-
-    s = settings
-    s.check()
-    if not train_examples:
-        raise TrainingError("no usable training example")
-    rt = runtime if runtime is not None else start_runtime(RunOptions(), None)
-    opts = rt.options
-    acc = rt.accelerator
-    world, rank, accum = rt.world_size, rt.rank, opts.grad_accum
-    n_batches = math.ceil(len(train_examples) / s.batch_size)
-    rounds_per_epoch = n_batches // world
-    if rounds_per_epoch < 1:
-        raise TrainingError(
-            f"{len(train_examples)} training examples make {n_batches} batches of {s.batch_size}, fewer than "
-            f"the {world} processes: lower the batch size"
-        )
-    if n_batches % world:
-        log.info(
-            "each epoch leaves out %d of its %d batches so that the %d processes take as many (drawn anew "
-            "every epoch)", n_batches % world, n_batches, world,
-        )  # fmt: skip
-    steps_per_epoch = math.ceil(rounds_per_epoch / accum)
-    total = s.epochs * steps_per_epoch
-    if s.max_steps is not None:
-        total = min(total, s.max_steps)
-    warmup = max(1, round(s.warmup_ratio * total))
-    lens = [len(e.input_ids) for e in train_examples]
-    n_next = [n_next_targets(e) for e in train_examples]
-
-    ident = {
-        **(identity or {}),
-        "epochs": s.epochs, "batch_size": s.batch_size, "lr": s.lr, "patience": s.patience, "seed": s.seed,
-        "max_steps": s.max_steps, "monitor": s.monitor, "keep": s.keep, "grad_accum": accum,
-        "pack": opts.pack, "group_by_length": opts.group_by_length, "world_size": world,
-        "train_examples": len(train_examples), "train_data": data_digest(train_examples),
-    }  # fmt: skip
-    if opts.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    raw_opt = _optimizer(model, s, rt.device_type)
-    sched = torch.optim.lr_scheduler.LambdaLR(raw_opt, _lr_lambda(total, warmup, s.min_lr_ratio))
-    prepared, opt = acc.prepare(model, raw_opt)
-    scored = acc.unwrap_model(prepared)  # the model itself (with the precision's autocast), no DDP hooks
-    if opts.pack:
-        check_packing(scored, train_examples, pad_id, rt)
-    val_bs = max(1, s.batch_size * 2)
-
-    st = _State()
-    local = _Local()
-    best_state: dict[str, torch.Tensor] | None = None
-    resumed = None
-    if resume_from is not None:
-        saved = ck.read_state(resume_from)
-        ck.check_identity(resume_from, saved.get("identity", {}), ident)
-        loop, best_state = ck.load_checkpoint(
-            resume_from, model=scored, optimizer=opt, scheduler=sched, rank=rank
-        )
-        loop = loop["loop"]
-        local = _Local.from_list(loop.pop("local")[rank])
-        st = _State(**loop)
-        resumed = str(resume_from)
-        log.info("resumed from %s: step %d, epoch %d", resume_from, st.step, st.epoch)
-
-    def save(step: int, eta: float) -> None:
-        from accelerate.utils import gather_object
-
-        rngs = gather_object([ck.rng_state()]) if rt.distributed else [ck.rng_state()]
-        locals_ = gather_object([local.as_list()]) if rt.distributed else [local.as_list()]
-        if rt.is_main:
-            assert checkpoint_dir is not None
-            state = {
-                "identity": ident,
-                "threads": rt.threads,
-                "loop": {**asdict(st), "local": locals_},
-                "eta_seconds": round(eta, 1),
-                "saved": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            }
-            path = ck.save_checkpoint(
-                checkpoint_dir, step, model=scored, optimizer=opt, scheduler=sched, state=state,
-                rng_states=rngs, best=best_state, keep=opts.keep_checkpoints,
-            )  # fmt: skip
-            log.info("checkpoint %s", path)
-        rt.wait()
-
-    rng = random.Random(s.seed)
-    log.info(
-        "training on %d examples (%d validation), %d steps/epoch, up to %d steps%s",
-        len(train_examples), len(val_examples), steps_per_epoch, total,
-        f" (batch {s.batch_size} x {accum} accumulated x {world} processes)" if accum * world > 1 else "",
+    loop = _Loop(
+        model, train_examples, val_examples, settings, pad_id, loss_fn=loss_fn, runtime=runtime,
+        checkpoint_dir=checkpoint_dir, identity=identity,
     )  # fmt: skip
-    progress = _progress(s.progress and rt.is_main)
-    task = None
-    if progress is not None:
-        progress.start()
-        task = progress.add_task(f"epoch {st.epoch}/{s.epochs}", total=total, completed=st.step, info="")
-    stopped_early = False
-    run_tokens = run_targets = run_slots = 0
-    train_seconds = cpu_seconds = 0.0
-    steps_this_run = 0
-    epoch = st.epoch
-    try:
-        prepared.train()
-        for epoch in range(st.epoch, s.epochs + 1):
-            resuming_here = st.epoch == epoch and st.epoch_rng is not None
-            st.epoch = epoch
-            if resuming_here:
-                rng.setstate(ck.unflatten(st.epoch_rng, {}))
-            else:
-                st.epoch_rng = ck.flatten(rng.getstate(), {})
-                st.round = 0
-            plan = make_batches(train_examples, s.batch_size, rng, group_by_length=opts.group_by_length)
-            rounds = [plan[k * world : (k + 1) * world] for k in range(rounds_per_epoch)]
-            hit_max = False
-            for w0 in range(0, rounds_per_epoch, accum):
-                window = rounds[w0 : w0 + accum]
-                if w0 + len(window) <= st.round:  # done before the checkpoint this run resumed from
-                    continue
-                if s.max_steps is not None and st.step >= s.max_steps:
-                    hit_max = True
-                    break
-                t_win, c_win = time.perf_counter(), time.process_time()
-                n_global = sum(n_next[i] for rnd in window for b in rnd for i in b)
-                if n_global == 0:
-                    st.round = w0 + len(window)
-                    continue
-                win_loss = 0.0
-                for j, rnd in enumerate(window):
-                    b = rnd[rank]
-                    batch = _to(collate(train_examples, b, pad_id, pack=opts.pack), rt)
-                    sync = j == len(window) - 1
-                    with contextlib.nullcontext() if sync else acc.no_sync(prepared):
-                        if loss_fn is None:
-                            loss_sum, n = _loss_sum(prepared, batch)
-                        else:
-                            loss_sum, n = loss_fn(prepared, batch, b)
-                        acc.backward(loss_sum * (world / n_global))
-                    lv = float(loss_sum.detach())
-                    win_loss += lv
-                    local.ep_loss += lv
-                    local.ep_targets += n
-                    local.tokens += sum(lens[i] for i in b)
-                    local.targets += n
-                    local.examples += len(b)
-                if s.grad_clip:
-                    acc.clip_grad_norm_(prepared.parameters(), s.grad_clip)
-                opt.step()
-                if not acc.optimizer_step_was_skipped:
-                    sched.step()
-                opt.zero_grad(set_to_none=True)
-                st.step += 1
-                steps_this_run += 1
-                st.round = w0 + len(window)
-                if rt.distributed:
-                    summed = acc.reduce(torch.tensor([win_loss], dtype=torch.float64, device=rt.device))
-                    win_loss = float(summed)
-                step_loss = win_loss / n_global
-                if not math.isfinite(step_loss):
-                    raise TrainingError(
-                        f"the loss became {step_loss} at step {st.step}; try a lower learning rate "
-                        f"(now {s.lr})"
-                    )
-                run_tokens += sum(lens[i] for rnd in window for b in rnd for i in b)
-                run_targets += n_global
-                run_slots += sum(batch_slots(train_examples, b, opts.pack) for rnd in window for b in rnd)
-                train_seconds += time.perf_counter() - t_win
-                cpu_seconds += time.process_time() - c_win
-                rate = run_tokens / max(train_seconds, 1e-9)
-                eta = (total - st.step) * train_seconds / steps_this_run
-                if progress is not None:
-                    progress.update(
-                        task, advance=1, description=f"epoch {epoch}/{s.epochs}",
-                        info=f"step {st.step} loss {step_loss:.3f} {rate:,.0f} tok/s",
-                    )  # fmt: skip
-                if opts.save_every and checkpoint_dir is not None and st.step % opts.save_every == 0:
-                    save(st.step, eta)
-            # the epoch's end (or max_steps): its training loss over every process, validation, best epoch
-            sums = torch.tensor([local.ep_loss, local.ep_targets], dtype=torch.float64, device=rt.device)
-            if rt.distributed:
-                sums = acc.reduce(sums, "sum")
-            ep_loss, ep_targets = sums.tolist()
-            tl = ep_loss / max(ep_targets, 1)
-            vl, va = evaluate(scored, val_examples, val_bs, pad_id, pack=opts.pack, runtime=rt)
-            st.train_losses.append(tl)
-            if val_examples:
-                st.val_losses.append(vl)
-                st.val_accs.append(va)
-            score = (-va if s.monitor == "accuracy" else vl) if val_examples else tl
-            improved = score < st.best - s.min_delta
-            if improved:
-                st.best, st.best_epoch, st.bad_epochs = score, epoch, 0
-                if s.keep == "best":
-                    best_state = {n: t.clone() for n, t in ck.trainable_tensors(scored).items()}
-            else:
-                st.bad_epochs += 1
-            eta = (total - st.step) * train_seconds / max(steps_this_run, 1)
-            rate = run_tokens / max(train_seconds, 1e-9)
-            st.epoch_log.append({
-                "epoch": epoch, "step": st.step, "tokens_per_second": round(rate, 1),
-                "eta_seconds": round(eta, 1),
-            })  # fmt: skip
-            msg = f"epoch {epoch}: train loss {tl:.4f}" + (
-                f", val loss {vl:.4f}, val accuracy {va:.2%}" if val_examples else ""
-            )
-            log.info("%s%s; %.0f tokens/s, ETA %s", msg, " (best)" if improved else "", rate, _seconds(eta))
-            if progress is not None:
-                progress.update(task, info=msg)
-            local.ep_loss, local.ep_targets = 0.0, 0
-            st.epoch_rng = None
-            st.round = 0
-            if hit_max or (s.max_steps is not None and st.step >= s.max_steps):
-                break
-            if st.bad_epochs >= s.patience and epoch < s.epochs:
-                stopped_early = True
-                log.info(
-                    "early stop: no improvement for %d epochs; keeping epoch %d",
-                    s.patience, st.best_epoch if s.keep == "best" else epoch,
-                )  # fmt: skip
-                break
-    finally:
-        if progress is not None:
-            progress.stop()
-    epochs_run = len(st.train_losses)
-    kept = epochs_run
-    if best_state is not None and s.keep == "best":
-        ck.load_trainable(scored, best_state, Path("(best epoch)"))
-        kept = st.best_epoch
-    acc.unwrap_model(prepared, keep_fp32_wrapper=False)  # the caller's model, without the autocast wrapper
-    model.eval()
-
-    mine = [local.tokens, local.targets, local.examples]
-    digest = weights_digest(scored) if rt.distributed else None
-    if rt.distributed:
-        from accelerate.utils import gather_object
-
-        everyone = gather_object([[rank, *mine, digest]])
-    else:
-        everyone = [[rank, *mine, digest]]
-    ranks = [
-        {"rank": r, "tokens": t, "target_tokens": n, "examples": e, **({"weights_sha256": d} if d else {})}
-        for r, t, n, e, d in sorted(everyone)
-    ]
-    rt.wait()
-    acc.free_memory()
-    best_epoch = st.best_epoch
-    return LoopOutcome(
-        epochs_run=epochs_run,
-        train_losses=st.train_losses,
-        val_losses=st.val_losses,
-        best_val_loss=st.val_losses[best_epoch - 1] if val_examples and best_epoch else float("nan"),
-        best_epoch=best_epoch,
-        stopped_early=stopped_early,
-        steps=st.step,
-        val_accuracies=st.val_accs,
-        best_val_accuracy=st.val_accs[best_epoch - 1] if val_examples and best_epoch else float("nan"),
-        kept_epoch=kept,
-        run={
-            **rt.describe(),
-            "grad_accum": accum,
-            "effective_batch": s.batch_size * accum * world,
-            "pack": opts.pack,
-            "group_by_length": opts.group_by_length,
-            "gradient_checkpointing": opts.gradient_checkpointing,
-        },
-        throughput={
-            "tokens": run_tokens,
-            "target_tokens": run_targets,
-            "computed_positions": run_slots,
-            "padding_fraction": round(1 - run_tokens / run_slots, 4) if run_slots else 0.0,
-            "train_seconds": round(train_seconds, 2),
-            "cpu_seconds": round(cpu_seconds, 2),
-            "tokens_per_second": round(run_tokens / train_seconds, 1) if train_seconds else None,
-            "steps": steps_this_run,
-        },
-        distributed={"world_size": world, "backend": rt.backend, "ranks": ranks},
-        epoch_log=st.epoch_log,
-        resumed_from=resumed,
-    )
+    if resume_from is not None:
+        loop.resume(resume_from)
+    loop.train()
+    return loop.finish()
 
 
 # --------------------------------------------------------------------------------------------- outputs
@@ -1073,6 +1236,43 @@ def train_result(
         tokens_per_second=outcome.throughput.get("tokens_per_second"),
         world_size=int(outcome.distributed.get("world_size", 1)),
     )
+
+
+def save_run(
+    out: Path,
+    runtime: Runtime,
+    save: Callable[[Path], None],
+    *,
+    kind: str,
+    settings: LoopSettings,
+    outcome: LoopOutcome,
+    n_params: int,
+    max_seq_len: int,
+    train: EncodedSplit,
+    val: EncodedSplit,
+    started: float,
+    extra: dict[str, Any],
+) -> TrainResult:
+    """The end of every kind of training: the main process writes the model at ``out`` (``save(folder)``
+    writes its files, then ``training.json`` goes beside them; see :func:`output_folder`); every process
+    returns the run's :class:`TrainResult` (``started``: :func:`time_now` at the start)."""
+    with output_folder(out, runtime) as tmp:
+        if tmp is not None:
+            save(tmp)
+            record = training_record(
+                kind=kind,
+                settings=settings,
+                outcome=outcome,
+                n_params=n_params,
+                max_seq_len=max_seq_len,
+                threads=runtime.threads,
+                train=train,
+                val=val,
+                seconds=time_now() - started,
+                extra=extra,
+            )
+            write_json(tmp / "training.json", record)
+    return train_result(out, n_params, settings, outcome, train, val, seconds=time_now() - started)
 
 
 def training_record(

@@ -18,12 +18,14 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..errors import TrainingError
-from .devices import start_runtime
+from .devices import Runtime, start_runtime
 from .finetune import _token_id, check_base_folder, fit_seq_len, load_base, prepare_chat, quantization_4bit
 from .loop import (
+    EncodedSplit,
     LoopSettings,
     TrainResult,
     check_out_dir,
@@ -32,16 +34,14 @@ from .loop import (
     encode_splits,
     evaluate,
     load_splits,
-    output_folder,
+    loop_settings,
     quiet_hf_progress,
     run_loop,
+    save_run,
     seed_everything,
     time_now,
-    train_result,
-    training_record,
-    write_json,
 )
-from .options import RunOptions
+from .options import TrainSettings
 
 log = logging.getLogger(__name__)
 
@@ -137,52 +137,9 @@ def _check_targets(model: Any, targets: list[str]) -> None:
             )
 
 
-def train_lora(
-    data_dir: str | os.PathLike[str],
-    out_dir: str | os.PathLike[str],
-    *,
-    base: str | os.PathLike[str],
-    lora: LoraSettings | None = None,
-    epochs: int | None = None,
-    batch_size: int | None = None,
-    lr: float | None = None,
-    max_seq_len: int | None = None,
-    patience: int | None = None,
-    monitor: str = "accuracy",
-    keep: str | None = None,
-    seed: int = 1234,
-    threads: int | None = None,
-    progress: bool = True,
-    max_steps: int | None = None,
-    run: RunOptions | None = None,
-) -> TrainResult:
-    """Train a LoRA adapter for the HF model folder ``base`` on the dataset in ``data_dir``.
-
-    ``TrainResult.model_dir`` is the adapter folder and ``n_params`` the adapter's (trainable) parameters.
-    ``training.json`` also records the base's validation loss and accuracy (the adapter disabled).
-    ``run.load_in_4bit`` loads the base in 4 bits (QLoRA, CUDA and bitsandbytes only).
-    """
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    t0 = time_now()
-    lora = lora or LoraSettings()
-    lora.check()
-    d = LORA_DEFAULTS
-    settings = LoopSettings.with_defaults(
-        d, epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, keep=keep, monitor=monitor,
-        seed=seed, max_steps=max_steps, progress=progress,
-    )  # fmt: skip
-    base_dir = check_base_folder(base).resolve()
-    out = check_out_dir(out_dir)
-    if out.resolve() == base_dir:
-        raise TrainingError(f"the output folder is the base model folder: {out}")
-    splits = load_splits(data_dir)
-    rt = start_runtime(run or RunOptions(), threads)
-    quantization = quantization_4bit(rt) if rt.options.load_in_4bit else None
-    ckpt_dir, resume = checkpoint_plan(rt, out)
-    seed_everything(seed)
-
+def _load_chat_base(base_dir: Path, quantization: dict[str, Any] | None) -> tuple[Any, Any, dict[str, Any]]:
+    """The base model and its tokenizer made chat-ready (:func:`.finetune.prepare_chat`), and what that
+    did; a base that would need new tokens (an adapter cannot add them) is a :class:`TrainingError`."""
     model, tokenizer = load_base(base_dir, quantization=quantization)
     n_emb = model.get_input_embeddings().weight.shape[0]
     chat_info = prepare_chat(model, tokenizer)
@@ -193,15 +150,22 @@ def train_lora(
             f"a LoRA adapter cannot add tokens ({n_emb} embeddings): fine-tune the base fully first "
             "(train --base without --lora) or use a base with a chat template"
         )
-    seq = fit_seq_len(model.config, max_seq_len, d.max_seq_len)
-    tr, va = encode_splits(tokenizer, splits, seq)
-    pad_id = _token_id(tokenizer, tokenizer.pad_token)
-    base_params = count_params(model)
+    return model, tokenizer, chat_info
+
+
+def _add_adapter(
+    model: Any, lora: LoraSettings, base_dir: Path, *, quantized: bool
+) -> tuple[Any, Any, list[str]]:
+    """(the base, prepared for k-bit training when ``quantized``; the PEFT model with the LoRA pairs on
+    its targets; those targets)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
     targets = list(lora.targets) if lora.targets is not None else default_targets(model)
     if not targets:
         raise TrainingError(f"{base_dir}: no linear layer to adapt was found; name them with --lora-targets")
     _check_targets(model, targets)
-    if quantization is not None:
+    if quantized:
         from peft import prepare_model_for_kbit_training
 
         # gradient checkpointing, if asked, is enabled by the loop (non-reentrant)
@@ -222,6 +186,56 @@ def train_lora(
         peft_model = get_peft_model(model, config)
     except (ValueError, TypeError) as e:
         raise TrainingError(f"cannot add LoRA to {base_dir} with targets {targets}: {e}") from None
+    return model, peft_model, targets
+
+
+def _base_scores(
+    peft_model: Any, val: EncodedSplit, loop: LoopSettings, pad_id: int, rt: Runtime
+) -> tuple[float | None, float | None]:
+    """The base's validation loss and accuracy (the adapter disabled, on the run's device(s)); None where
+    there is none."""
+    with peft_model.disable_adapter():
+        loss, acc = evaluate(
+            peft_model, val.examples, max(1, loop.batch_size * 2), pad_id, pack=rt.options.pack, runtime=rt
+        )
+    return (loss if math.isfinite(loss) else None), (acc if math.isfinite(acc) else None)
+
+
+def train_lora(
+    data_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    settings: TrainSettings,
+    base: str | os.PathLike[str],
+    lora: LoraSettings | None = None,
+) -> TrainResult:
+    """Train a LoRA adapter for the HF model folder ``base`` on the dataset in ``data_dir``.
+
+    ``TrainResult.model_dir`` is the adapter folder and ``n_params`` the adapter's (trainable) parameters.
+    ``training.json`` also records the base's validation loss and accuracy (the adapter disabled).
+    ``settings.run.load_in_4bit`` loads the base in 4 bits (QLoRA, CUDA and bitsandbytes only).
+    """
+    t0 = time_now()
+    lora = lora or LoraSettings()
+    lora.check()
+    d = LORA_DEFAULTS
+    loop = loop_settings(d, settings)
+    base_dir = check_base_folder(base).resolve()
+    out = check_out_dir(out_dir)
+    if out.resolve() == base_dir:
+        raise TrainingError(f"the output folder is the base model folder: {out}")
+    splits = load_splits(data_dir)
+    rt = start_runtime(settings.run, settings.threads)
+    quantization = quantization_4bit(rt) if rt.options.load_in_4bit else None
+    ckpt_dir, resume = checkpoint_plan(rt, out)
+    seed_everything(settings.seed)
+
+    model, tokenizer, chat_info = _load_chat_base(base_dir, quantization)
+    seq = fit_seq_len(model.config, settings.max_seq_len, d.max_seq_len)
+    tr, va = encode_splits(tokenizer, splits, seq)
+    pad_id = _token_id(tokenizer, tokenizer.pad_token)
+    base_params = count_params(model)
+    model, peft_model, targets = _add_adapter(model, lora, base_dir, quantized=quantization is not None)
     n_params = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     log.info(
         "LoRA on %s: rank %d, alpha %g, targets %s: %.3f M trainable of %.2f M parameters%s",
@@ -242,46 +256,32 @@ def train_lora(
     }
 
     outcome = run_loop(
-        peft_model, tr.examples, va.examples, settings, pad_id=pad_id, runtime=rt, checkpoint_dir=ckpt_dir,
+        peft_model, tr.examples, va.examples, loop, pad_id=pad_id, runtime=rt, checkpoint_dir=ckpt_dir,
         resume_from=resume,
         identity={"kind": "lora", "base": str(base_dir), "max_seq_len": seq, "lora": lora_record},
     )  # fmt: skip
-    with peft_model.disable_adapter():  # the base alone, on the run's device(s)
-        base_loss, base_acc = evaluate(
-            peft_model, va.examples, max(1, settings.batch_size * 2), pad_id, pack=rt.options.pack, runtime=rt
-        )
+    base_loss, base_acc = _base_scores(peft_model, va, loop, pad_id, rt)
 
-    with output_folder(out, rt) as tmp:
-        if tmp is not None:
-            with quiet_hf_progress():
-                peft_model.save_pretrained(tmp, save_embedding_layers=False)
-            tokenizer.save_pretrained(tmp)
-            extra = {
-                "preset": None,
-                "base": str(base_dir),
-                "base_architecture": list(getattr(model.config, "architectures", None) or []),
-                "base_n_params": base_params,
-                "lora": lora_record,
-                "load_in_4bit": quantization is not None,
-                "base_val_loss": base_loss if math.isfinite(base_loss) else None,
-                "base_val_accuracy": base_acc if math.isfinite(base_acc) else None,
-                "chat": chat_info,
-            }
-            record = training_record(
-                kind="lora",
-                settings=settings,
-                outcome=outcome,
-                n_params=n_params,
-                max_seq_len=seq,
-                threads=rt.threads,
-                train=tr,
-                val=va,
-                seconds=time_now() - t0,
-                extra=extra,
-            )
-            write_json(tmp / "training.json", record)
-            readme = tmp / "README.md"  # PEFT's model-card stub: not ours to ship half-filled
-            if readme.is_file():
-                readme.unlink()
+    def save(folder: Path) -> None:
+        with quiet_hf_progress():
+            peft_model.save_pretrained(folder, save_embedding_layers=False)
+        tokenizer.save_pretrained(folder)
+        readme = folder / "README.md"  # PEFT's model-card stub: not ours to ship half-filled
+        if readme.is_file():
+            readme.unlink()
 
-    return train_result(out, n_params, settings, outcome, tr, va, seconds=time_now() - t0)
+    extra = {
+        "preset": None,
+        "base": str(base_dir),
+        "base_architecture": list(getattr(model.config, "architectures", None) or []),
+        "base_n_params": base_params,
+        "lora": lora_record,
+        "load_in_4bit": quantization is not None,
+        "base_val_loss": base_loss,
+        "base_val_accuracy": base_acc,
+        "chat": chat_info,
+    }
+    return save_run(
+        out, rt, save, kind="lora", settings=loop, outcome=outcome, n_params=n_params, max_seq_len=seq,
+        train=tr, val=va, started=t0, extra=extra,
+    )  # fmt: skip

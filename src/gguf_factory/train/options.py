@@ -1,6 +1,8 @@
-"""How a training run executes, the same for scratch, fine-tune, LoRA and distillation: device, precision,
-gradient accumulation and checkpointing, packing, checkpoints and resume (:class:`RunOptions`); and the
-``train -c train.yaml`` file that holds every option of the ``train`` command (:class:`TrainConfig`).
+"""The options every kind of training shares (scratch, fine-tune, LoRA and distillation): the loop's
+(epochs, batch size, learning rate, early stopping... :class:`TrainSettings`) and how a run executes
+(device, precision, gradient accumulation and checkpointing, packing, checkpoints and resume:
+:class:`RunOptions`); and the ``train -c train.yaml`` file that holds every option of the ``train``
+command (:class:`TrainConfig`).
 
 Torch-free: the CLI reads and checks a config file before anything heavy is imported.
 """
@@ -8,7 +10,7 @@ Torch-free: the CLI reads and checks a config file before anything heavy is impo
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -89,6 +91,35 @@ class RunOptions:
             return Path(self.checkpoint_dir)
         out = Path(out_dir)
         return out.parent / f"{out.name}.checkpoints"
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """The options of :func:`gguf_factory.train.train` that every kind of training takes alike. ``None``:
+    the kind's default (a preset's from scratch, :data:`~.finetune.FINETUNE_DEFAULTS` or
+    :data:`~.lora.LORA_DEFAULTS` with a base)."""
+
+    epochs: int | None = None
+    batch_size: int | None = None
+    """Conversations per micro-batch (per process)."""
+    lr: float | None = None
+    max_seq_len: int | None = None
+    """Examples are truncated to this many tokens (capped at the model's positions)."""
+    patience: int | None = None
+    """Early stopping: epochs without improvement of the ``monitor``-ed score."""
+    monitor: str = "accuracy"
+    """What picks the best epoch: validation top-1 ``"accuracy"`` or validation ``"loss"``."""
+    keep: str | None = None
+    """Save the ``"best"`` epoch's weights or the ``"last"``'s."""
+    seed: int = 1234
+    threads: int | None = None
+    """CPU threads per process (``None``: the cores / processes per machine)."""
+    progress: bool = True
+    """Show a progress bar."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps."""
+    run: RunOptions = field(default_factory=RunOptions)
+    """How the run executes."""
 
 
 # --------------------------------------------------------------------------------------------- train.yaml

@@ -10,28 +10,26 @@ import os
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from ..errors import TrainingError
 from .devices import Runtime, start_runtime
 from .loop import (
-    LoopSettings,
     TrainResult,
     check_out_dir,
     checkpoint_plan,
     count_params,
     encode_splits,
     load_splits,
-    output_folder,
+    loop_settings,
     quiet_hf_progress,
     run_loop,
+    save_run,
     seed_everything,
     time_now,
-    train_result,
-    training_record,
-    write_json,
 )
-from .options import RunOptions
+from .options import TrainSettings
 from .tokenizer import ENDOFTEXT, IM_END, save_hf_tokenizer, train_bpe_tokenizer
 
 log = logging.getLogger(__name__)
@@ -191,36 +189,23 @@ def train_scratch(
     data_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
     *,
+    settings: TrainSettings,
     preset: str | ModelPreset = "nano",
-    epochs: int | None = None,
-    batch_size: int | None = None,
-    lr: float | None = None,
-    max_seq_len: int | None = None,
-    patience: int | None = None,
-    monitor: str = "accuracy",
-    keep: str | None = None,
-    seed: int = 1234,
-    threads: int | None = None,
-    progress: bool = True,
-    max_steps: int | None = None,
-    run: RunOptions | None = None,
 ) -> TrainResult:
+    """Train ``preset`` from scratch, with a byte-level BPE tokenizer learnt from the training split."""
     from transformers import AutoTokenizer
 
     t0 = time_now()
     p = get_preset(preset)
-    if max_seq_len is not None:
-        p = replace(p, max_seq_len=max_seq_len)
+    if settings.max_seq_len is not None:
+        p = replace(p, max_seq_len=settings.max_seq_len)
         p.check()
-    settings = LoopSettings.with_defaults(
-        p, epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, keep=keep, monitor=monitor,
-        seed=seed, max_steps=max_steps, progress=progress,
-    )  # fmt: skip
+    loop = loop_settings(p, settings)
     out = check_out_dir(out_dir)
     splits = load_splits(data_dir)
-    rt = start_runtime(run or RunOptions(), threads)
+    rt = start_runtime(settings.run, settings.threads)
     ckpt_dir, resume = checkpoint_plan(rt, out)
-    seed_everything(seed)
+    seed_everything(settings.seed)
 
     log.info("training a %d-token byte-level BPE tokenizer", p.vocab_size)
     bpe = shared_tokenizer(rt, tokenizer_texts(splits["train"]), p.vocab_size)
@@ -238,27 +223,17 @@ def train_scratch(
     log.info("model %s: %.2f M parameters, vocabulary %d", p.name, n_params / 1e6, vocab)
 
     outcome = run_loop(
-        model, tr.examples, va.examples, settings, pad_id=special_ids[ENDOFTEXT], runtime=rt,
+        model, tr.examples, va.examples, loop, pad_id=special_ids[ENDOFTEXT], runtime=rt,
         checkpoint_dir=ckpt_dir, resume_from=resume, identity={"kind": "scratch", "preset": asdict(p)},
     )  # fmt: skip
 
-    with output_folder(out, rt) as tmp:
-        if tmp is not None:
-            save_hf_tokenizer(bpe, tmp, model_max_length=p.max_seq_len)
-            with quiet_hf_progress():
-                model.save_pretrained(tmp)
-            record = training_record(
-                kind="scratch",
-                settings=settings,
-                outcome=outcome,
-                n_params=n_params,
-                max_seq_len=p.max_seq_len,
-                threads=rt.threads,
-                train=tr,
-                val=va,
-                seconds=time_now() - t0,
-                extra={"preset": {**asdict(p), "vocab_size_trained": vocab}, "base": None},
-            )
-            write_json(tmp / "training.json", record)
+    def save(folder: Path) -> None:
+        save_hf_tokenizer(bpe, folder, model_max_length=p.max_seq_len)
+        with quiet_hf_progress():
+            model.save_pretrained(folder)
 
-    return train_result(out, n_params, settings, outcome, tr, va, seconds=time_now() - t0)
+    return save_run(
+        out, rt, save, kind="scratch", settings=loop, outcome=outcome, n_params=n_params,
+        max_seq_len=p.max_seq_len, train=tr, val=va, started=t0,
+        extra={"preset": {**asdict(p), "vocab_size_trained": vocab}, "base": None},
+    )  # fmt: skip
