@@ -8,7 +8,7 @@
 
 Writes benchmarks/results/serve.json and serve.md.
 
-    python benchmarks/serve.py [--model gguf-factory-out/sub-ai-nano-Q4_K_M.gguf] [--rounds 20]
+    python benchmarks/serve.py [--model gguf-factory-out/sub-ai-smollm2-135m-Q4_K_M.gguf] [--rounds 20]
                                [--clients 8] [--duration 60] [--max-tokens 32]
 """
 
@@ -35,7 +35,7 @@ from gguf_factory.demo import held_out_prompts
 from gguf_factory.files import atomic_write_json, atomic_write_text
 from gguf_factory.runtime import ChatModel, GenerationSettings, load
 
-DEMO_MODEL = Path("gguf-factory-out/sub-ai-nano-Q4_K_M.gguf")
+DEMO_MODEL = Path("gguf-factory-out/sub-ai-smollm2-135m-Q4_K_M.gguf")
 RESULTS = Path(__file__).parent / "results"
 FALLBACK_PROMPTS = ["Hello", "How are you?", "Tell me a joke.", "What is your favorite food?"]
 
