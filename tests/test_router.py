@@ -22,7 +22,7 @@ from gguf_factory.router import (
     read_manifest,
 )
 from gguf_factory.serve import ModelPool, create_app, pool_models
-from test_serve import running
+from serve_helpers import running
 
 DOMAINS = ("greetings", "humor", "food")  # the tiny dataset's chatterbot categories
 

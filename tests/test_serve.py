@@ -7,7 +7,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,13 +17,13 @@ from pathlib import Path
 import httpx2 as httpx  # the HTTP client the openai package itself ships with
 import openai
 import pytest
-import uvicorn
 
 from gguf_factory.errors import InputError
 from gguf_factory.runtime import load
 from gguf_factory.serve import ModelPool, PoolBusyError, UnknownModelError, create_app, parse_size
 from gguf_factory.serve.app import chat_prompt_tokens
 from gguf_factory.serve.pool import resolve_n_ctx
+from serve_helpers import assert_error, assert_idle_soon, free_port, running
 
 KEY = "test-key-123"
 MAX_TOKENS_LIMIT = 48
@@ -32,30 +31,6 @@ MESSAGES = [
     {"role": "system", "content": "You are a friendly bot."},
     {"role": "user", "content": "Hello"},
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def running(app: object) -> Iterator[str]:
-    """Run ``app`` in uvicorn on a free port in a background thread; yield its base URL."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 @pytest.fixture(scope="module")
@@ -90,24 +65,6 @@ def direct(tiny_f16_gguf: Path) -> Iterator[object]:
 
 def auth() -> dict[str, str]:
     return {"Authorization": f"Bearer {KEY}"}
-
-
-def assert_error(r: httpx.Response, status: int, *, code: str | None = None, says: str = "") -> dict:
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert set(err) >= {"message", "type", "code"}
-    assert err["message"] and says.lower() in err["message"].lower(), err
-    if code is not None:
-        assert err["code"] == code, err
-    return err
-
-
-def assert_idle_soon(pool: ModelPool) -> None:
-    """A stream hands its model back just after its last event: allow the server a moment."""
-    deadline = time.monotonic() + 10
-    while pool.status()[0]["busy"] and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert pool.status()[0]["busy"] is False, "the model must be handed back"
 
 
 # --- happy paths through the official client ------------------------------------------------------

@@ -19,7 +19,7 @@ import pytest
 from gguf_factory.router import make_manifest
 from gguf_factory.runtime import load
 from gguf_factory.serve import ModelPool, ModelSpec, create_app, pool_models
-from test_serve import free_port, running
+from serve_helpers import free_port, running
 
 ADAPTED = ("jokes", "meals", "hello")  # domains with an adapter; "plain" is the bare base
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

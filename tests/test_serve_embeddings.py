@@ -21,7 +21,7 @@ from gguf_factory.errors import InputError
 from gguf_factory.runtime import load
 from gguf_factory.serve import LoadOptions, ModelPool, PoolBusyError, create_app
 from gguf_factory.serve.pool import kv_cache_bytes, resolve_n_ctx
-from test_serve import assert_error, running
+from serve_helpers import assert_error, client_of, pool_of, running, serving
 
 KEY = "emb-key"
 TEXTS = ["hello there", "what is your favorite food?", "tell me a joke"]
@@ -30,20 +30,19 @@ MESSAGES = [{"role": "user", "content": "Hello"}]
 
 @pytest.fixture(scope="module")
 def pool(tiny_f16_gguf: Path) -> Iterator[ModelPool]:
-    p = ModelPool({"tiny": tiny_f16_gguf}, queue_timeout=30)
-    yield p
-    p.close()
+    with pool_of({"tiny": tiny_f16_gguf}) as p:
+        yield p
 
 
 @pytest.fixture(scope="module")
 def url(pool: ModelPool) -> Iterator[str]:
-    with running(create_app(pool, api_key=KEY, max_tokens_limit=32)) as u:
+    with serving(pool, api_key=KEY, max_tokens_limit=32) as u:
         yield u
 
 
 @pytest.fixture(scope="module")
 def client(url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=60)
+    return client_of(url, KEY)
 
 
 @pytest.fixture(scope="module")

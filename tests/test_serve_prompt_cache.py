@@ -11,7 +11,7 @@ import openai
 from cli_helpers import assert_one_line_error, run_cli
 from gguf_factory.errors import InputError
 from gguf_factory.serve import LoadOptions, ModelPool, create_app
-from test_serve import running
+from serve_helpers import running
 
 SYS_A = "You are a friendly bot who likes food and tells jokes about it."
 SYS_B = "You answer in one short sentence and never ask questions back."

@@ -14,9 +14,9 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
-from gguf_factory.serve import ModelPool, create_app
+from gguf_factory.serve import ModelPool
 from gguf_factory.serve.structured import BadField, check_schema, schema_grammar
-from test_serve import assert_error, assert_idle_soon, running
+from serve_helpers import assert_error, assert_idle_soon, client_of, pool_of, serving
 
 MESSAGES = [{"role": "user", "content": "Tell me about your mood"}]
 
@@ -32,20 +32,19 @@ class Mood(BaseModel):
 
 @pytest.fixture(scope="module")
 def pool(tiny_f16_gguf: Path) -> Iterator[ModelPool]:
-    p = ModelPool({"tiny": tiny_f16_gguf}, queue_timeout=30)
-    yield p
-    p.close()
+    with pool_of({"tiny": tiny_f16_gguf}) as p:
+        yield p
 
 
 @pytest.fixture(scope="module")
 def url(pool: ModelPool) -> Iterator[str]:
-    with running(create_app(pool, max_tokens_limit=256)) as u:
+    with serving(pool, max_tokens_limit=256) as u:
         yield u
 
 
 @pytest.fixture(scope="module")
 def client(url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
+    return client_of(url)
 
 
 def post(url: str, path: str = "/v1/chat/completions", **body: Any) -> httpx.Response:

@@ -15,11 +15,11 @@ import openai
 import pytest
 
 from gguf_factory.runtime import load
-from gguf_factory.serve import ModelPool, create_app
+from gguf_factory.serve import ModelPool
 from gguf_factory.serve.generation import render
 from gguf_factory.serve.tools import ToolPlan, parse_calls, prepare, template_renders_tools, with_tool_calls
+from serve_helpers import assert_error, assert_idle_soon, client_of, pool_of, serving
 from test_hardening import with_template
-from test_serve import assert_error, assert_idle_soon, running
 
 QWEN25_TOOLS = """{%- if tools %}
     {{- '<|im_start|>system\\n' }}
@@ -87,20 +87,19 @@ def qwen_gguf(tiny_f16_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 @pytest.fixture(scope="module")
 def pool(tiny_f16_gguf: Path, qwen_gguf: Path) -> Iterator[ModelPool]:
-    p = ModelPool({"qwen": qwen_gguf, "plain": tiny_f16_gguf}, n_ctx=1024, queue_timeout=30)
-    yield p
-    p.close()
+    with pool_of({"qwen": qwen_gguf, "plain": tiny_f16_gguf}, n_ctx=1024) as p:
+        yield p
 
 
 @pytest.fixture(scope="module")
 def url(pool: ModelPool) -> Iterator[str]:
-    with running(create_app(pool, max_tokens_limit=128)) as u:
+    with serving(pool, max_tokens_limit=128) as u:
         yield u
 
 
 @pytest.fixture(scope="module")
 def client(url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=60)
+    return client_of(url)
 
 
 def check_call(call: Any, names: tuple[str, ...] = ("get_weather", "tell_joke")) -> dict[str, Any]:

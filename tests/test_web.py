@@ -23,7 +23,7 @@ import pytest
 from gguf_factory.serve import ModelPool, create_app
 from gguf_factory.serve.app import AUTO
 from gguf_factory.serve.web import STATIC_DIR
-from test_serve import assert_idle_soon, running
+from serve_helpers import assert_idle_soon, running
 from tools import missing_tool
 
 KEY = "web-key-456"
