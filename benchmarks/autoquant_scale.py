@@ -31,7 +31,6 @@ import json
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -46,6 +45,7 @@ from gguf_factory.errors import InputError
 from gguf_factory.evaluate import evaluate_many
 from gguf_factory.files import human_size
 from gguf_factory.quantize import quantize, read_gguf_info
+from stamp import git_commit
 
 RESULTS = Path(__file__).parent / "results"
 RUNGS = ("Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M")
@@ -141,20 +141,6 @@ def paired(a: str, b: str, ev: dict[str, Any]) -> dict[str, float]:
     d = [f[a] - f[b] for f in ev["per_fold"]]
     se = statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else float("nan")
     return {"diff": ev["mean"][a] - ev["mean"][b], "fold_mean": statistics.fmean(d), "se": se}
-
-
-def git_commit() -> str:
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + (" (with uncommitted changes)" if dirty else "")
 
 
 # --------------------------------------------------------------------------------------------- runs

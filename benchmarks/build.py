@@ -21,6 +21,7 @@ from pathlib import Path
 from rich.console import Console
 
 from gguf_factory.factory import build
+from stamp import git_commit
 
 RESULTS = Path(__file__).parent / "results"
 SEQUENTIAL = (
@@ -107,7 +108,7 @@ def main() -> None:
     result["command"] = "python benchmarks/build.py " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in (("manifest", args.manifest), ("repeats", args.repeats))
     )
-    result["commit"] = _commit()
+    result["commit"] = git_commit()
     (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     doms = routing.get("domains", {})
     md = [
@@ -152,17 +153,6 @@ def main() -> None:
         md = [line for line in md if "Ray" not in line and "2 workers" not in line]
     (RESULTS / f"{stem}.md").write_text("\n".join(md) + "\n")
     console.print(f"wrote {RESULTS / f'{stem}.md'}")
-
-
-def _commit() -> str:
-    import subprocess
-
-    here = Path(__file__).parent
-    proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                          check=False, cwd=here)  # fmt: skip
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                           text=True, check=False, cwd=here).stdout.strip()  # fmt: skip
-    return proc.stdout.strip() + ("+uncommitted" if dirty else "")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from stamp import git_commit
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 SPM_SPACE = "\u2581"
@@ -423,15 +425,6 @@ def _tokenizer_json_mismatches(r: Any, workdir: Path) -> int:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _git_commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("/tmp/gguf-factory-bench"))
@@ -453,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         previous = json.loads(json_path.read_text())
     result: dict[str, Any] = {
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-        "commit": _git_commit(),
+        "commit": git_commit(),
         "command": "python benchmarks/convert.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": {
             "cpus": os.cpu_count(),

@@ -45,6 +45,7 @@ RESULTS = Path(__file__).parent / "results"
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(Path(__file__).parent))
 from corrupt_corpus import KV, VT, load_model, serialize  # noqa: E402
+from stamp import git_commit  # noqa: E402
 
 CHATML = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
@@ -375,15 +376,6 @@ def overhead_figures(base: Path, work: Path) -> dict[str, Any]:
 
 
 # --- report -----------------------------------------------------------------------------------------------
-def git_commit() -> str:
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        )
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True)
-        return head.stdout.strip() + ("+uncommitted" if dirty.stdout.strip() else "")
-    except OSError:
-        return "unknown"
 
 
 def markdown(r: dict[str, Any]) -> str:

@@ -37,6 +37,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from stamp import git_commit
+
 RESULTS = Path(__file__).resolve().parent / "results"
 ROWS = ("trainer", "trainer-grouped", "ours", "ours-pack")
 TARGET = 1.5  # ours / trainer, tokens per second
@@ -200,18 +202,6 @@ def _machine() -> dict[str, Any]:
     }
 
 
-def _commit() -> str:
-    root = Path(__file__).resolve().parent.parent
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
-                             text=True, check=True).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
-        return sha + ("+uncommitted changes" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def _summary(values: list[float]) -> dict[str, float]:
     return {
         "median": round(statistics.median(values), 2),
@@ -278,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     result = {
         "benchmark": "train_throughput",
         "date": time.strftime("%Y-%m-%d %H:%M"),
-        "commit": _commit(),
+        "commit": git_commit(),
         "command": "python " + " ".join([f"benchmarks/{Path(__file__).name}", *(argv or sys.argv[1:])]),
         "machine": _machine(),
         "load_average": {"min": min(loads), "max": max(loads)},
