@@ -70,11 +70,17 @@ def precision() -> str:
 
 
 def step(row: dict[str, Any], name: str, output: Path, cmd: list[str], log: Path) -> None:
+    """Run one step unless its output exists; its time and peak RSS are kept beside the log, so that a
+    rerun that reuses the output still reports them."""
+    timing = log.with_suffix(".timing.json")
     if output.exists():
         row.setdefault("reused", []).append(name)
+        if timing.is_file():
+            row[name] = json.loads(timing.read_text())
         return
     console.print(f"[bold]{row['recipe']}[/]: {name}")
     row[name] = run_timed(cmd, log)
+    timing.write_text(json.dumps(row[name]) + "\n")
 
 
 def run_recipe(r: dict[str, Any], demo: Path, name: str, work: Path, threads: int) -> dict[str, Any]:
@@ -135,9 +141,13 @@ def main() -> None:
     teacher = args.demo / f"{args.name}-trim-F16.gguf"
     rows: list[dict[str, Any]] = [
         {
+            "recipe": "the fine-tuned model (F16, whole vocabulary)",
+            "bpb_f16": bpb(args.demo / f"{args.name}-F16.gguf", data, args.threads),
+        },
+        {
             "recipe": "teacher (fine-tuned, vocabulary trimmed, F16)",
             "bpb_f16": bpb(teacher, data, args.threads),
-        }
+        },
     ]
     demo_student = args.demo / f"{args.name}-student-{BUDGET}.gguf"
     if demo_student.is_file():
@@ -208,7 +218,8 @@ def markdown(r: dict[str, Any]) -> str:
         "Bits per reply byte on the demo's 90 test conversations (llama.cpp; lower is better); target "
         f"for the ≤ {r['budget']} file: {r['target_bpb']}. Layers and FFN: what the student keeps "
         "(of 30 and 1536). "
-        "Times are wall seconds of a fresh process each.",
+        "Times are wall seconds of a fresh process each (–: a step reused from an earlier run "
+        "that kept no time).",
         "",
         "| " + " | ".join(COLUMNS) + " |",
         "|---|" + "---:|" * (len(COLUMNS) - 1),

@@ -21,7 +21,7 @@ def demo(tiny_hf_model: Path, tmp_path_factory: pytest.TempPathFactory):
     return run_demo(
         out, base=str(tiny_hf_model), categories=TINY_CATEGORIES, runs=1, n_prompts=2, max_quality=6,
         max_size="10MB", finetune=FinetuneRecipe(epochs=1, lr=1e-3, batch_size=16),
-        student=StudentRecipe(vocab_size=400, ffn=0.5, epochs=1, lr=1e-3, always=True),
+        student=StudentRecipe(vocab_size=400, ffn=0.5, layers=0.0, epochs=1, lr=1e-3, always=True),
     )  # fmt: skip
 
 
@@ -61,7 +61,8 @@ def test_demo_rerun_reuses_every_step(demo, tiny_hf_model: Path) -> None:
     again = run_demo(
         demo.out_dir, base=str(tiny_hf_model), categories=TINY_CATEGORIES, runs=1, n_prompts=2, max_quality=6,
         max_size="10MB", finetune=FinetuneRecipe(epochs=1, lr=1e-3, batch_size=16),
-        student=StudentRecipe(vocab_size=400, ffn=0.5, epochs=1, lr=1e-3, always=True), lstm=False,
+        student=StudentRecipe(vocab_size=400, ffn=0.5, layers=0.0, epochs=1, lr=1e-3, always=True),
+        lstm=False,
     )  # fmt: skip
     assert "prepare" in again.reused and "convert F16" in again.reused
     assert "distil the student" in again.reused and "parity check" in again.reused
