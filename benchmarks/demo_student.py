@@ -151,13 +151,18 @@ def main() -> None:
     ]
     demo_student = args.demo / f"{args.name}-student-{BUDGET}.gguf"
     if demo_student.is_file():
-        rows.append(
-            {
-                "recipe": "the demo's student (ffn 0.5, 2 epochs), from its run",
-                "size_mb": round(demo_student.stat().st_size / 1e6, 2),
-                "bpb_small": bpb(demo_student, data, args.threads),
-            }
-        )
+        row = {
+            "recipe": "the demo's own student, from its run",
+            "size_mb": round(demo_student.stat().st_size / 1e6, 2),
+            "bpb_small": bpb(demo_student, data, args.threads),
+        }
+        report = args.demo / f"{args.name}-pruned-hf" / "prune_report.json"
+        if report.is_file():
+            pruned = json.loads(report.read_text())
+            row["layers_kept"] = (pruned.get("num_hidden_layers") or {}).get("after")
+            row["ffn_kept"] = pruned["intermediate_size"]["after"]
+            row["params_m"] = round(pruned["params"]["after"] / 1e6, 1)
+        rows.append(row)
     for r in recipes:
         rows.append(run_recipe(r, args.demo, args.name, args.work, args.threads))
         _write(rows, time.perf_counter() - t0)  # every finished row is saved

@@ -101,6 +101,26 @@ def demo_finetune(d: dict[str, Any]) -> list[str]:
     return lines
 
 
+def demo_student(d: dict[str, Any]) -> list[str]:
+    lines = [
+        f"- How the demo makes its ≤ {d['budget']} student ([results](benchmarks/results/demo_student.md), "
+        f"`{d['command']}`, {d['date'][:10]}): from the vocabulary-trimmed fine-tuned model, pruned, "
+        "distilled from it and auto-quantized to the budget; bits per reply byte on the 90 test "
+        f"conversations (target {d['target_bpb']} for the ≤ {d['budget']} file):",
+        "",
+        "| recipe | layers | FFN | parameters | distil wall | size | bits/byte F16 | bits/byte ≤ budget |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in d["rows"]:
+        lines.append(
+            f"| {r['recipe']} | {_f(r.get('layers_kept'), '{}')} | {_f(r.get('ffn_kept'), '{}')} "
+            f"| {_f(r.get('params_m'), '{} M')} | {_f((r.get('distil') or {}).get('seconds'), '{:.0f} s')} "
+            f"| {_f(r.get('size_mb'), '{:.1f} MB')} | {_f(r.get('bpb_f16'), '{:.3f}')} "
+            f"| {_f(r.get('bpb_small'), '{:.3f}')} |"
+        )
+    return lines
+
+
 def autoquant_scale(d: dict[str, Any]) -> list[str]:
     s = d["smollm2"]
     e2e = s["end_to_end_s"]
@@ -204,6 +224,7 @@ def build_domains_smollm2(d: dict[str, Any]) -> list[str]:
 SECTIONS = (
     ("demo", demo),
     ("demo_finetune", demo_finetune),
+    ("demo_student", demo_student),
     ("autoquant_scale", autoquant_scale),
     ("train_throughput", train_throughput),
     ("convert", convert),
