@@ -28,3 +28,21 @@ def test_ruff_check_is_clean() -> None:
 def test_ruff_format_is_clean() -> None:
     r = ruff("format", "--check", "--no-cache")
     assert r.returncode == 0, "run `ruff format src tests benchmarks`:\n" + r.stdout + r.stderr
+
+
+MAX_FUNCTION_LINES = 120
+
+
+def test_no_function_over_120_lines() -> None:
+    """Long functions are split where a reader wants names for the parts (nested defs count in their
+    parent, as a reader scrolls through them)."""
+    import ast
+
+    long = []
+    for path in sorted((ROOT / "src").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                n = (node.end_lineno or node.lineno) - node.lineno + 1
+                if n > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({n} lines)")
+    assert not long, "\n".join(long)
