@@ -121,11 +121,11 @@ def demo_student(d: dict[str, Any]) -> list[str]:
     return lines
 
 
-def autoquant_scale(d: dict[str, Any]) -> list[str]:
+def autoquant_scale(d: dict[str, Any], stem: str = "autoquant_scale", what: str = "") -> list[str]:
     s = d["smollm2"]
     e2e = s["end_to_end_s"]
     lines = [
-        f"- Auto-quant at the 135M scale ([results](benchmarks/results/autoquant_scale.md), "
+        f"- Auto-quant at the 135M scale{what} ([results](benchmarks/results/{stem}.md), "
         f"`{d['command']}`, {d['date'][:10]}) on {s['model']}: `--max-size 50MB` refused in "
         f"{s['refusal']['seconds']} s (smallest possible {s['bounds']['smallest'] / 1e6:.1f} MB); "
         f"{s['fast']['probes']} probes for {s['fast']['tensors']} tensors, measured in "
@@ -142,6 +142,10 @@ def autoquant_scale(d: dict[str, Any]) -> list[str]:
             f"| {au['ratio_stock_over_auto']:.1f}× |"
         )
     return lines
+
+
+def autoquant_scale_finetuned(d: dict[str, Any]) -> list[str]:
+    return autoquant_scale(d, "autoquant_scale_finetuned", ", on the demo's fine-tuned model")
 
 
 def train_throughput(d: dict[str, Any]) -> list[str]:
@@ -226,6 +230,7 @@ SECTIONS = (
     ("demo_finetune", demo_finetune),
     ("demo_student", demo_student),
     ("autoquant_scale", autoquant_scale),
+    ("autoquant_scale_finetuned", autoquant_scale_finetuned),
     ("train_throughput", train_throughput),
     ("convert", convert),
     ("from_gguf", from_gguf),

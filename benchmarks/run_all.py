@@ -58,6 +58,20 @@ def benches(demo: Path) -> list[Bench]:
             ("autoquant_scale.py", "--skip-small"),
         ),
         Bench(
+            "autoquant_scale_finetuned",
+            "autoquant_scale_finetuned",
+            (
+                "autoquant_scale.py",
+                "--f16",
+                str(demo / "sub-ai-smollm2-135m-F16.gguf"),
+                "--data",
+                str(demo / "data"),
+                "--skip-small",
+                "--results",
+                "autoquant_scale_finetuned",
+            ),  # fmt: skip
+        ),
+        Bench(
             "train_throughput",
             "train_throughput",
             ("train_throughput.py", "--steps", "6", "--runs", "3"),
