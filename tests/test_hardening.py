@@ -13,11 +13,9 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import struct
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +23,6 @@ from typing import Any
 
 import httpx2 as httpx
 import pytest
-import uvicorn
 
 from cli_helpers import assert_one_line_error
 from corrupt_corpus import KV, VT, Raw, load_model, serialize
@@ -33,6 +30,7 @@ from generation_checks import assert_chats
 from gguf_factory.errors import InputError, TemplateError, TemplateRefusedError
 from gguf_factory.runtime import load
 from gguf_factory.serve import ModelPool, create_app
+from serve_helpers import free_port, running
 
 CHATML = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
@@ -275,29 +273,6 @@ def test_output_rule_unit(tmp_path: Path) -> None:
 
 
 # --- 3, 6, 8. the server ---------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def running(app: Any) -> Iterator[str]:
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-
-
 @pytest.fixture(scope="module")
 def hostile_server(
     tiny_f16_gguf: Path, tmp_path_factory: pytest.TempPathFactory
