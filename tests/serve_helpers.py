@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -40,6 +41,21 @@ def running(app: object) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def wait_until_up(proc: subprocess.Popen, url: str, timeout: float = 60) -> None:
+    """Wait for a ``gguf-factory serve`` child to answer ``/health`` with 200; fail with its output if it
+    exits first, or when ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            out = proc.stdout.read() if proc.stdout else ""
+            raise AssertionError(out.decode() if isinstance(out, bytes) else out)
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(f"{url}/health").status_code == 200:
+                return
+        assert time.monotonic() < deadline, "server did not come up"
+        time.sleep(0.1)
 
 
 @contextlib.contextmanager

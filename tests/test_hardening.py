@@ -9,7 +9,6 @@ a regression (a hang) from hanging the suite.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -30,7 +29,7 @@ from generation_checks import assert_chats
 from gguf_factory.errors import InputError, TemplateError, TemplateRefusedError
 from gguf_factory.runtime import load
 from gguf_factory.serve import ModelPool, create_app
-from serve_helpers import free_port, running
+from serve_helpers import free_port, running, wait_until_up
 
 CHATML = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
@@ -443,12 +442,7 @@ def test_serve_warns_on_a_public_address_without_a_key(tiny_f16_gguf: Path) -> N
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                    break
-            time.sleep(0.2)
+        wait_until_up(proc, f"http://127.0.0.1:{port}")
         r = httpx.get(f"http://127.0.0.1:{port}/health")
         assert r.json() == {"status": "ok", "models": r.json().get("models")} or r.status_code == 200
     finally:

@@ -3,7 +3,6 @@ client and with raw HTTP for the error cases; the model pool's LRU eviction on t
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import signal
@@ -23,7 +22,7 @@ from gguf_factory.runtime import load
 from gguf_factory.serve import ModelPool, PoolBusyError, UnknownModelError, create_app, parse_size
 from gguf_factory.serve.app import chat_prompt_tokens
 from gguf_factory.serve.pool import resolve_n_ctx
-from serve_helpers import assert_error, assert_idle_soon, free_port, running
+from serve_helpers import assert_error, assert_idle_soon, free_port, running, wait_until_up
 
 KEY = "test-key-123"
 MAX_TOKENS_LIMIT = 48
@@ -413,14 +412,7 @@ def test_cli_serve(tiny_f16_gguf: Path) -> None:
     )
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.1)
+        wait_until_up(proc, url)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="from-env", max_retries=0)
         r = client.chat.completions.create(model=tiny_f16_gguf.stem, messages=MESSAGES, max_tokens=8)
         reply = r.choices[0].message.content

@@ -3,11 +3,9 @@ applied per request with llama.cpp's adapter API; replies are those of base + th
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -19,7 +17,7 @@ import pytest
 from gguf_factory.router import make_manifest
 from gguf_factory.runtime import load
 from gguf_factory.serve import ModelPool, ModelSpec, create_app, pool_models
-from serve_helpers import free_port, running
+from serve_helpers import free_port, running, wait_until_up
 
 ADAPTED = ("jokes", "meals", "hello")  # domains with an adapter; "plain" is the bare base
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -189,14 +187,7 @@ def serve_rss(manifest: Path, domains: list[str]) -> int:
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.1)
+        wait_until_up(proc, url)
         for d in domains:
             r = httpx.post(
                 f"{url}/v1/completions", json={"model": d, "prompt": "The quick brown fox", "max_tokens": 4},
