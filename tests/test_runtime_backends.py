@@ -151,3 +151,28 @@ def test_errors(
             m.logits([100000])
     with pytest.raises(InputError, match="context"):
         hf.chat([{"role": "user", "content": "hello " * 200}])
+
+
+def test_each_request_frees_the_previous_sampler(gg: ChatModel) -> None:
+    """llama-cpp-python's samplers sit in reference cycles: without the runtime's sampler subclass each
+    generation left one behind, with its n_vocab-long native buffer, until the cyclic collector ran
+    (+0.57 MB RSS per request on SmolLM2). With the collector off, at most one stays alive."""
+    import gc
+
+    from llama_cpp._internals import LlamaSampler
+
+    def live() -> int:
+        return sum(1 for o in gc.get_objects() if type(o) is LlamaSampler and o.sampler is not None)
+
+    gc.collect()
+    gc.disable()
+    try:
+        ids = gg.prompt_ids([{"role": "user", "content": "hello"}])
+        for _ in range(5):
+            assert list(gg.generate_tokens(ids, max_tokens=3, temperature=0.0))
+            assert isinstance(gg.chat([{"role": "user", "content": "hi"}], max_tokens=3), str)
+            pieces = list(gg.chat([{"role": "user", "content": "hi"}], max_tokens=3, stream=True))
+            assert pieces and all(isinstance(p, str) for p in pieces)
+        assert live() <= 1, live()
+    finally:
+        gc.enable()

@@ -414,7 +414,7 @@ def load_gguf(
     quiet = contextlib.nullcontext() if verbose else _quiet_stderr()
     try:
         with quiet:
-            llm = llama_cpp.Llama(
+            llm = _llama_class()(
                 model_path=str(p),
                 n_ctx=n_ctx,
                 n_threads=threads,
@@ -432,6 +432,47 @@ def load_gguf(
     if prompt_cache_bytes:
         model.set_prompt_cache(int(prompt_cache_bytes))
     return model
+
+
+_LLAMA_CLASS: Any = None
+
+
+def _llama_class() -> Any:
+    """``llama_cpp.Llama`` with samplers that are freed when the next one is made.
+
+    llama-cpp-python makes a sampler chain for every generation (``Llama._init_sampler``) and drops the
+    previous one, but its ``LlamaSampler`` sits in a reference cycle (the ``ExitStack`` callback that frees
+    it closes over it), so the native chain, with its n_vocab-long candidate buffer (12 bytes a token:
+    0.57 MB for SmolLM2's 49,152, 3 MB for Gemma 3's 262,144), lives on until Python's cyclic collector
+    happens to run: measured +0.57 MB RSS per request on SmolLM2-135M, request after request. This
+    subclass closes the previous sampler instead (nothing uses it once a new one is made: ``generate``
+    replaces ``Llama._sampler`` and ``sample`` makes a temporary one only when there is none), and closes
+    the last one with the model.
+    """
+    global _LLAMA_CLASS
+    if _LLAMA_CLASS is None:
+        import llama_cpp
+
+        class Llama(llama_cpp.Llama):  # type: ignore[misc]
+            _made_sampler: Any = None
+
+            def _init_sampler(self, *args: Any, **kwargs: Any) -> Any:
+                self._close_made_sampler()
+                self._made_sampler = super()._init_sampler(*args, **kwargs)
+                return self._made_sampler
+
+            def _close_made_sampler(self) -> None:
+                sampler, self._made_sampler = self._made_sampler, None
+                if sampler is not None:
+                    sampler.close()
+
+            def close(self) -> None:
+                self._sampler = None
+                self._close_made_sampler()
+                super().close()
+
+        _LLAMA_CLASS = Llama
+    return _LLAMA_CLASS
 
 
 class PromptCache:
