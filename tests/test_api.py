@@ -29,3 +29,17 @@ def test_runtime_does_not_import_torch_or_transformers() -> None:
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_chat_process_imports_only_the_runtime() -> None:
+    """A process that chats (the package, its runtime, the bench child) imports no verb module, neither
+    gguf-py nor pydantic nor yaml nor rich: together about 17 MB of the chat process's RSS."""
+    code = (
+        "import sys, gguf_factory, gguf_factory.runtime, gguf_factory.bench\n"
+        "mods = set(sys.modules)\n"
+        "heavy = sorted(m for m in ('gguf', 'pydantic', 'yaml', 'rich', 'gguf_factory.train', "
+        "'gguf_factory.convert', 'gguf_factory.quantize', 'gguf_factory.evaluate') if m in mods)\n"
+        "assert not heavy, heavy\n"
+        "assert callable(gguf_factory.quantize) and 'gguf_factory.quantize' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -6,25 +6,24 @@ process never pays for them); the training and reference code load them when cal
 
 from __future__ import annotations
 
+import sys
+import types
 from typing import Any
 
 from ._version import __version__ as __version__
 
-# Verbs whose module has the verb's own name are bound here eagerly (those modules import no torch), so
-# that importing e.g. ``gguf_factory.train.scratch`` later cannot replace the function
-# ``gguf_factory.train`` with its module. Reach such submodules with ``from gguf_factory.train import
+# The verbs, like the rest of the API, are imported on first use (PEP 562 ``__getattr__``): a chat process
+# that imports ``gguf_factory.runtime`` pays neither for gguf-py nor for pydantic (about 17 MB of RSS).
+# Nine verbs share their name with the module that defines them (``gguf_factory.train`` the function,
+# ``gguf_factory/train/`` the package); importing such a module makes Python bind it on the package, which
+# would hide the function. ``_Package.__setattr__`` refuses that binding, so ``gguf_factory.train`` is the
+# function whatever was imported first. Reach such submodules with ``from gguf_factory.train import
 # scratch``; ``import gguf_factory.train.scratch as scratch`` resolves ``train`` to the function.
-from .autoquant import autoquant  # noqa: E402
-from .convert import convert  # noqa: E402
-from .evaluate import bits_per_byte, evaluate  # noqa: E402
-from .ladder import ladder  # noqa: E402
-from .merge import merge  # noqa: E402
-from .prune import prune  # noqa: E402
-from .quantize import quantize  # noqa: E402
-from .train import train  # noqa: E402
-from .verify import verify  # noqa: E402
+_VERBS = ("autoquant", "convert", "evaluate", "ladder", "merge", "prune", "quantize", "train", "verify")
 
 _EXPORTS = {
+    **{verb: (verb, verb) for verb in _VERBS},
+    "bits_per_byte": ("evaluate", "bits_per_byte"),
     "prepare": ("data", "prepare"),
     "load": ("runtime", "load"),
     "convert_lora": ("convert.lora", "convert_lora"),
@@ -41,19 +40,7 @@ _EXPORTS = {
     "FactoryError": ("errors", "FactoryError"),
 }
 
-__all__ = [
-    "autoquant",
-    "convert",
-    "bits_per_byte",
-    "evaluate",
-    "ladder",
-    "merge",
-    "prune",
-    "quantize",
-    "train",
-    "verify",
-    *_EXPORTS,
-]
+__all__ = list(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
@@ -62,4 +49,19 @@ def __getattr__(name: str) -> Any:
     import importlib
 
     module, attr = _EXPORTS[name]
-    return getattr(importlib.import_module(f".{module}", __name__), attr)
+    value = getattr(importlib.import_module(f".{module}", __name__), attr)
+    if name in _VERBS:
+        types.ModuleType.__setattr__(sys.modules[__name__], name, value)  # later lookups skip this
+    return value
+
+
+class _Package(types.ModuleType):
+    """The package's module type: a verb's name never gets rebound to the module of the same name."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _VERBS and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
