@@ -22,12 +22,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rich.table import Table
-
 from .errors import FactoryError
 from .files import human_size, require_dir, require_file
 
 if TYPE_CHECKING:  # not imported at run time: the measuring child imports only what a system needs
+    from rich.table import Table
+
     from .data import Conversation
     from .scoring import BitsPerByte
 
@@ -52,6 +52,9 @@ class BenchRow:
     """``gguf`` (llama.cpp), ``hf`` (transformers) or ``lstm`` (the seq2seq baseline)."""
     quality_replies: list[str] = field(default_factory=list)
     """Greedy replies to the quality prompts, when :func:`measure` was given some."""
+    n_ctx: int | None = None
+    """The context the system was loaded with (GGUFs: the file's recommended context, else the default);
+    llama.cpp's KV cache, a large part of the peak RSS, grows with it."""
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -155,6 +158,7 @@ def _measure_in_this_process(
         "first_token_ms": statistics.median(first_ms),
         "tokens_per_s": statistics.median(rates) if rates else 0.0,
         "peak_rss_mb": rss / 2**20,
+        "n_ctx": getattr(system.model, "n_ctx", None),
         "answers": answers,
         "quality_replies": quality,
     }
@@ -229,11 +233,14 @@ def measure(
         samples=samples,
         kind=kind,
         quality_replies=results[0]["quality_replies"],
+        n_ctx=results[0].get("n_ctx"),
         **{k: statistics.median(v) for k, v in samples.items()},
     )
 
 
 def render_table(rows: Sequence[BenchRow], title: str = "GGUF models in llama.cpp") -> Table:
+    from rich.table import Table
+
     table = Table(title=title)
     for col in ("model", "file size", "load", "first token", "tokens/s", "peak RSS"):
         table.add_column(col, justify="left" if col == "model" else "right")
@@ -614,6 +621,10 @@ def _bpb_notes(report: BenchReport) -> list[str]:
     return [*notes, ""]
 
 
+def _ctx(r: BenchRow) -> str:
+    return f" (ctx {r.n_ctx})" if r.kind == "gguf" and r.n_ctx else ""
+
+
 def report_markdown(report: BenchReport, settings: dict[str, Any]) -> str:
     threads = settings.get("threads") or os.cpu_count()
     md = [
@@ -632,7 +643,7 @@ def report_markdown(report: BenchReport, settings: dict[str, Any]) -> str:
         r = s.row
         md.append(
             f"| {r.name} | {KIND_LABELS[r.kind]} | {human_size(r.size_bytes)} | {r.load_s * 1000:.0f} ms "
-            f"| {r.first_token_ms:.1f} ms | {r.tokens_per_s:.0f} | {r.peak_rss_mb:.0f} MB "
+            f"| {r.first_token_ms:.1f} ms | {r.tokens_per_s:.0f} | {r.peak_rss_mb:.0f} MB{_ctx(r)} "
             f"| {_pct(s.known_word_rate)} | {_pct(s.on_topic)} | {s.similarity:.2f} | {_bpb(s)} |"
         )
     md += [
@@ -640,7 +651,9 @@ def report_markdown(report: BenchReport, settings: dict[str, Any]) -> str:
         f"On topic = the nearest training answer is from the prompt's domain (`replies.py`): "
         f"{_pct(report.reference_on_topic)} for the reference answers, {_pct(report.chance_on_topic)} by "
         "chance. Similarity = character-level similarity to the reference answer (1 = identical). "
-        "Size = the GGUF file, or every file of the model folder. The LSTM's tokens are words.",
+        "Size = the GGUF file, or every file of the model folder. The LSTM's tokens are words. Peak RSS of "
+        "a GGUF: at the context shown (its recommended one, else the default), whose KV cache llama.cpp "
+        "allocates at load.",
         "",
         *_bpb_notes(report),
     ]
@@ -735,6 +748,8 @@ def write_chart(report: BenchReport, path: Path) -> Path:
 
 
 def render_report_table(report: BenchReport) -> Table:
+    from rich.table import Table
+
     table = Table(title=f"bench: {len(report.prompts)} prompts for speed, {report.n_quality} for quality")
     short = {"hf": "HF", "gguf": "GGUF", "lstm": "LSTM"}
     for col in ("system", "", "size", "1st token", "tok/s", "RSS", "on topic", "sim.", "bits/B", "targets"):

@@ -44,6 +44,11 @@ __all__ = ["DemoResult", "run_demo", "held_out_prompts", "DEMO_NAME", "DEMO_QUAN
 
 DEMO_NAME = "sub-ai"
 DEMO_QUANTS = ("Q8_0", "Q5_K_M", "Q4_K_M")
+# The recommended context written into the demo's chat files (``quantize(context_length=...)``): its longest
+# conversation is 383 tokens under SmolLM2's template (median 48), and llama.cpp allocates the KV cache for
+# the whole context at load (SmolLM2-135M: 23.6 MB per 1024 tokens in f16), so 2048 would cost RSS for room
+# no chat here uses. ``chat --ctx`` / ``load(n_ctx=...)`` still take any length the model was trained for.
+DEMO_CONTEXT = 1024
 DEFAULT_BASE = "smollm2-135m-instruct"
 
 
@@ -204,7 +209,11 @@ def run_demo(
     ggufs = {"F16": f16}
     for qtype in DEMO_QUANTS:
         q = out / f"{name}-{qtype}.gguf"
-        steps.run(f"quantize {qtype}", q, lambda q=q, t=qtype: quantize(f16, q, t, threads=threads))
+        steps.run(
+            f"quantize {qtype}",
+            q,
+            lambda q=q, t=qtype: quantize(f16, q, t, threads=threads, context_length=DEMO_CONTEXT),
+        )
         ggufs[qtype] = q
 
     budget = parse_size(max_size, "max_size")
