@@ -1072,6 +1072,10 @@ class Parity:
     # F16 top-1 flips (vs transformers) larger than llama.cpp's own half-precision error explains: the HF
     # margin between the two tokens exceeds twice the position's |F16 - F32| (llama.cpp) plus |F32 - HF|.
     f16_unexplained_flips: int | None = None
+    # models with a tanh-GELU: F32 top-1 and max |log_softmax diff| against transformers with ggml's CPU
+    # GELU (an fp16 table) swapped in, which separates llama.cpp's GELU arithmetic from conversion errors
+    top1_f32_ggml_gelu: float | None = None
+    max_diff_f32_ggml_gelu: float | None = None
 
 
 def gguf_fields(path: Path) -> dict[str, Any]:
@@ -1111,7 +1115,42 @@ def _prompt_ids(tok: Any, prompts: list[Any]) -> list[list[int]]:
     return out
 
 
-def _hf_logits(hf_dir: Path, all_ids: list[list[int]]) -> Any:
+# transformers' tanh-approximated GELU modules (gelu_pytorch_tanh, gelu_new...): the ones ggml's CPU backend
+# computes through its fp16 table
+TANH_GELU_MODULES = ("GELUTanh", "NewGELUActivation", "FastGELUActivation")
+
+
+def ggml_gelu_module() -> Any:
+    """A torch module computing GELU the way ggml's CPU backend does (ggml-cpu/vec.h with GGML_GELU_FP16,
+    its default): x <= -10 -> 0, x >= 10 -> x, else the tanh approximation evaluated in float32 at x rounded
+    to fp16, and the result rounded to fp16 (its 65,536-entry table). Used only to tell llama.cpp's GELU
+    arithmetic apart from conversion errors: the parity figures are reported against transformers as is."""
+    import torch
+
+    class GgmlGelu(torch.nn.Module):
+        def forward(self, x: Any) -> Any:
+            h = x.to(torch.float16).to(torch.float32)
+            inner = 0.7978845608028654 * h * (1.0 + 0.044715 * h * h)
+            y = (0.5 * h * (1.0 + torch.tanh(inner))).to(torch.float16).to(torch.float32)
+            return torch.where(x <= -10.0, torch.zeros_like(x), torch.where(x >= 10.0, x, y))
+
+    return GgmlGelu()
+
+
+def swap_in_ggml_gelu(model: Any) -> int:
+    """Replace every tanh-GELU module of ``model`` with :func:`ggml_gelu_module`; the number replaced."""
+    n = 0
+    for module in model.modules():
+        for name, child in list(module.named_children()):
+            if type(child).__name__ in TANH_GELU_MODULES:
+                setattr(module, name, ggml_gelu_module())
+                n += 1
+    return n
+
+
+def _hf_logits(hf_dir: Path, all_ids: list[list[int]], *, ggml_gelu: bool = False) -> Any:
+    """transformers' F32 logits at every position; ``ggml_gelu``: with ggml's GELU (None if the model has
+    no tanh-GELU)."""
     import numpy as np
     import torch
     from transformers import AutoModelForCausalLM
@@ -1120,6 +1159,8 @@ def _hf_logits(hf_dir: Path, all_ids: list[list[int]]) -> Any:
         str(hf_dir), dtype=torch.float32, attn_implementation="eager"
     )
     model.eval()  # no dropout
+    if ggml_gelu and not swap_in_ggml_gelu(model):
+        return None
     with torch.no_grad():
         return np.concatenate([model(input_ids=torch.tensor([ids])).logits[0].numpy() for ids in all_ids])
 
@@ -1208,6 +1249,13 @@ def run_parity(name: str, workdir: Path, *, f16: bool = True, n_threads: int = 2
     result.f32_unexplained_flips = int(
         ((pick32 != top) & (hf[rows, top] - hf[rows, pick32] > 2 * f32_err)).sum()
     )
+    from transformers import AutoTokenizer
+
+    all_ids = _prompt_ids(AutoTokenizer.from_pretrained(str(hf_dir)), prompts_for(name) + LOGIT_TEXTS)
+    matched = _hf_logits(hf_dir, all_ids, ggml_gelu=True)
+    if matched is not None:
+        result.top1_f32_ggml_gelu = float((matched.argmax(-1) == pick32).mean())
+        result.max_diff_f32_ggml_gelu = float(np.abs(_log_softmax(matched) - _log_softmax(ll32)).max())
     if f16:
         ll16 = outs[1]
         pick = ll16.argmax(-1)

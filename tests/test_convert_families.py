@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from gguf_factory.convert import supported_architectures
-from gguf_factory.convert.families import CHECKS, FAMILIES, Family
+from gguf_factory.convert.families import CHECKS, FAMILIES, GELU_NOTE, Family
 from model_builders import BUILDERS, PARITY_TEXTS, Parity, run_parity
 
 BY_KEY = {f.key: f for f in FAMILIES}
@@ -81,8 +81,14 @@ def test_family_parity(workdir: Path, key: str) -> None:
     assert r.f32_unexplained_flips == 0  # any F32 disagreement is a near-tie, claimed or not
     assert r.top1_f32 >= 0.998, r.top1_f32  # what the notes of the two families below 99.9 % say
     assert r.positions > 1000
+    if r.top1_f32_ggml_gelu is not None:  # a tanh-GELU model: also against transformers with ggml's GELU
+        assert r.top1_f32_ggml_gelu >= 0.999, (r.top1_f32_ggml_gelu, r.positions)
+        assert r.max_diff_f32_ggml_gelu is not None and r.max_diff_f32_ggml_gelu < 2e-2
     if "top1-f32" in family.verified:
-        assert r.top1_f32 >= 0.999, (r.top1_f32, r.positions)
+        if family.note == GELU_NOTE:  # the F32 check is the GELU-matched one (the note says so)
+            assert r.top1_f32_ggml_gelu is not None and r.top1_f32 < 0.999
+        else:
+            assert r.top1_f32 >= 0.999, (r.top1_f32, r.positions)
         assert r.max_diff_f32 < 5e-2  # ggml's GELU reads an fp16 table: ~1e-2; SiLU models ~1e-4
     if "top1-f16" in family.verified:
         assert r.top1_f16 is not None and r.top1_f16 >= 0.98, r.top1_f16

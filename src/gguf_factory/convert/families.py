@@ -8,7 +8,8 @@ family, so the table cannot claim more than the suite proves:
 * ``tokenizer``: 0 id mismatches between transformers and llama.cpp on edge cases, English and 8 other
   languages, plain and rendered through the chat template (``note`` names any documented exception);
 * ``greedy``: identical greedy continuations on the F32 GGUF;
-* ``top1-f32``: top-1 agreement >= 99.9 % at every prompt position (F32);
+* ``top1-f32``: top-1 agreement >= 99.9 % at every prompt position (F32); for a family whose note is
+  ``GELU_NOTE``, against transformers computing GELU as ggml's CPU backend does (the note says why);
 * ``top1-f16``: top-1 agreement >= 99 % on the F16 GGUF (half-precision rounding flips near ties).
 """
 
@@ -48,6 +49,15 @@ class Family:
 
 
 _SPM = "SentencePiece BPE (llama)"
+# Gemma and Phi-2 on their random-weight fixtures: ggml's CPU backend computes GELU through an fp16 lookup
+# table, which moves a few near-tied top-1 picks; against transformers with that same GELU the F32 file agrees
+# at every position (tests/model_builders.py: Parity.top1_f32_ggml_gelu, asserted by the family test)
+GELU_NOTE = (
+    "top-1 (F32) just under 99.9 % against transformers as is, every flip at a margin below llama.cpp's own "
+    "logit error there; ≥ 99.9 % (100 % measured) against transformers computing GELU as ggml's CPU backend "
+    "does (an fp16 table): the flips are llama.cpp's GELU arithmetic, not the conversion"
+)
+
 FAMILIES: tuple[Family, ...] = (
     Family(
         "llama2",
@@ -106,9 +116,7 @@ FAMILIES: tuple[Family, ...] = (
         ("GemmaForCausalLM",),
         "gemma",
         f"{_SPM}, Replace normalizer, no prefix",
-        verified=("tokenizer", "greedy", "top1-f16"),
-        note="top-1 (F32) just under 99.9 % on the random-weight fixture (3 flips in ~1900 positions), each "
-        "at a transformers margin below llama.cpp's own logit error there (ggml's CPU GELU: an fp16 table)",
+        note=GELU_NOTE,
     ),
     Family("gemma2", "Gemma 2", ("Gemma2ForCausalLM",), "gemma2", f"{_SPM}, Replace normalizer, no prefix"),
     Family("gemma3", "Gemma 3", ("Gemma3ForCausalLM",), "gemma3", f"{_SPM}, Replace + Split(' ') (a no-op)"),
@@ -118,9 +126,7 @@ FAMILIES: tuple[Family, ...] = (
         ("PhiForCausalLM",),
         "phi2",
         "byte-level BPE, gpt-2",
-        verified=("tokenizer", "greedy", "top1-f16"),
-        note="top-1 (F32) just under 99.9 % on the random-weight fixture (3 flips in ~2000 positions), each "
-        "at a transformers margin below llama.cpp's own logit error there (ggml's CPU GELU: an fp16 table)",
+        note=GELU_NOTE,
     ),
     Family(
         "phi3", "Phi-3 / Phi-3.5", ("Phi3ForCausalLM",), "phi3", f"{_SPM}, legacy Prepend+Replace normalizer"
