@@ -276,6 +276,9 @@ def round_trip(tmp_path_factory: pytest.TempPathFactory) -> Any:
 # model_builders.py's families of the architectures rebuilt here, and test_convert.py's scratch Llama
 FAMILIES = ["llama2", "llama2-rope-linear", "llama3", "llama3-rope-yarn", "mistral", "qwen2", "qwen3"]
 FAMILIES += ["phi3", "gemma", "gemma2", "gemma3", "gpt2", "dialogpt", "scratch-llama", "scratch-llama-tied"]
+MOE_FAMILIES = ["mixtral", "qwen2moe", "qwen3moe"]  # experts merged in 3-D GGUF tensors
+FAMILIES += MOE_FAMILIES
+FAMILIES += ["phi2", "gptneox", "stablelm", "falcon"]
 # SentencePiece forms (test_convert_spm.py): .model BPE, .model unigram with byte fallback, tokenizer.json
 # unigram without (-> llama.cpp's "t5"), Gemma's .model
 SPM_KINDS = ["spm-model-bpe", "spm-model-unigram", "spm-json-unigram-nobf", "spm-gemma2-model"]
@@ -286,16 +289,23 @@ EXPECTED = {
     "llama3": ("LlamaForCausalLM", "gpt2 (pre llama-bpe)"),
     "llama3-rope-yarn": ("LlamaForCausalLM", "gpt2 (pre llama-bpe)"),
     "mistral": ("LlamaForCausalLM", "llama"),
+    "mixtral": ("MixtralForCausalLM", "llama"),
     "qwen2": ("Qwen2ForCausalLM", "gpt2 (pre qwen2)"),
+    "qwen2moe": ("Qwen2MoeForCausalLM", "gpt2 (pre qwen2)"),
     "phi3": ("Phi3ForCausalLM", "llama"),
     "gemma": ("GemmaForCausalLM", "llama"),
     "gemma2": ("Gemma2ForCausalLM", "llama"),
     "qwen3": ("Qwen3ForCausalLM", "gpt2 (pre qwen2)"),
+    "qwen3moe": ("Qwen3MoeForCausalLM", "gpt2 (pre qwen2)"),
     "gemma3": ("Gemma3ForCausalLM", "llama"),
     "gpt2": ("GPT2LMHeadModel", "gpt2 (pre gpt-2)"),
     "dialogpt": ("GPT2LMHeadModel", "gpt2 (pre gpt-2)"),
     "scratch-llama": ("LlamaForCausalLM", "gpt2 (pre gpt-2)"),
     "scratch-llama-tied": ("LlamaForCausalLM", "gpt2 (pre gpt-2)"),
+    "phi2": ("PhiForCausalLM", "gpt2 (pre gpt-2)"),
+    "gptneox": ("GPTNeoXForCausalLM", "gpt2 (pre gpt-2)"),
+    "stablelm": ("StableLmForCausalLM", "gpt2 (pre stablelm2)"),
+    "falcon": ("FalconForCausalLM", "gpt2 (pre falcon)"),
     "spm-model-bpe": ("LlamaForCausalLM", "llama"),
     "spm-model-unigram": ("LlamaForCausalLM", "llama"),
     "spm-json-unigram-nobf": ("LlamaForCausalLM", "t5"),
@@ -313,8 +323,9 @@ def _q_factor(config: dict[str, Any]) -> float:
 def test_supported_architectures() -> None:
     from gguf_factory.convert.from_gguf import supported_architectures
 
-    archs = ["gemma", "gemma2", "gemma3", "gpt2", "llama", "phi3", "qwen2", "qwen3"]
-    assert supported_architectures() == archs  # each with a family below
+    archs = ["falcon", "gemma", "gemma2", "gemma3", "gpt2", "gptneox", "llama", "phi2", "phi3", "qwen2"]
+    archs += ["qwen2moe", "qwen3", "qwen3moe", "stablelm"]
+    assert supported_architectures() == archs  # each with a family below (llama with experts: Mixtral)
     assert {EXPECTED[k][0] for k in FAMILIES} == {
         "LlamaForCausalLM",
         "GPT2LMHeadModel",
@@ -324,6 +335,13 @@ def test_supported_architectures() -> None:
         "Phi3ForCausalLM",
         "Gemma2ForCausalLM",
         "Gemma3ForCausalLM",
+        "MixtralForCausalLM",
+        "Qwen2MoeForCausalLM",
+        "Qwen3MoeForCausalLM",
+        "PhiForCausalLM",
+        "GPTNeoXForCausalLM",
+        "StableLmForCausalLM",
+        "FalconForCausalLM",
     }
 
 
@@ -464,6 +482,249 @@ def test_round_trip_tokenizer(round_trip: Any, kind: str) -> None:
         assert back(text)["input_ids"] == orig(text)["input_ids"], text
 
 
+# Variants of the families above that the builders do not make, each a block layout the rebuild reads from
+# the GGUF's tensors and head counts (falcon: the Q/K/V un-grouping with several key/value groups too)
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "falcon-new-arch-2-norms": (
+        "falcon",
+        {"new_decoder_architecture": True, "num_kv_heads": 2, "num_ln_in_parallel_attn": 2},
+    ),
+    "falcon-new-arch-1-norm": (
+        "falcon",
+        {"new_decoder_architecture": True, "num_kv_heads": 2, "num_ln_in_parallel_attn": 1},
+    ),
+    "falcon-multi-head": ("falcon", {"multi_query": False}),
+    "gptneox-sequential": ("gptneox", {"use_parallel_residual": False}),
+    "stablelm-parallel-gqa": ("stablelm", {"use_parallel_residual": True, "num_key_value_heads": 2}),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_round_trip_variants(tmp_path: Path, variant: str) -> None:
+    """HF -> F32 GGUF -> HF for the variants: the same tensors bit for bit, config and logits."""
+    import torch
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer
+
+    import model_builders
+
+    kind, changes = VARIANTS[variant]
+    orig = model_builders.build(kind, tmp_path / f"tiny-{variant}")
+    config = AutoConfig.from_pretrained(orig, local_files_only=True)
+    for key, value in changes.items():
+        setattr(config, key, value)
+    torch.manual_seed(21)
+    model = getattr(transformers, config.architectures[0])(config)
+    with torch.no_grad():  # random norms and biases too: which norm feeds attention, which the MLP, matters
+        for p in model.parameters():
+            p.mul_(2.0) if p.dim() > 1 else p.add_(0.3 * torch.randn_like(p))
+    model.save_pretrained(orig)
+    f32 = tmp_path / "model-F32.gguf"
+    convert(orig, f32, outtype="f32")
+    back = gguf_to_hf(f32, tmp_path / "back").path
+    a, b = safetensors_of(orig), safetensors_of(back)
+    assert set(a) == set(b)
+    for name in sorted(a):
+        assert np.array_equal(a[name], b[name]), name
+    orig_cfg = AutoConfig.from_pretrained(orig, local_files_only=True).to_dict()
+    back_cfg = AutoConfig.from_pretrained(back, local_files_only=True).to_dict()
+    assert all(back_cfg[k] == v for k, v in changes.items()), back_cfg
+    allowed = {"initializer_range", "transformers_version", "_name_or_path", "dtype", "pad_token_id"}
+    diff = {k: (orig_cfg.get(k), back_cfg.get(k)) for k in set(orig_cfg) | set(back_cfg) if k not in allowed}
+    assert {k: v for k, v in diff.items() if v[0] != v[1]} == {}
+    tok = AutoTokenizer.from_pretrained(orig, local_files_only=True)
+    prompts = [tok.encode(p if isinstance(p, str) else p[0]["content"]) for p in model_builders.CHAT_PROMPTS]
+    for x, y in zip(_hf_logits(orig, prompts), _hf_logits(back, prompts), strict=True):
+        assert np.array_equal(x, y), float(np.abs(x - y).max())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Mixtures of experts: llama.cpp's merged 3-D expert tensors -> the per-expert checkpoint layout
+# ---------------------------------------------------------------------------------------------------
+
+# The published checkpoint names of expert i's matrix in layer n, per merged GGUF tensor (transformers 5 fuses
+# them in memory as experts.gate_up_proj / experts.down_proj, and saves and loads these)
+EXPERT_PARAMS = {
+    "mixtral": ("model.layers.{n}.block_sparse_moe.experts.{i}.", {"gate": "w1", "up": "w3", "down": "w2"}),
+    "qwen2moe": ("model.layers.{n}.mlp.experts.{i}.", {p: f"{p}_proj" for p in ("gate", "up", "down")}),
+    "qwen3moe": ("model.layers.{n}.mlp.experts.{i}.", {p: f"{p}_proj" for p in ("gate", "up", "down")}),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", MOE_FAMILIES)
+def test_moe_rebuild_runs_like_llama_cpp(round_trip: Any, kind: str, tmp_path: Path) -> None:
+    """The rebuilt MoE checkpoint in transformers against llama.cpp running the F32 GGUF it came from, at
+    every position of > 1000: the router, the experts and the renormalization that llama.cpp's graph fixes
+    (norm_topk_prob) are the ones transformers uses. The same folder with norm_topk_prob flipped disagrees
+    on > 5 % of the positions, so this check would see a wrong choice."""
+    import shutil
+
+    from model_builders import CHAT_PROMPTS as FAMILY_PROMPTS
+    from model_builders import LOGIT_TEXTS
+
+    rt: RoundTrip = round_trip(kind)
+    prompts = FAMILY_PROMPTS + LOGIT_TEXTS
+    logits = check_logit_agreement(rt.f32, rt.back, prompts)
+    log.info("%s rebuilt vs its F32 GGUF in llama.cpp: %s", kind, logits)
+    assert logits.n_positions > 1000
+    assert logits.top1_agreement == 1.0 and logits.max_abs_logprob_diff < 1e-2, logits
+    config = json.loads((rt.back / "config.json").read_text())
+    if "norm_topk_prob" in config:  # Mixtral always renormalizes (no field)
+        flipped = tmp_path / "flipped"
+        shutil.copytree(rt.back, flipped)
+        config["norm_topk_prob"] = not config["norm_topk_prob"]
+        (flipped / "config.json").write_text(json.dumps(config))
+        wrong = check_logit_agreement(rt.f32, flipped, prompts, min_top1=0.0)
+        assert wrong.top1_agreement < 0.95 and wrong.max_abs_logprob_diff > 1.0, wrong
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", MOE_FAMILIES)
+def test_moe_quantized_experts_are_sliced(round_trip: Any, kind: str, tmp_path: Path) -> None:
+    """A Q8_0 GGUF (merged expert tensors quantized): expert i's matrix in the rebuilt folder is slice i of
+    gguf-py's dequantization of the merged tensor, under its published checkpoint name."""
+    rt: RoundTrip = round_trip(kind)
+    q8 = tmp_path / "model-Q8_0.gguf"
+    convert(rt.hf_dir, q8, outtype="q8_0")
+    result = gguf_to_hf(q8, tmp_path / "back")
+    assert result.hf_architecture == EXPECTED[kind][0] and result.source_types["Q8_0"] > 0
+    back = safetensors_of(result.path)
+    assert set(back) == set(safetensors_of(rt.back))  # the same layout as the F32 rebuild (= the original)
+    prefix, names = EXPERT_PARAMS[kind]
+    _, tensors = read_gguf(q8)
+    config = json.loads((rt.hf_dir / "config.json").read_text())
+    n_expert = config.get("num_local_experts", config.get("num_experts"))
+    checked = 0
+    for name, t in tensors.items():
+        if not name.endswith("_exps.weight"):
+            continue
+        _, layer, kind_of, _ = name.split(".")  # blk.N.ffn_gate_exps.weight
+        assert t.tensor_type == gguf.GGMLQuantizationType.Q8_0, name
+        merged = dequantized(t)
+        assert merged.shape[0] == n_expert, name
+        for i in range(n_expert):
+            hf_name = prefix.format(n=layer, i=i) + names[kind_of.split("_")[1]] + ".weight"
+            assert np.array_equal(back[hf_name], merged[i]), hf_name
+            checked += 1
+    assert checked == 2 * 3 * n_expert  # 2 layers x gate / up / down
+
+
+@pytest.mark.slow
+def test_llama_with_experts_is_a_mixtral(round_trip: Any, tmp_path: Path) -> None:
+    """The llama plug-in hands files with llama.expert_count to the Mixtral rebuild and keeps everything else
+    (and its own refusal of experts) as before."""
+    from gguf_factory.convert.from_gguf.archs import reverse_for
+    from gguf_factory.convert.from_gguf.archs.llama import LlamaReverse
+    from gguf_factory.convert.from_gguf.archs.mixtral import MixtralReverse
+    from gguf_factory.convert.from_gguf.source import GGUFSource
+    from gguf_factory.errors import ModelError
+
+    mixtral = GGUFSource.open(round_trip("mixtral").f32)
+    assert reverse_for(mixtral) is MixtralReverse
+    with pytest.raises(
+        ModelError, match=r"a mixture of experts \(llama\.expert_count\); LlamaForCausalLM cannot"
+    ):
+        LlamaReverse(mixtral)
+    llama = round_trip("llama").f32
+    assert reverse_for(GGUFSource.open(llama)) is LlamaReverse
+    zero = rewrite_gguf(llama, tmp_path / "zero-experts.gguf", set_kv={"llama.expert_count": 0})
+    assert gguf_to_hf(zero, tmp_path / "zero").hf_architecture == "LlamaForCausalLM"
+    # a dense Llama that claims experts: the Mixtral rebuild asks for the experts it does not have
+    claims = rewrite_gguf(
+        llama, tmp_path / "claims.gguf", set_kv={"llama.expert_count": 4, "llama.expert_used_count": 2}
+    )
+    assert_refused(
+        claims,
+        tmp_path / "out",
+        r"lacks the tensor blk\.0\.ffn_\w+_exps\.weight, which MixtralForCausalLM needs for "
+        r"model\.layers\.0\.block_sparse_moe\.experts\.<i>\.w[123]\.weight",
+    )
+    # a Mixtral without its expert keys is a plain Llama, which finds no dense FFN
+    no_keys = rewrite_gguf(
+        round_trip("mixtral").f32,
+        tmp_path / "no-keys.gguf",
+        drop=("llama.expert_count", "llama.expert_used_count"),
+    )
+    assert_refused(
+        no_keys, tmp_path / "out", r"lacks the tensor blk\.0\.ffn_gate\.weight, which LlamaForCausalLM"
+    )
+
+
+MOE_REFUSALS = [
+    (
+        "mixtral",
+        {"llama.expert_count": 3},
+        r"blk\.0\.ffn_gate_inp\.weight has shape \[4, 64\], but llama\.expert_count = 3 ",
+    ),
+    (
+        "mixtral",
+        {"llama.expert_used_count": 5},
+        r"llama\.expert_used_count is 5, expected 1 to llama\.expert_count \(4\)",
+    ),
+    (
+        "mixtral",
+        {"llama.feed_forward_length": 96},
+        r"blk\.0\.ffn_gate_exps\.weight has shape \[4, 128, 64\], but llama\.expert_count = 4 and "
+        r"llama\.feed_forward_length = 96 \(embedding width 64\) give \[4, 96, 64\]",
+    ),
+    (
+        "mixtral",
+        {"llama.expert_weights_norm": False},
+        r"llama\.expert_weights_norm is false, but llama\.cpp's llama graph does not read it and always "
+        "renormalizes",
+    ),
+    (
+        "qwen2moe",
+        {"qwen2moe.expert_feed_forward_length": 32},
+        r"blk\.0\.ffn_gate_exps\.weight has shape \[4, 64, 64\], but qwen2moe\.expert_count = 4 and "
+        r"qwen2moe\.expert_feed_forward_length = 32",
+    ),
+    (
+        "qwen2moe",
+        {"qwen2moe.expert_shared_feed_forward_length": 64},
+        r"blk\.0\.ffn_gate_shexp\.weight has shape \[128, 64\], but "
+        r"qwen2moe\.expert_shared_feed_forward_length = 64",
+    ),
+    ("qwen2moe", {"qwen2moe.expert_weights_norm": True}, r"does not read it and never renormalizes"),
+    ("qwen3moe", {"qwen3moe.expert_gating_func": 2}, r"expert_gating_func is 2, .* always routes by softmax"),
+    ("qwen3moe", {"qwen3moe.expert_weights_scale": 2.5}, r"expert_weights_scale is 2\.5, .* never scales"),
+    (
+        "qwen3moe",
+        {"qwen3moe.expert_group_count": 2, "qwen3moe.expert_group_used_count": 1},
+        r"expert groups \(qwen3moe\.expert_group_count = 2.*Qwen3MoeForCausalLM cannot express it",
+    ),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("kind", "set_kv", "pattern"), MOE_REFUSALS)
+def test_moe_keys_must_fit(
+    round_trip: Any, tmp_path: Path, kind: str, set_kv: dict[str, Any], pattern: str
+) -> None:
+    """Expert counts and widths come from the GGUF keys and must fit every layer's tensors; routing keys that
+    contradict llama.cpp's graph for the architecture are refused, not guessed."""
+    bad = rewrite_gguf(round_trip(kind).f32, tmp_path / "bad.gguf", set_kv=set_kv)
+    assert_refused(bad, tmp_path / "out", pattern)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["qwen2moe", "qwen3moe"])
+def test_moe_widths_default_as_in_llama_cpp(round_trip: Any, tmp_path: Path, kind: str) -> None:
+    """Without expert_feed_forward_length / expert_shared_feed_forward_length, llama.cpp sizes the experts
+    feed_forward_length / expert_used_count wide and the shared expert feed_forward_length wide; so does the
+    rebuild (the tiny models happen to have those widths: 128 / 2 and 128)."""
+    rt: RoundTrip = round_trip(kind)
+    keys = (f"{kind}.expert_feed_forward_length", f"{kind}.expert_shared_feed_forward_length")
+    bare = rewrite_gguf(rt.f32, tmp_path / "bare.gguf", drop=keys)
+    out = gguf_to_hf(bare, tmp_path / "out").path
+    config = json.loads((out / "config.json").read_text())
+    assert config["moe_intermediate_size"] == 64
+    assert config.get("shared_expert_intermediate_size", 128) == 128
+    assert config == json.loads((rt.back / "config.json").read_text())
+
+
 # ---------------------------------------------------------------------------------------------------
 # Options and bad input: one line naming the file and the reason; nothing left at the output path
 # ---------------------------------------------------------------------------------------------------
@@ -530,8 +791,34 @@ def test_unsupported_architecture(round_trip: Any, tmp_path: Path) -> None:
         bad,
         tmp_path / "out",
         r"architecture 'mamba' cannot be rebuilt",
-        r"supported: gemma, gemma2, gemma3, gpt2, llama, phi3, qwen2, qwen3",
+        r"supported: falcon, gemma, gemma2, gemma3, gpt2, gptneox, llama, phi2, phi3, qwen2, qwen2moe, qwen3, "
+        r"qwen3moe, stablelm$",
     )
+    log.info("refused: %s", msg)
+
+
+# One GGUF per family that its transformers class cannot express: (changed key/values, the reason given)
+REFUSED = {
+    "phi2": ({"phi2.attention.key_length": 32}, r"a head size other than embedding_length / head_count"),
+    "gptneox": ({"gptneox.attention.head_count_kv": 2}, r"grouped key/value heads"),
+    "stablelm": (  # llama.cpp runs the block sequentially when it has ffn_norm, whatever the key says
+        {"stablelm.use_parallel_residual": True},
+        r"stablelm\.use_parallel_residual = true contradicting the tensors",
+    ),
+    "falcon": (  # llama.cpp's falcon asserts full rotary heads, transformers' has no partial factor
+        {"falcon.rope.dimension_count": 8},
+        r"rotary embedding on part of each head \(falcon\.rope\.dimension_count\)",
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", sorted(REFUSED))
+def test_variant_transformers_cannot_express_is_refused(round_trip: Any, tmp_path: Path, kind: str) -> None:
+    set_kv, reason = REFUSED[kind]
+    bad = rewrite_gguf(round_trip(kind).f32, tmp_path / f"{kind}.gguf", set_kv=set_kv)
+    hf_class = EXPECTED[kind][0]
+    msg = assert_refused(bad, tmp_path / "out", reason, f"; {hf_class} cannot express it$")
     log.info("refused: %s", msg)
 
 

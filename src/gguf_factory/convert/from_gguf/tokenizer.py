@@ -35,8 +35,8 @@ from typing import Any
 import gguf
 import numpy as np
 
-from ...errors import ModelError
-from ..vocab import DIGIT, DIGITS, GPT2_REGEX, PRE_TOKENIZERS, PreTokenizer
+from ...errors import ConversionError, ModelError
+from ..vocab import DIGIT, DIGITS, GPT2_REGEX, PRE_TOKENIZERS, PreTokenizer, _check_omitted_digit_split
 from .source import VT, GGUFSource
 
 log = logging.getLogger(__name__)
@@ -244,21 +244,41 @@ def _pre_tokenizer(src: GGUFSource) -> PreTokenizer:
     return known[name]
 
 
-def _split_steps(pre: PreTokenizer) -> Any:
+def _split_steps(pre: PreTokenizer, merges: list[tuple[str, str]]) -> Any:
+    """llama.cpp's split regexes for ``pre`` as tokenizers pre-tokenizer steps, the byte-level mapping last.
+
+    A step llama.cpp omits (Falcon's ``Digits`` after the byte-level mapping) is a no-op for a vocabulary
+    none of whose merges joins a digit and a non-digit, the forward converter's own test for accepting the
+    omission: it is then put back where the original tokenizer.json had it, so that the rebuilt folder
+    converts to GGUF again. Otherwise it stays out (llama.cpp's ids are what count).
+    """
     from tokenizers import Regex, pre_tokenizers
 
-    regexes = [r for r in pre.regexes if r not in pre.llama_cpp_omits]
-    steps: list[Any] = []
-    gpt2_last = bool(regexes) and regexes[-1] == GPT2_REGEX
-    for r in regexes[:-1] if gpt2_last else regexes:
+    def step(r: str) -> Any:
         if r == DIGIT:
-            steps.append(pre_tokenizers.Digits(individual_digits=True))
-        elif r == DIGITS:
-            steps.append(pre_tokenizers.Digits(individual_digits=False))
-        else:
-            steps.append(pre_tokenizers.Split(Regex(r), behavior="isolated", invert=False))
+            return pre_tokenizers.Digits(individual_digits=True)
+        if r == DIGITS:
+            return pre_tokenizers.Digits(individual_digits=False)
+        return pre_tokenizers.Split(Regex(r), behavior="isolated", invert=False)
+
+    kept = [r for r in pre.llama_cpp_omits if r == DIGITS and _no_digit_merges(pre, merges)]
+    regexes = [r for r in pre.regexes if r not in pre.llama_cpp_omits or r in kept]
+    if kept and GPT2_REGEX in regexes:  # the tokenizer.json form: the steps after GPT-2's see mapped bytes
+        i = regexes.index(GPT2_REGEX)
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=True)
+        return pre_tokenizers.Sequence([*map(step, regexes[:i]), byte_level, *map(step, regexes[i + 1 :])])
+    gpt2_last = bool(regexes) and regexes[-1] == GPT2_REGEX
+    steps = [step(r) for r in (regexes[:-1] if gpt2_last else regexes)]
     steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=gpt2_last))
     return steps[0] if len(steps) == 1 else pre_tokenizers.Sequence(steps)
+
+
+def _no_digit_merges(pre: PreTokenizer, merges: list[tuple[str, str]]) -> bool:
+    try:
+        _check_omitted_digit_split({"merges": merges}, "", pre)
+    except ConversionError:
+        return False
+    return True
 
 
 def _byte_level_bpe(src: GGUFSource, vocab: _Vocab, pre: PreTokenizer) -> Any:
@@ -269,7 +289,7 @@ def _byte_level_bpe(src: GGUFSource, vocab: _Vocab, pre: PreTokenizer) -> Any:
         vocab=dict(vocab.ids), merges=merges, ignore_merges=pre.ignore_merges, byte_fallback=False
     )
     tok = Tokenizer(bpe)
-    tok.pre_tokenizer = _split_steps(pre)
+    tok.pre_tokenizer = _split_steps(pre, merges)
     tok.decoder = decoders.ByteLevel()
     return tok
 

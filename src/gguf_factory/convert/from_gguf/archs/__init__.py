@@ -3,7 +3,13 @@
 
 from __future__ import annotations
 
-from .registry import _REGISTRY, register, reverse_for, supported_architectures  # noqa: F401
+from .registry import (  # noqa: F401
+    _REGISTRY,
+    register,
+    register_variant,
+    reverse_for,
+    supported_architectures,
+)
 
 # One line per architecture (import registers it).
 # isort: off
@@ -15,4 +21,11 @@ from . import gemma2  # noqa: E402, F401
 from . import gemma3  # noqa: E402, F401
 from . import gemma  # noqa: E402, F401
 from . import qwen3  # noqa: E402, F401
+from . import mixtral  # noqa: E402, F401
+from . import qwen2moe  # noqa: E402, F401
+from . import qwen3moe  # noqa: E402, F401
+from . import phi2  # noqa: E402, F401
+from . import gptneox  # noqa: E402, F401
+from . import stablelm  # noqa: E402, F401
+from . import falcon  # noqa: E402, F401
 # isort: on

@@ -1,5 +1,6 @@
 """llama.cpp ``llama`` -> ``LlamaForCausalLM`` (Llama 1/2/3, Mistral without sliding window, SmolLM,
-TinyLlama, our scratch models).
+TinyLlama, our scratch models). A ``llama`` file with ``llama.expert_count`` is a Mixtral: the registry hands
+it to :class:`~.mixtral.MixtralReverse` (this class alone refuses experts).
 
 The forward converter (and llama.cpp's own) reorders the Q/K projection rows of each head from
 transformers' rotate-half layout to llama.cpp's interleaved pairs (:func:`~..convert.archs.llama.
@@ -11,7 +12,7 @@ same divisors are solved for and checked against the tensor (:func:`llama3_rope_
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import gguf
 import numpy as np
@@ -91,10 +92,12 @@ class LlamaReverse(ReverseArch):
     hf_architecture = "LlamaForCausalLM"
     model_type = "llama"
     config_tensors = (ROPE_FREQS,)
+    # True in MixtralReverse (.mixtral, which the registry picks for files with llama.expert_count).
+    mixture: ClassVar[bool] = False
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        if self.integer(KL.EXPERT_COUNT, 0):
+        if self.integer(KL.EXPERT_COUNT, 0) and not self.mixture:
             raise self.refuse("a mixture of experts (llama.expert_count)")
         self.n_embd = self.integer(KL.EMBEDDING_LENGTH)
         self.n_head = self.uniform(KA.HEAD_COUNT)
