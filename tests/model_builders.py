@@ -949,6 +949,7 @@ def build_starcoder2(out: Path) -> None:
         **SMALL,
         vocab_size=tok.get_vocab_size(),
         sliding_window=None,
+        norm_epsilon=1e-6,  # not the default 1e-5, which a converter that misses the name would write
         bos_token_id=0,
         eos_token_id=0,
         tie_word_embeddings=True,

@@ -369,6 +369,16 @@ def test_scalar_keys(built: Callable[[str], Built]) -> None:
     fields, _ = read_gguf(built("gptneox").f32)
     assert fields["gptneox.rope.dimension_count"] == 4  # rotary_pct 0.25 of 16
     assert fields["gptneox.use_parallel_residual"] is True
+    fields, _ = read_gguf(built("starcoder2").f32)
+    assert fields["starcoder2.attention.layer_norm_epsilon"] == pytest.approx(1e-6)  # config: norm_epsilon
+    # SmolLM3: bos_token null in tokenizer_config.json, yet tokenizer.json's template inserts
+    # <|begin_of_text|>, as transformers does when encoding: llama.cpp must add it too
+    smol = built("smollm3")
+    fields, _ = read_gguf(smol.f32)
+    begin = json.loads((smol.hf_dir / "tokenizer.json").read_text())["added_tokens"][0]
+    assert begin["content"] == "<|begin_of_text|>"
+    assert fields["tokenizer.ggml.bos_token_id"] == begin["id"]
+    assert fields["tokenizer.ggml.add_bos_token"] is True
 
 
 @pytest.mark.slow

@@ -112,5 +112,6 @@ def test_convert_list_cli() -> None:
         row = next(line for line in proc.stdout.splitlines() if f"│ {f.name} " in line)
         marks = [c.strip() for c in row.split("│")[-1 - len(CHECKS) : -1]]
         assert marks == ["✓" if c in f.verified else "—" for c in CHECKS], (f.key, row)
-    assert "phi2" in proc.stdout and "ggml's CPU GELU: an fp16 table" in proc.stdout  # notes are printed
+        assert row.split("│")[-2 - len(CHECKS)].strip() == "✓", (f.key, row)  # every family: GGUF -> HF
+    assert "Phi-1 / Phi-2" in proc.stdout and GELU_NOTE in proc.stdout.replace("\n", " ")  # notes printed
     assert_one_line_error(run_cli("convert"), "MODEL and --output")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -275,10 +276,11 @@ def round_trip(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 # model_builders.py's families of the architectures rebuilt here, and test_convert.py's scratch Llama
 FAMILIES = ["llama2", "llama2-rope-linear", "llama3", "llama3-rope-yarn", "mistral", "qwen2", "qwen3"]
-FAMILIES += ["phi3", "gemma", "gemma2", "gemma3", "gpt2", "dialogpt", "scratch-llama", "scratch-llama-tied"]
+FAMILIES += ["phi3", "gemma", "gemma2", "gemma3", "gpt2", "distilgpt2", "dialogpt", "scratch-llama"]
+FAMILIES += ["scratch-llama-tied"]
 MOE_FAMILIES = ["mixtral", "qwen2moe", "qwen3moe"]  # experts merged in 3-D GGUF tensors
 FAMILIES += MOE_FAMILIES
-FAMILIES += ["phi2", "gptneox", "stablelm", "falcon"]
+FAMILIES += ["phi2", "gptneox", "stablelm", "falcon", "olmo2", "granite", "starcoder2", "smollm3"]
 # SentencePiece forms (test_convert_spm.py): .model BPE, .model unigram with byte fallback, tokenizer.json
 # unigram without (-> llama.cpp's "t5"), Gemma's .model
 SPM_KINDS = ["spm-model-bpe", "spm-model-unigram", "spm-json-unigram-nobf", "spm-gemma2-model"]
@@ -299,7 +301,12 @@ EXPECTED = {
     "qwen3moe": ("Qwen3MoeForCausalLM", "gpt2 (pre qwen2)"),
     "gemma3": ("Gemma3ForCausalLM", "llama"),
     "gpt2": ("GPT2LMHeadModel", "gpt2 (pre gpt-2)"),
+    "distilgpt2": ("GPT2LMHeadModel", "gpt2 (pre gpt-2)"),
     "dialogpt": ("GPT2LMHeadModel", "gpt2 (pre gpt-2)"),
+    "olmo2": ("Olmo2ForCausalLM", "gpt2 (pre dbrx)"),
+    "granite": ("GraniteForCausalLM", "gpt2 (pre starcoder)"),
+    "starcoder2": ("Starcoder2ForCausalLM", "gpt2 (pre starcoder)"),
+    "smollm3": ("SmolLM3ForCausalLM", "gpt2 (pre llama-bpe)"),
     "scratch-llama": ("LlamaForCausalLM", "gpt2 (pre gpt-2)"),
     "scratch-llama-tied": ("LlamaForCausalLM", "gpt2 (pre gpt-2)"),
     "phi2": ("PhiForCausalLM", "gpt2 (pre gpt-2)"),
@@ -321,9 +328,13 @@ def _q_factor(config: dict[str, Any]) -> float:
 
 
 def test_supported_architectures() -> None:
-    archs = ["falcon", "gemma", "gemma2", "gemma3", "gpt2", "gptneox", "llama", "phi2", "phi3", "qwen2"]
-    archs += ["qwen2moe", "qwen3", "qwen3moe", "stablelm"]
+    archs = ["falcon", "gemma", "gemma2", "gemma3", "gpt2", "gptneox", "granite", "llama", "olmo2", "phi2"]
+    archs += ["phi3", "qwen2", "qwen2moe", "qwen3", "qwen3moe", "smollm3", "stablelm", "starcoder2"]
     assert supported_architectures() == archs  # each with a family below (llama with experts: Mixtral)
+    from gguf_factory.convert.families import FAMILIES as LISTED
+
+    # `convert --list` shows gguf→hf ✓ for every family: each one's round trip is tested here
+    assert {f.key for f in LISTED} <= set(FAMILIES)
     assert {EXPECTED[k][0] for k in FAMILIES} == {
         "LlamaForCausalLM",
         "GPT2LMHeadModel",
@@ -340,6 +351,10 @@ def test_supported_architectures() -> None:
         "GPTNeoXForCausalLM",
         "StableLmForCausalLM",
         "FalconForCausalLM",
+        "Olmo2ForCausalLM",
+        "GraniteForCausalLM",
+        "Starcoder2ForCausalLM",
+        "SmolLM3ForCausalLM",
     }
 
 
@@ -477,7 +492,8 @@ def test_round_trip_tokenizer(round_trip: Any, kind: str) -> None:
     )
     assert len(same) >= 0.8 * len(texts)
     for text in same:
-        assert back(text)["input_ids"] == orig(text)["input_ids"], text
+        want = orig(text)["input_ids"]
+        assert back(text)["input_ids"] == want, text
 
 
 # Variants of the families above that the builders do not make, each a block layout the rebuild reads from
@@ -735,6 +751,7 @@ def rewrite_gguf(
     arch: str | None = None,
     set_kv: dict[str, Any] | None = None,
     drop: tuple[str, ...] = (),
+    add_tensors: dict[str, np.ndarray] | None = None,
 ) -> Path:
     """A copy of ``src`` written with gguf-py, with a different architecture and/or changed key/values."""
     reader = gguf.GGUFReader(src)
@@ -759,6 +776,8 @@ def rewrite_gguf(
             raw_shape=list(reversed([int(d) for d in t.shape])),
             raw_dtype=t.tensor_type,
         )
+    for name, data in (add_tensors or {}).items():
+        writer.add_tensor(name, data)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -817,6 +836,54 @@ def test_variant_transformers_cannot_express_is_refused(round_trip: Any, tmp_pat
     hf_class = EXPECTED[kind][0]
     msg = assert_refused(bad, tmp_path / "out", reason, f"; {hf_class} cannot express it$")
     log.info("refused: %s", msg)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("kind", "set_kv", "pattern"),
+    [
+        # llama.cpp runs sliding-window attention in an olmo2 GGUF that has a window (OLMo 3); OLMo 2 has none
+        ("olmo2", {"olmo2.attention.sliding_window": 16}, r"sliding-window attention"),
+        # llama.cpp's granite then rotates nothing; GraniteForCausalLM always applies rope
+        ("granite", {"granite.rope.scaling.finetuned": False}, r"no rotary embedding"),
+        # rope on part of each head: Starcoder2's config has no partial rotary factor
+        ("starcoder2", {"starcoder2.rope.dimension_count": 8}, r"rotary embedding on part of each head"),
+    ],
+)
+def test_llamalike_variant_refused(
+    round_trip: Any, tmp_path: Path, kind: str, set_kv: dict[str, Any], pattern: str
+) -> None:
+    bad = rewrite_gguf(round_trip(kind).f32, tmp_path / f"{kind}.gguf", set_kv=set_kv)
+    msg = assert_refused(bad, tmp_path / "out", pattern, f"{EXPECTED[kind][0]} cannot express it")
+    log.info("refused: %s", msg)
+
+
+@pytest.mark.slow
+def test_smollm3_rope_freqs_refused(round_trip: Any, tmp_path: Path) -> None:
+    """Llama 3 rope scaling's rope_freqs.weight, which llama.cpp's smollm3 graph does not apply: the forward
+    converter refuses such a checkpoint, and the rebuild such a GGUF (transformers' class would apply it)."""
+    src = tmp_path / "smollm3-llama3-rope"
+    shutil.copytree(round_trip("smollm3").hf_dir, src)
+    config = json.loads((src / "config.json").read_text())
+    config["rope_parameters"] = {
+        "rope_type": "llama3",
+        "rope_theta": config["rope_parameters"]["rope_theta"],
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
+    (src / "config.json").write_text(json.dumps(config))
+    from gguf_factory.errors import ConversionError
+
+    with pytest.raises(ConversionError, match=r"config\.json: rope scaling 'llama3' is not supported"):
+        convert(src, tmp_path / "smollm3-llama3-rope.gguf", outtype="f32")  # the forward converter refuses
+    assert not (tmp_path / "smollm3-llama3-rope.gguf").exists()
+    # a GGUF made elsewhere with such factors: refused by the rebuild too
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    factors = {"rope_freqs.weight": np.linspace(1.0, 8.0, head_dim // 2, dtype=np.float32)}
+    bad = rewrite_gguf(round_trip("smollm3").f32, tmp_path / "with-freqs.gguf", add_tensors=factors)
+    assert_refused(bad, tmp_path / "out", r"rope_freqs\.weight", "SmolLM3ForCausalLM cannot express it")
 
 
 @pytest.mark.slow

@@ -475,7 +475,10 @@ class ArchConverter(ABC):
         if norm == "rms":
             writer.add_layer_norm_rms_eps(float(self.hparam("rms_norm_eps", "norm_eps", default=1e-6)))
         else:
-            eps = self.hparam("layer_norm_eps", "layer_norm_epsilon", "norm_eps", default=1e-5)
+            # StarCoder2's config calls it norm_epsilon
+            eps = self.hparam(
+                "layer_norm_eps", "layer_norm_epsilon", "norm_epsilon", "norm_eps", default=1e-5
+            )
             writer.add_layer_norm_eps(float(eps))
         self.write_rope_scaling(writer)
 

@@ -148,14 +148,18 @@ FAMILIES: tuple[Family, ...] = (
 
 def family_table() -> list[dict[str, str]]:
     """One row per family for display: name, HF architectures, llama.cpp arch, vocab (the tokenizer.json
-    form), one column per
-    check (✓ verified, — not), note."""
+    form), whether ``convert model.gguf -o hf-dir`` rebuilds it (``gguf→hf``: round trips asserted by
+    tests/test_from_gguf.py for every family), one column per check (✓ verified, — not), note."""
+    from .from_gguf import supported_architectures
+
+    rebuilt = set(supported_architectures())
     return [
         {
             "family": f.name,
             "architectures": ", ".join(f.hf_architectures),
             "llama.cpp": f.llama_cpp_arch,
             "vocab": f.tokenizer,
+            "gguf→hf": "✓" if f.llama_cpp_arch in rebuilt else "—",
             **{check: "✓" if check in f.verified else "—" for check in CHECKS},
             "note": f.note,
         }

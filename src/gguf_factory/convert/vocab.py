@@ -361,6 +361,18 @@ def _template_adds(tok_json: dict[str, Any], token: str | None) -> bool:
     return False
 
 
+def _template_leading_special(tok_json: dict[str, Any]) -> str | None:
+    """The special token the post-processor's single-sequence template puts before the text, if any."""
+    post = tok_json.get("post_processor") or {}
+    posts = post.get("processors", []) if post.get("type") == "Sequence" else [post]
+    for p in posts:
+        if p.get("type") == "TemplateProcessing":
+            single = p.get("single") or []
+            first = single[0] if single else {}
+            return (first.get("SpecialToken") or {}).get("id")
+    return None
+
+
 def load_chat_template(model_dir: Path, tok_config: dict[str, Any]) -> str | list[dict[str, str]] | None:
     jinja = model_dir / "chat_template.jinja"
     if jinja.is_file():
@@ -849,6 +861,11 @@ def load_vocab(model_dir: Path, config: dict[str, Any], n_vocab: int) -> Vocab:
                 special_ids[kind] = cid
                 special_text[kind] = tokens[cid]
 
+    leading = _template_leading_special(base.post_json)
+    if special_text.get("bos") is None and "bos" in special_text and leading in text_to_id:
+        # bos_token null, yet the post-processor puts a special token first (SmolLM3's <|begin_of_text|>):
+        # transformers inserts it, so llama.cpp must know it as its BOS (as gguf-py's SpecialVocab does)
+        special_text["bos"], special_ids["bos"] = leading, text_to_id[leading]
     add_bos = tok_config.get("add_bos_token")
     if add_bos is None:
         add_bos = _template_adds(base.post_json, special_text.get("bos")) or (

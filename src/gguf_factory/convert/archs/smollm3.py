@@ -1,6 +1,7 @@
 """SmolLM3 (``SmolLM3ForCausalLM``): a LLaMA where every 4th layer uses no rope (NoPE). llama.cpp's smollm3
 graph fixes that pattern (layers 4, 8, ... skip rope), so a config with another ``no_rope_layers`` list is
-refused.
+refused; so is Llama 3 rope scaling, whose frequency factors that graph does not apply (linear and YaRN
+scaling are keys it reads).
 """
 
 from __future__ import annotations
@@ -34,3 +35,8 @@ class SmolLM3Converter(LlamaConverter):
         if self.config.get("use_sliding_window") and self.config.get("sliding_window"):
             raise ConversionError(f"{self.model_dir}/config.json: use_sliding_window=true is not supported")
         super().set_gguf_parameters(writer)
+
+    def _set_rope_scaling(self, writer: gguf.GGUFWriter) -> None:
+        # llama.cpp's smollm3 graph ropes without frequency factors (ggml_rope_ext(..., nullptr, ...)): a
+        # llama3 rope_freqs tensor would be written and silently ignored
+        self.write_rope_scaling(writer, allowed=("linear", "yarn"))

@@ -28,4 +28,8 @@ from . import phi2  # noqa: E402, F401
 from . import gptneox  # noqa: E402, F401
 from . import stablelm  # noqa: E402, F401
 from . import falcon  # noqa: E402, F401
+from . import olmo2  # noqa: E402, F401
+from . import granite  # noqa: E402, F401
+from . import starcoder2  # noqa: E402, F401
+from . import smollm3  # noqa: E402, F401
 # isort: on
