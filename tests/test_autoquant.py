@@ -52,6 +52,10 @@ def test_size_budget_beats_the_stock_preset_on_held_out_data(
         candidates=CANDIDATES, threads=2, progress=False, mode="exhaustive",
     )  # fmt: skip
     assert r.size_bytes <= budget and r.path.stat().st_size == r.size_bytes
+    # llama.cpp's largest preset within the budget, built with the same importance matrix, was measured
+    # too, and the mixture beat it
+    assert r.stock is not None and r.stock["size_bytes"] <= budget and not r.stock["chosen"], r.stock
+    assert r.kld_mean < r.stock["kld_mean"] and r.stock["mixture_kld"] == r.kld_mean
     written = read_gguf_info(r.path).tensor_types
     assert {n: written[n] for n in r.types} == r.types
     assert set(r.types.values()) <= {"Q2_K", "IQ4_NL", "Q5_0", "Q5_1", "Q8_0"}  # Q5_K falls back to Q5_1
@@ -93,6 +97,33 @@ def test_fast_mode_shares_probes_and_still_beats_the_stock_preset(
     ev = evaluate_many([stock_q4, r.path], tiny_data_dir, ref=tiny_f16_gguf, threads=2)
     stock, auto = ev.models
     assert auto.kld_mean < stock.kld_mean, (auto.kld_mean, stock.kld_mean)
+
+
+def test_a_mixture_worse_than_the_preset_is_not_written(
+    tiny_f16_gguf: Path, tiny_data_dir: Path, imatrix_file: Path, stock_q4: Path, tmp_path: Path
+) -> None:
+    """The sensitivity model can be wrong (it extrapolates each probe linearly); the measured rival catches
+    it. Here it is made wrong on purpose: every sensitivity zeroed, so the solver sees no cost in the
+    smallest types and fills the budget's bytes with nothing useful; the preset measures lower and is
+    written instead, with a recipe that reproduces it."""
+    budget = stock_q4.stat().st_size
+    with AutoQuantizer(
+        tiny_f16_gguf, data=tiny_data_dir, imatrix=imatrix_file, candidates=CANDIDATES, threads=2,
+        progress=False, work_dir=tmp_path, bands=1, probe_conversations=8,
+    ) as aq:  # fmt: skip
+        for tc in aq.tensors:
+            tc.sensitivity = 0.0
+        r = aq.build(tmp_path / "blind.gguf", max_size=budget)
+    assert r.stock is not None and r.stock["chosen"], r.stock
+    assert r.kld_mean == r.stock["kld_mean"] < r.stock["mixture_kld"]
+    assert r.size_bytes == r.stock["size_bytes"] <= budget == stock_q4.stat().st_size
+    assert any(r.stock["ftype"] in note and "written instead" in note for note in r.notes)
+    written = read_gguf_info(r.path).tensor_types
+    assert {n: written[n] for n in r.types} == r.types
+    again = quantize(tiny_f16_gguf, tmp_path / "again.gguf", recipe=r.recipe_path, imatrix=imatrix_file)
+    assert {n: read_gguf_info(again.path).tensor_types[n] for n in r.types} == r.types
+    with load(r.path) as m:
+        assert_generates(m, "user\nhello", max_tokens=4)
 
 
 def test_probe_groups_of_a_30_layer_llama() -> None:

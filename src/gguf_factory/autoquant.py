@@ -143,6 +143,10 @@ class AutoQuantResult:
     """Training tokens the importance matrix was computed from (0: given, or none)."""
     measure_seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    stock: dict[str, Any] | None = None
+    """The largest llama.cpp preset within ``max_size`` (with the same importance matrix), built and
+    measured as the mixture's rival: ``ftype``, ``size_bytes``, ``kld_mean``, ``chosen`` (it measured lower,
+    so it was written instead)."""
 
     @property
     def type_counts(self) -> dict[str, int]:
@@ -160,9 +164,10 @@ _DRY_RUN_LINE = re.compile(
 )
 
 
-def _dry_run_types(src: Path, ftype: str, threads: int | None) -> dict[str, str]:
-    """Tensor name -> the type llama.cpp would write when pure-quantizing ``src`` to ``ftype``: its
-    quantizer's dry run (no file written), read from the per-tensor report it logs."""
+def _dry_run_types(src: Path, ftype: str, threads: int | None, *, pure: bool = True) -> dict[str, str]:
+    """Tensor name -> the type llama.cpp would write when quantizing ``src`` to ``ftype`` (``pure``: every
+    tensor that type; else the preset's own mixture): its quantizer's dry run (no file written), read from
+    the per-tensor report it logs."""
     import llama_cpp
     from llama_cpp import _logger
 
@@ -177,7 +182,7 @@ def _dry_run_types(src: Path, ftype: str, threads: int | None) -> dict[str, str]
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, QUANT_TYPES[ftype])
     params.nthread = threads or os.cpu_count() or 1
-    params.pure = True
+    params.pure = pure
     params.dry_run = True
     llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
     try:
@@ -275,6 +280,24 @@ def size_bounds(
             bpw = 8 * size / block
             floor = bpw if floor is None else min(floor, bpw)
     return SizeBounds(src, tuple(cands), smallest, largest, n_quant, narrow, floor, written)
+
+
+STOCK_PRESETS = ("Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_0", "Q3_K_L", "Q3_K_M")
+STOCK_PRESETS += ("Q3_K_S", "Q2_K")
+"""llama.cpp's own file types, largest first: the rival a size-budgeted mixture must beat
+(:meth:`AutoQuantizer.build`)."""
+
+
+def stock_size(input_path: Path, ftype: str, threads: int | None = None) -> int:
+    """Bytes of ``input_path`` quantized to llama.cpp's preset ``ftype``, from its dry run and the shapes
+    (the header is the input's: within a few KB of the written file's)."""
+    from .doctor.reader import pad, read_gguf
+
+    written = _dry_run_types(input_path, ftype, threads, pure=False)
+    g = read_gguf(input_path)
+    return g.data_offset + sum(
+        pad(_nbytes(written.get(t.name, t.type_name), t.n_elements), g.alignment) for t in g.tensors
+    )
 
 
 def _block_of(type_name: str) -> int:
@@ -834,6 +857,33 @@ class AutoQuantizer:
             prog.advance(task)
         return probes
 
+    def _stock_rival(
+        self, size_cap: int, profile: str | None, context_length: int | None
+    ) -> dict[str, Any] | None:
+        """The largest llama.cpp preset that fits ``size_cap``, quantized with this run's importance matrix
+        and scored like the mixture (None when none fits). The sensitivity model predicts KLD from
+        per-group probes; a preset is one real measurement that it must beat, so auto-quant never writes a
+        file that measured worse than ``quantize`` would at the same size."""
+        from .quantize import quantize
+
+        for ftype in STOCK_PRESETS:
+            if stock_size(self.src, ftype, self.threads) > size_cap:
+                continue
+            path = self.work / f"stock-{ftype}.gguf"
+            with _quiet():
+                quantize(
+                    self.src, path, ftype, imatrix=self.imat, threads=self.threads, profile=profile,
+                    context_length=context_length,
+                )  # fmt: skip
+            size = path.stat().st_size
+            if size > size_cap:  # the estimate's header was a few bytes short
+                path.unlink()
+                continue
+            score = self.scorer.score(path)
+            return {"ftype": ftype, "size_bytes": size, "kld_mean": score.kld_mean, "chosen": False,
+                    "path": path, "score": score}  # fmt: skip
+        return None
+
     def _q(self, out: Path, ftype: str, **kw: Any) -> Path:
         from .quantize import quantize
 
@@ -912,6 +962,27 @@ class AutoQuantizer:
                     f"mixture measured {human_size(size)} with mean KLD {measured.kld_mean:.4g} (predicted "
                     f"{choice.kld:.4g}); loosen the budget"
                 )
+            stock = None
+            if size_cap is not None:
+                prog.step("llama.cpp's own preset within the budget, measured as the rival")
+                stock = self._stock_rival(size_cap, profile, context_length)
+            if stock is not None:
+                stock["mixture_kld"] = measured.kld_mean
+            if stock is not None and stock["kld_mean"] < measured.kld_mean:
+                stock["chosen"] = True
+                built.unlink()
+                built, measured, size = stock.pop("path"), stock.pop("score"), stock["size_bytes"]
+                written = read_gguf_info(built).tensor_types
+                types = {n: written[n] for n in types}
+                label = f"llama.cpp {stock['ftype']} with the importance matrix"
+                self.notes.append(
+                    f"llama.cpp's own {stock['ftype']} measured a lower KLD than the mixture the "
+                    f"sensitivity model chose ({measured.kld_mean:.4g} against {stock['mixture_kld']:.4g}): "
+                    "written instead"
+                )
+            elif stock is not None:
+                stock.pop("path").unlink()
+                stock.pop("score")
         _write_recipe(recipe_path, types, label, src, measured.kld_mean, size)
         with atomic_path(dst) as tmp:
             shutil.move(str(built), tmp)
@@ -939,6 +1010,7 @@ class AutoQuantizer:
             imatrix_tokens=self.imatrix_tokens,
             measure_seconds=self.measure_seconds,
             notes=list(self.notes),
+            stock=stock,
         )
 
 
