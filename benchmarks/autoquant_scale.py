@@ -189,9 +189,19 @@ def rows_for(
                 "kld_predicted": r.kld_predicted, "types": r.type_counts,
                 "ratio_stock_over_auto": ev["mean"][str(sp)] / max(ev["mean"][str(r.path)], 1e-12),
                 "build_s": round(r.seconds - r.measure_seconds, 1), "attempts": r.attempts,
+                "preset_rival": r.stock,
             }  # fmt: skip
         rows.append(row)
     return rows
+
+
+def _wrote(rival: dict[str, Any] | None) -> str:
+    if not rival:
+        return "mixture (no rival measured)"
+    kl = f"{_kld(rival['mixture_kld'])} vs {_kld(rival['kld_mean'])}"
+    if rival["chosen"]:
+        return f"{rival['ftype']} + imatrix (mixture vs preset: {kl})"
+    return f"mixture (vs {rival['ftype']} + imatrix: {kl})"
 
 
 def _types(p: Path) -> dict[str, int]:
@@ -387,8 +397,9 @@ def markdown(r: dict[str, Any]) -> str:
         f"Stock preset vs auto-quant sized to its file, mean KLD against the F16 on the held-out test "
         f"conversations ({s['test_tokens']} scored tokens):",
         "",
-        "| rung | stock size | stock KLD | auto size | auto KLD | stock / auto | goal ≥ 2× | build |",
-        "|---|---:|---:|---:|---:|---:|:---:|---:|",
+        "| rung | stock size | stock KLD | auto size | auto KLD | stock / auto | goal ≥ 2× | auto wrote "
+        "| build |",
+        "|---|---:|---:|---:|---:|---:|:---:|---|---:|",
     ]
     for row in s["rows"]:
         a = row["fast"]
@@ -396,8 +407,14 @@ def markdown(r: dict[str, Any]) -> str:
         md.append(
             f"| {row['rung']} | {human_size(row['stock']['size'])} | {_kld(row['stock']['kld'])} | "
             f"{human_size(a['size'])} | {_kld(a['kld'])} | {a['ratio_stock_over_auto']:.2f}× | "
-            f"{'✅' if ok else '❌'} | {a['build_s']:.0f} s |"
+            f"{'✅' if ok else '❌'} | {_wrote(a.get('preset_rival'))} | {a['build_s']:.0f} s |"
         )
+    md += [
+        "",
+        "Auto wrote: its mixture, or llama.cpp's largest preset within the budget built with the same "
+        "importance matrix, when that rival measured a lower KLD on the calibration conversations "
+        "(both KLDs shown, calibration data; the table's KLDs are on the held-out test conversations).",
+    ]
     md += [
         "",
         "Fast-mode probes (each group lowered to its smallest options, the rest at Q8_0; KLD on the probe "
