@@ -72,6 +72,7 @@ def rows_of(report: dict[str, Any]) -> list[dict[str, Any]]:
                 "tokens_per_s": round(m["tokens_per_s"], 1),
                 "reply_32_ms": _round(reply_ms(m["first_token_ms"], m["tokens_per_s"])),
                 "peak_rss_mb": round(m["peak_rss_mb"], 1),
+                "context": m.get("n_ctx"),  # a GGUF's KV cache, allocated at load, grows with it
                 "bits_per_byte": _round(s.get("bits_per_byte"), 4),
                 "on_topic": s.get("on_topic"),
                 "similarity": _round(s.get("similarity"), 3),
@@ -184,6 +185,7 @@ def _cells(r: dict[str, Any]) -> list[str]:
     return [
         r["name"], _fmt(r["size_mb"], "{:.1f}"), _fmt(r["first_token_ms"], "{:.1f}"),
         _fmt(r["reply_32_ms"], "{:.0f}"), _fmt(r["tokens_per_s"], "{:.0f}"), _fmt(r["peak_rss_mb"], "{:.0f}"),
+        _fmt(r.get("context") if r["kind"] == "gguf" else None, "{}"),
         _fmt(r["bits_per_byte"], "{:.3f}"), _fmt(r["on_topic"], "{:.0%}"),
     ]  # fmt: skip
 
@@ -199,9 +201,9 @@ def markdown(r: dict[str, Any], report_name: str = "demo-report.md") -> str:
         f"Base: {r['base'] or 'none (from scratch)'}. "
         f"Reused steps: {', '.join(r['reused_steps']) or 'none'}.",
         "",
-        "| system | kind | size MB | first token ms | 32-token reply ms | tokens/s | peak RSS MB "
+        "| system | kind | size MB | first token ms | 32-token reply ms | tokens/s | peak RSS MB | context "
         "| bits/byte | on topic |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in r["rows"]:
         c = _cells(row)
