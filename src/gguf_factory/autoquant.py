@@ -284,8 +284,8 @@ def size_bounds(
 
 STOCK_PRESETS = ("Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_0", "Q3_K_L", "Q3_K_M")
 STOCK_PRESETS += ("Q3_K_S", "Q2_K")
-"""llama.cpp's own file types, largest first: the rival a size-budgeted mixture must beat
-(:meth:`AutoQuantizer.build`)."""
+"""llama.cpp's own file types: the rivals a size-budgeted mixture must beat (:meth:`AutoQuantizer.build`
+tries the largest that fits, by this model's sizes)."""
 
 
 def stock_size(input_path: Path, ftype: str, threads: int | None = None) -> int:
@@ -866,9 +866,9 @@ class AutoQuantizer:
         file that measured worse than ``quantize`` would at the same size."""
         from .quantize import quantize
 
-        for ftype in STOCK_PRESETS:
-            if stock_size(self.src, ftype, self.threads) > size_cap:
-                continue
+        sizes = {ftype: stock_size(self.src, ftype, self.threads) for ftype in STOCK_PRESETS}
+        # largest first by this model's sizes (576-wide rows make Q5_0 smaller than Q4_K_M on SmolLM2)
+        for ftype in sorted((f for f in STOCK_PRESETS if sizes[f] <= size_cap), key=lambda f: -sizes[f]):
             path = self.work / f"stock-{ftype}.gguf"
             with _quiet():
                 quantize(
