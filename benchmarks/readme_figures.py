@@ -53,7 +53,8 @@ def demo(d: dict[str, Any]) -> list[str]:
         lines.append(
             f"| {r['name']} | {engine.get(r['kind'], r['kind'])} | {r['size_mb']:.1f} MB "
             f"| {_f(r['first_token_ms'], '{:.1f} ms')} | {_f(r['reply_32_ms'], '{:.0f} ms')} "
-            f"| {_f(r['tokens_per_s'], '{:.0f}')} | {_f(r['peak_rss_mb'], '{:.0f} MB')} "
+            f"| {_f(r['tokens_per_s'], '{:.0f}')} | {_f(r['peak_rss_mb'], '{:.0f} MB')}"
+            f"{f' (ctx {ctx})' if (ctx := r.get('context')) and r['kind'] == 'gguf' else ''} "
             f"| {_f(r['bits_per_byte'], '{:.3f}')} | {_f(r['on_topic'], '{:.0%}')} |"
         )
     names = {
