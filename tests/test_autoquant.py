@@ -93,6 +93,13 @@ def test_fast_mode_shares_probes_and_still_beats_the_stock_preset(
         for tc in aq.tensors:
             by_role.setdefault(re.sub(r"^blk\.\d+\.", "", tc.name), set()).add(tc.sensitivity)
         assert all(len(s) == 1 for s in by_role.values())
+        # every candidate's whole-model KLD was measured; exactly the dominated ones (another measured lower
+        # at no more bytes) were left out
+        kld, size = aq.candidate_klds, aq.candidate_sizes
+        assert set(kld) == set(size) and len(kld) >= 3 and all(k >= 0 for k in kld.values())
+        beaten = {c: [d for d in kld if d != c and size[d] <= size[c] and kld[d] < kld[c]] for c in kld}
+        dominated = {c for c, by in beaten.items() if by and c != "Q8_0"}
+        assert {n.split()[1] for n in r.notes if n.startswith("candidate ")} == dominated
     assert r.size_bytes <= budget and r.path.stat().st_size == r.size_bytes
     ev = evaluate_many([stock_q4, r.path], tiny_data_dir, ref=tiny_f16_gguf, threads=2)
     stock, auto = ev.models
