@@ -97,6 +97,24 @@ class ReverseArch(ABC):
             )
         return value
 
+    def head_geometry(self) -> tuple[int, int, int]:
+        """(embedding_length, head_count, head size), checked: the embedding width fits token_embd.weight,
+        key and value heads have one size (``key_length``, default embedding / heads), and rope turns the
+        whole head (what the transformers classes of these plug-ins compute)."""
+        n_embd = self.integer(KL.EMBEDDING_LENGTH)
+        n_head = self.uniform(KA.HEAD_COUNT)
+        if n_embd != self.n_embd_rows or n_head <= 0:
+            raise ModelError(
+                f"{self.where}: embedding_length {n_embd} / head_count {n_head} do not fit token_embd.weight "
+                f"of width {self.n_embd_rows}"
+            )
+        head_dim = self.integer(KA.KEY_LENGTH, n_embd // n_head)
+        if self.integer(KA.VALUE_LENGTH, head_dim) != head_dim:
+            raise self.refuse("value heads of another size than key heads")
+        if self.integer(KR.DIMENSION_COUNT, head_dim) != head_dim:
+            raise self.refuse(f"rotary embedding on part of each head ({self.key(KR.DIMENSION_COUNT)})")
+        return n_embd, n_head, head_dim
+
     def refuse(self, what: str) -> ModelError:
         return ModelError(f"{self.where}: {what}; {self.hf_architecture} cannot express it")
 

@@ -21,7 +21,7 @@ import gguf
 import numpy as np
 
 from ....errors import ModelError
-from ..base import KA, KL, KR, OUTPUT, ReverseArch
+from ..base import KA, KL, OUTPUT, ReverseArch
 from .registry import register
 
 NO_ATTN_CAP = 1e5  # what the forward converter writes for "no attention soft-capping"
@@ -35,18 +35,7 @@ class GemmaReverseBase(ReverseArch):
 
     def core_kwargs(self) -> dict[str, Any]:
         """What every Gemma has: sizes, heads, context, norm epsilon."""
-        n_embd = self.integer(KL.EMBEDDING_LENGTH)
-        n_head = self.uniform(KA.HEAD_COUNT)
-        if n_embd != self.n_embd_rows or n_head <= 0:
-            raise ModelError(
-                f"{self.where}: embedding_length {n_embd} / head_count {n_head} do not fit token_embd.weight "
-                f"of width {self.n_embd_rows}"
-            )
-        head_dim = self.integer(KA.KEY_LENGTH, n_embd // n_head)
-        if self.integer(KA.VALUE_LENGTH, head_dim) != head_dim:
-            raise self.refuse("value heads of another size than key heads")
-        if self.integer(KR.DIMENSION_COUNT, head_dim) != head_dim:
-            raise self.refuse(f"rotary embedding on part of each head ({self.key(KR.DIMENSION_COUNT)})")
+        n_embd, n_head, head_dim = self.head_geometry()
         return {
             "hidden_size": n_embd,
             "intermediate_size": self.uniform(KL.FEED_FORWARD_LENGTH),

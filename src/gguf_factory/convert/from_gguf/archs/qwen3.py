@@ -7,8 +7,7 @@ from typing import Any
 
 import gguf
 
-from ....errors import ModelError
-from ..base import KA, KL, KR, ReverseArch
+from ..base import KA, KL, ReverseArch
 from .registry import register
 
 
@@ -19,18 +18,7 @@ class Qwen3Reverse(ReverseArch):
     model_type = "qwen3"
 
     def config_kwargs(self) -> dict[str, Any]:
-        n_embd = self.integer(KL.EMBEDDING_LENGTH)
-        n_head = self.uniform(KA.HEAD_COUNT)
-        if n_embd != self.n_embd_rows or n_head <= 0:
-            raise ModelError(
-                f"{self.where}: embedding_length {n_embd} / head_count {n_head} do not fit token_embd.weight "
-                f"of width {self.n_embd_rows}"
-            )
-        head_dim = self.integer(KA.KEY_LENGTH, n_embd // n_head)
-        if self.integer(KA.VALUE_LENGTH, head_dim) != head_dim:
-            raise self.refuse("value heads of another size than key heads")
-        if self.integer(KR.DIMENSION_COUNT, head_dim) != head_dim:
-            raise self.refuse(f"rotary embedding on part of each head ({self.key(KR.DIMENSION_COUNT)})")
+        n_embd, n_head, head_dim = self.head_geometry()
         return {
             "hidden_size": n_embd,
             "intermediate_size": self.uniform(KL.FEED_FORWARD_LENGTH),
