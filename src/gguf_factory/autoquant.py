@@ -14,6 +14,9 @@ How it decides (measured, nothing assumed about the architecture):
    error ``e_i(T) = sum_c w_c * (W - W_hat)^2`` of the dequantized weights against the input's, each input
    column weighted by the importance matrix when there is one (the expected squared error of the tensor's
    output). The fast mode sums it over at most 256 evenly spaced rows and scales it to the whole tensor.
+   Each of those files is also scored as a whole on the calibration conversations, and a candidate that
+   another beats at no more bytes is left out: the weight error cannot see llama.cpp's arithmetic (on
+   SmolLM2-135M every tensor in Q5_1 measures about twice Q5_0's KLD, although its weight error is lower).
 2. **Sensitivity.** Starting from every tensor at the top candidate (Q8_0), a group of tensors is lowered
    to its smallest options and the KL divergence against the input model is measured on calibration
    conversations; every member gets the group's KLD per unit of error, ``s = dKLD / sum_i de_i``.
@@ -33,7 +36,9 @@ How it decides (measured, nothing assumed about the architecture):
    the price of a byte), then greedy moves into whatever budget is left.
 4. **Proof.** The file is quantized with one tensor-type override per tensor, then measured on all the
    calibration conversations: its size is exact, its KLD measured. When the measurement misses the budget,
-   the budget is tightened and solved again; when it cannot be met, nothing is written.
+   the budget is tightened and solved again; when it cannot be met, nothing is written. A size budget's
+   mixture must also beat llama.cpp's largest preset within it (built with the same importance matrix,
+   measured the same way), which is written instead when it measures lower.
 
 Calibration uses the dataset's ``val.jsonl`` (not ``test.jsonl``, which stays for reports) and, with
 ``imatrix="auto"``, an importance matrix computed from its ``train.jsonl``.
