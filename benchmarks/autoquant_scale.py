@@ -169,6 +169,8 @@ def auto_ladder(
             "measure_s": round(aq.measure_seconds, 1),
             "measure_steps_s": {k: round(v, 1) for k, v in aq.step_seconds.items()},
             "probe_log": aq.probe_log,
+            "candidate_klds": aq.candidate_klds, "candidate_sizes": aq.candidate_sizes,
+            "candidates_left_out": aq.dropped_notes,
         }  # fmt: skip
     return out, facts
 
