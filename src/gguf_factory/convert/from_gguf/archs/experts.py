@@ -192,42 +192,8 @@ class ExpertsReverse(ReverseArch):
             if merged not in done:  # the whole set at once: each merged tensor is read once
                 done.add(merged)
                 planned.extend(self._plan_experts(merged, experts[merged], shapes, used))
-        unused = sorted(set(self.src.tensors) - set(used) - set(self.config_tensors))
-        if unused:
-            raise ModelError(
-                f"{self.where}: tensor(s) {', '.join(unused[:4])} have no place in {self.hf_architecture} "
-                "(an architecture variant this rebuild does not know); refusing to drop weights"
-            )
+        self._check_all_used(used)
         return planned
-
-    def _gguf_tensor_for(self, key_name: str, needed_for: str, used: dict[str, str]) -> str:
-        gguf_name = self.gguf_name(key_name)
-        if gguf_name is None:
-            raise ModelError(
-                f"{self.where}: no GGUF tensor name is known for {self.hf_architecture}'s {needed_for}"
-            )
-        if gguf_name not in self.src.tensors:
-            raise ModelError(
-                f"{self.where} lacks the tensor {gguf_name}, which {self.hf_architecture} needs for "
-                f"{needed_for}"
-            )
-        if gguf_name in used:
-            raise ModelError(
-                f"{self.where}: tensor {gguf_name} would feed both {used[gguf_name]} and {needed_for}"
-            )
-        used[gguf_name] = needed_for
-        return gguf_name
-
-    def _plan_one(self, hf_name: str, shape: tuple[int, ...], used: dict[str, str]) -> PlannedWeight:
-        """A parameter that is one whole GGUF tensor (the base class's rule)."""
-        gguf_name = self._gguf_tensor_for(hf_name, hf_name, used)
-        got = self.hf_shape(gguf_name, hf_name, self.src.shape(gguf_name))
-        if got != shape:
-            raise ModelError(
-                f"{self.where}: tensor {gguf_name} has shape {list(self.src.shape(gguf_name))}, but "
-                f"{self.hf_architecture}'s {hf_name} needs {list(shape)} with these hyper-parameters"
-            )
-        return PlannedWeight(hf_name, gguf_name, shape, self._producer(gguf_name, hf_name, shape))
 
     def _plan_experts(
         self,
