@@ -15,7 +15,9 @@ valid Unicode and an empty prompt are 400s.
 
 Tools (:mod:`.tools`): ``tools`` / ``tool_choice`` (``none``, ``auto``, ``required``, a named function)
 through the model's own chat template (or a system message when the template has no tool support),
-replies in OpenAI's ``tool_calls`` shape (streamed as one delta), ``tool`` messages in the history.
+replies in OpenAI's ``tool_calls`` shape, ``tool`` messages in the history. Streamed as generated (through
+the one SSE path): text as ``content`` deltas as soon as it cannot start a call, a call's first delta as
+soon as its name is complete, then its arguments' text in fragments (:class:`.tools.CallReader`).
 
 Constrained output (:mod:`.structured`): ``response_format`` ``{"type": "json_object"}`` and
 ``{"type": "json_schema", "json_schema": {"schema": ...}}``, and the ``grammar`` extension (GBNF, as
@@ -35,8 +37,9 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Annotated, Any, Literal
+from dataclasses import asdict, dataclass, field, replace
+from functools import partial
+from typing import Annotated, Any, Literal, Protocol
 from urllib.parse import urlsplit
 
 import anyio
@@ -56,7 +59,7 @@ from .generation import chat_completion, prompt_tokens
 from .generation import render as render_prompt
 from .pool import Lease, ModelPool, PoolBusyError, UnknownModelError
 from .structured import BadField, Constraint, check_grammar, constraint_for
-from .tools import ToolPlan, plan_tools, template_tags_calls, with_tool_calls
+from .tools import CallReader, ToolPlan, plan_tools, template_tags_calls, with_tool_calls
 from .tools import prepare as prepare_tools
 
 log = logging.getLogger(__name__)
@@ -753,8 +756,8 @@ def _rendered_chat_kind(
     messages: list[dict[str, Any]], plan: ToolPlan | None, constraint: Constraint | None
 ) -> _Kind:
     """A chat request with tools, tool history or a grammar: the prompt rendered here (the tools through
-    the model's own template), sampled under the grammar; with tools, the reply generated whole and its
-    calls parsed (streamed by :func:`_tool_events`)."""
+    the model's own template), sampled under the grammar; with tools, the reply's calls parsed (a stream's
+    as it comes, by :func:`_tool_events`)."""
 
     def rendered(model: ChatModel) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         if not model.chat_template:
@@ -768,14 +771,8 @@ def _rendered_chat_kind(
             grammar = plan.grammar(template_tags_calls(model))
         if grammar is not None:
             check_grammar(model.llm, grammar, constraint.param if constraint is not None else "tools")
-        if plan is None:
-            return chat_completion(model, msgs, grammar=grammar, variables=variables, stream=stream, **kw)
-
-        def reply() -> dict[str, Any]:  # whole: whether it is a call shows at its end
-            out = chat_completion(model, msgs, grammar=grammar, variables=variables, **kw)
-            return with_tool_calls(out, plan)
-
-        return iter_once(reply) if stream else reply()
+        out = chat_completion(model, msgs, grammar=grammar, variables=variables, stream=stream, **kw)
+        return with_tool_calls(out, plan) if plan is not None and not stream else out
 
     def count(model: ChatModel) -> int:
         if not model.chat_template:
@@ -796,7 +793,7 @@ def _rendered_chat_kind(
         prompt_text=text,
         count_prompt=count,
         call=call,
-        events=_tool_events if plan is not None else _chat_events,
+        events=_tool_events(plan) if plan is not None else _chat_events,
         reply=_chat_reply,
     )
 
@@ -1066,16 +1063,56 @@ def _stream_error(e: Exception) -> str:
     return _sse(error_body(str(e), kind))
 
 
+class _TextReader(Protocol):
+    """Turns a stream's text, as it comes, into the fields of the chunks that carry it."""
+
+    def feed(self, piece: str) -> list[dict[str, Any]]:
+        """The fields of the chunks ``piece`` (the next piece of text) lets go."""
+        ...
+
+    def close(self, finish: str) -> tuple[list[dict[str, Any]], str]:
+        """At the end: the fields of the chunks held back, and the finish reason (``finish``: llama.cpp's)."""
+        ...
+
+
+@dataclass(frozen=True)
+class _EachPiece:
+    """Each piece of text one chunk, as it comes."""
+
+    fields: Callable[[str | None], dict[str, Any]]
+
+    def feed(self, piece: str) -> list[dict[str, Any]]:
+        return [self.fields(piece)]
+
+    def close(self, finish: str) -> tuple[list[dict[str, Any]], str]:
+        return [], finish
+
+
+class _CallDeltas:
+    """A chat reply with tools read as it comes (:class:`.tools.CallReader`): its content and calls."""
+
+    def __init__(self, names: Sequence[str]):
+        self.reader = CallReader(names)
+
+    def feed(self, piece: str) -> list[dict[str, Any]]:
+        return [{"delta": d} for d in self.reader.feed(piece)]
+
+    def close(self, finish: str) -> tuple[list[dict[str, Any]], str]:
+        return [{"delta": d} for d in self.reader.close()], self.reader.finish_reason(finish)
+
+
 @dataclass(frozen=True)
 class _StreamShape:
-    """What differs between the two endpoints' event streams: the chunk's object name, where a chunk of
-    llama-cpp-python carries its text, and how ours carries it (``fields(None)``: the closing chunk's)."""
+    """What differs between the event streams: the chunk's object name, where a chunk of llama-cpp-python
+    carries its text, how ours carries it (``fields(None)``: the closing chunk's), and how text becomes
+    chunks (``reader``; None: each piece one chunk)."""
 
     object_name: str
     piece: Callable[[dict[str, Any]], str | None]
     fields: Callable[[str | None], dict[str, Any]]
     opening: dict[str, Any] | None = None
     """The fields of a chunk sent before any text (the chat stream's assistant role), or None."""
+    reader: Callable[[], _TextReader] | None = None
 
 
 _CHAT_STREAM = _StreamShape(
@@ -1101,9 +1138,10 @@ def _sse_events(
     n_prompt: int,
     include_usage: bool,
 ) -> Iterator[str]:
-    """The one SSE path of both endpoints: a chunk per non-empty piece of text, a closing chunk with the
-    finish reason, the usage chunk when asked, ``[DONE]``; an error mid-stream is one error event and
-    ``[DONE]``. ``chunks`` is closed however the stream ends (llama.cpp stops generating)."""
+    """The one SSE path of both endpoints (and of chat with tools): chunks as the text comes (a chunk per
+    non-empty piece, or what ``shape.reader`` makes of the text), a closing chunk with the finish reason,
+    the usage chunk when asked, ``[DONE]``; an error mid-stream is one error event and ``[DONE]``.
+    ``chunks`` is closed however the stream ends (llama.cpp stops generating)."""
 
     def chunk(fields: dict[str, Any], finish: str | None) -> dict[str, Any]:
         return {
@@ -1116,6 +1154,7 @@ def _sse_events(
 
     if shape.opening is not None:
         yield _sse(chunk(shape.opening, None))
+    reader = shape.reader() if shape.reader is not None else _EachPiece(shape.fields)
     text, finish = [], None
     try:
         for c in chunks:
@@ -1123,8 +1162,10 @@ def _sse_events(
             piece = shape.piece(choice)
             if piece:
                 text.append(piece)
-                yield _sse(chunk(shape.fields(piece), None))
+                for fields in reader.feed(piece):
+                    yield _sse(chunk(fields, None))
             finish = choice.get("finish_reason") or finish
+        held, finish = reader.close(finish or "stop")
     except Exception as e:
         yield _stream_error(e)
         yield "data: [DONE]\n\n"
@@ -1132,7 +1173,9 @@ def _sse_events(
     finally:
         with contextlib.suppress(Exception):
             chunks.close()  # type: ignore[attr-defined]
-    yield _sse(chunk(shape.fields(None), finish or "stop"))
+    for fields in held:
+        yield _sse(chunk(fields, None))
+    yield _sse(chunk(shape.fields(None), finish))
     if include_usage:
         yield _sse(_usage_chunk(chunk(shape.fields(None), None), model, n_prompt, "".join(text)))
     yield "data: [DONE]\n\n"
@@ -1145,55 +1188,15 @@ def _chat_reply(choice: dict[str, Any]) -> dict[str, Any]:
     return {"message": {"role": "assistant", "content": message.get("content") or ""}}
 
 
-def iter_once(make: Callable[[], Any]) -> Iterator[Any]:
-    """An iterator of one item, made when it is first asked for (in the stream's worker thread)."""
-    yield make()
-
-
-def _tool_events(
-    outs: Iterator[dict[str, Any]],
-    cid: str,
-    created: int,
-    model_id: str,
-    model: ChatModel,
-    n_prompt: int,
-    include_usage: bool,
-) -> Iterator[str]:
-    """A chat stream when tools are in play: the reply is generated whole (whether it is a call shows only
-    at its end), then sent as OpenAI streams it: the role, the text or the calls (each call one delta with
-    its index, id, name and arguments), the finish reason, the usage when asked, ``[DONE]``."""
-
-    def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
-        return {
-            "id": cid,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model_id,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
-        }
-
-    yield _sse(chunk({"role": "assistant", "content": ""}, None))
-    try:
-        out = next(outs)
-    except Exception as e:
-        yield _stream_error(e)
-        yield "data: [DONE]\n\n"
-        return
-    finally:
-        with contextlib.suppress(Exception):
-            outs.close()  # type: ignore[attr-defined]
-    choice = out["choices"][0]
-    message = choice["message"]
-    if message.get("tool_calls"):
-        for i, call in enumerate(message["tool_calls"]):
-            yield _sse(chunk({"tool_calls": [{"index": i, **call}]}, None))
-    elif message.get("content"):
-        yield _sse(chunk({"content": message["content"]}, None))
-    yield _sse(chunk({}, choice.get("finish_reason") or "stop"))
-    if include_usage:
-        usage = _usage(out)
-        yield _sse({**chunk({}, None), "choices": [], "usage": usage})
-    yield "data: [DONE]\n\n"
+def _tool_events(plan: ToolPlan) -> Callable[..., Iterator[str]]:
+    """The chat stream when tools are in play (arguments as :func:`_chat_events` takes them): the one SSE
+    path, its text read as it is generated by :class:`.tools.CallReader`. Text that cannot start a call
+    goes out as ``content`` deltas at once (a possible start is held back until it is a call or cannot be
+    one); a call's first delta carries its ``index``, ``id``, ``type`` and ``function.name`` as soon as the
+    name is complete, further deltas its arguments' text in fragments as generated (together exactly the
+    non-streaming reply's ``arguments``); the finish reason is ``tool_calls`` once a call was sent (unless
+    cut: ``length``), then the usage when asked, ``[DONE]``."""
+    return partial(_sse_events, replace(_CHAT_STREAM, reader=lambda: _CallDeltas(plan.names)))
 
 
 def _chat_events(*args: Any) -> Iterator[str]:
