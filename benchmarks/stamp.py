@@ -14,7 +14,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def git_commit() -> str:
-    """The short commit, ``+dirty`` when the tree has uncommitted changes."""
+    """The short commit, ``+dirty`` when the tree has uncommitted changes (``GGUF_FACTORY_COMMIT`` when set:
+    a copy of the tree without its git folder, e.g. on a GPU machine, names the commit it was made from)."""
+    if os.environ.get("GGUF_FACTORY_COMMIT"):
+        return os.environ["GGUF_FACTORY_COMMIT"]
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True

@@ -78,11 +78,13 @@ def _data(work: Path) -> Path:
 # --------------------------------------------------------------------------------------------- children
 
 
-def _child_ours(model: Path, data: Path, out: Path, steps: int, pack: bool) -> dict[str, Any]:
+def _child_ours(
+    model: Path, data: Path, out: Path, steps: int, pack: bool, device: str, precision: str
+) -> dict[str, Any]:
     from gguf_factory.train import train
 
     train(data, out, base=model, max_steps=steps, batch_size=BATCH, max_seq_len=SEQ, lr=LR, progress=False,
-          pack=pack)  # fmt: skip
+          pack=pack, device=device, precision=precision)  # fmt: skip
     rec = json.loads((out / "training.json").read_text())
     t = rec["throughput"]
     return {
@@ -91,7 +93,10 @@ def _child_ours(model: Path, data: Path, out: Path, steps: int, pack: bool) -> d
     }  # fmt: skip
 
 
-def _child_trainer(model: Path, data: Path, out: Path, steps: int, grouped: bool, threads: int | None):
+def _child_trainer(
+    model: Path, data: Path, out: Path, steps: int, grouped: bool, threads: int | None, device: str,
+    precision: str,
+):  # fmt: skip
     import torch
     from transformers import (
         AutoModelForCausalLM,
@@ -134,7 +139,8 @@ def _child_trainer(model: Path, data: Path, out: Path, steps: int, grouped: bool
         output_dir=str(out), per_device_train_batch_size=BATCH, max_steps=steps, learning_rate=LR,
         weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8, max_grad_norm=1.0,
         lr_scheduler_type="cosine", warmup_steps=1, logging_strategy="no", save_strategy="no",
-        eval_strategy="no", report_to=[], use_cpu=True, seed=1234, disable_tqdm=True,
+        eval_strategy="no", report_to=[], use_cpu=device == "cpu", seed=1234, disable_tqdm=True,
+        bf16=precision == "bf16", fp16=precision == "fp16",
         train_sampling_strategy="group_by_length" if grouped else "random",
     )  # fmt: skip
     if grouped:
@@ -153,7 +159,7 @@ def child(args: argparse.Namespace) -> None:
     model, data, out = Path(args.model), Path(args.data), Path(args.out)
     load0 = os.getloadavg()[0]
     if args.child.startswith("ours"):
-        r = _child_ours(model, data, out, args.steps, pack=args.child == "ours-pack")
+        r = _child_ours(model, data, out, args.steps, args.child == "ours-pack", args.device, args.precision)
     else:
         grouped = args.child == "trainer-grouped"
         threads = args.threads
@@ -161,7 +167,7 @@ def child(args: argparse.Namespace) -> None:
             from gguf_factory.train.devices import default_threads
 
             threads = default_threads(None)
-        r = _child_trainer(model, data, out, args.steps, grouped, threads)
+        r = _child_trainer(model, data, out, args.steps, grouped, threads, args.device, args.precision)
     r.update(load_before=round(load0, 2), load_after=round(os.getloadavg()[0], 2))
     print("RESULT " + json.dumps(r), flush=True)
 
@@ -169,10 +175,13 @@ def child(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------------------------- parent
 
 
-def _measure(row: str, model: Path, data: Path, work: Path, steps: int, threads: int | None) -> dict:
+def _measure(
+    row: str, model: Path, data: Path, work: Path, args: argparse.Namespace, threads: int | None
+) -> dict:
     out = work / f"out-{row}"
     cmd = [sys.executable, __file__, "--child", row, "--model", str(model), "--data", str(data),
-           "--out", str(out), "--steps", str(steps)]  # fmt: skip
+           "--out", str(out), "--steps", str(args.steps), "--device", args.device,
+           "--precision", args.precision]  # fmt: skip
     if threads:
         cmd += ["--threads", str(threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -194,8 +203,12 @@ def _machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {
         "cpu": cpu,
+        "gpu": gpu,
         "cores": os.cpu_count(),
         "platform": platform.platform(),
         "python": platform.python_version(),
@@ -221,6 +234,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--data")
     ap.add_argument("--out")
     ap.add_argument("--threads", type=int)
+    ap.add_argument("--device", default="cpu", help="cpu (the default and the README's rows) or cuda")
+    ap.add_argument("--precision", default="fp32", help="fp32 (default) or bf16 (both rows alike)")
     args = ap.parse_args(argv)
     if args.child:
         child(args)
@@ -242,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
         order = rows if run % 2 == 0 else rows[::-1]
         for row in order:
             threads = ours_threads if row == "trainer-grouped" else None
-            r = _measure(row, model, data, work, args.steps, threads)
+            r = _measure(row, model, data, work, args, threads)
             r["run"], r["order"] = run + 1, order.index(row) + 1
             if row == "ours":
                 ours_threads = ours_threads or r["threads"]
@@ -282,6 +297,8 @@ def main(argv: list[str] | None = None) -> None:
             "batch_size": BATCH,
             "max_seq_len": SEQ,
             "lr": LR,
+            "device": args.device,
+            "precision": args.precision,
             "steps": args.steps,
             "runs": args.runs,
             "train_conversations": 718,
@@ -293,9 +310,16 @@ def main(argv: list[str] | None = None) -> None:
         "wall_seconds": round(time.time() - t0, 1),
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "train_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / "train_throughput.md").write_text(_markdown(result))
-    print(f"speed-up ours / Trainer: {speedup}x (target {TARGET}x); wrote {RESULTS / 'train_throughput.md'}")
+    name = "train_throughput" if args.device == "cpu" else f"train_throughput_{args.device}"
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"{name}.md").write_text(_markdown(result))
+    print(f"speed-up ours / Trainer: {speedup}x (target {TARGET}x); wrote {RESULTS / f'{name}.md'}")
+
+
+def _compute(setup: dict[str, Any]) -> str:
+    device, precision = setup.get("device", "cpu"), setup.get("precision", "fp32")
+    where = "on the CPU" if device == "cpu" else f"on {device}"
+    return f"{precision} compute {where}" if precision != "fp32" else f"float32 compute {where}"
 
 
 def _markdown(r: dict[str, Any]) -> str:
@@ -303,14 +327,17 @@ def _markdown(r: dict[str, Any]) -> str:
     lines = [
         "# Fine-tuning throughput: gguf-factory vs transformers' Trainer",
         "",
-        f"{r['date']}, commit `{r['commit']}`, {m['cpu']} ({m['cores']} cores), {m['platform']}, Python "
+        f"{r['date']}, commit `{r['commit']}`, {m['cpu']} ({m['cores']} cores)"
+        + (f", GPU {m['gpu']}" if m.get("gpu") and r["setup"].get("device", "cpu") != "cpu" else "")
+        + f", {m['platform']}, Python "
         f"{m['python']}, torch {r['versions']['torch']}, transformers {r['versions']['transformers']}.",
         "",
         f"Command: `{r['command']}`",
         "",
         f"{r['setup']['model']}, {r['setup']['train_conversations']} chatterbot conversations, batch "
         f"{r['setup']['batch_size']}, max_seq_len {r['setup']['max_seq_len']}, AdamW (fused) lr "
-        f"{r['setup']['lr']}, float32; {r['setup']['steps']} optimizer steps per process, "
+        f"{r['setup']['lr']}, weights float32, {_compute(r['setup'])}; {r['setup']['steps']} optimizer "
+        "steps per process, "
         f"{r['setup']['runs']} runs per row in alternating orders. Tokens are real tokens (no padding); "
         "tokens/s over the steps' wall time, tokens/cpu-s over the process's CPU time.",
         "",
