@@ -119,6 +119,30 @@ def test_logits_only_at_targets_equal_the_full_rows():
     torch.testing.assert_close(rows, full[batch["keep"]], rtol=1e-5, atol=1e-5)
 
 
+class _IntOnlyKeepLlama(LlamaForCausalLM):
+    """transformers 5.17's Llama head (seen on a GPU machine): ``logits_to_keep`` is an int or a 1-D index;
+    a boolean (batch, seq) mask indexes the 3-D hidden states with too many indices (IndexError)."""
+
+    def forward(self, input_ids=None, logits_to_keep=0, **kw):
+        out = self.model(input_ids=input_ids, **kw)
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        return type("Out", (), {"logits": self.lm_head(out.last_hidden_state[:, keep, :])})()
+
+
+def test_logits_at_targets_fall_back_where_a_mask_is_refused():
+    ref = _tiny_models()[0]
+    old = _IntOnlyKeepLlama(ref.config).eval()
+    old.load_state_dict(ref.state_dict())
+    batch = collate(_examples(3, seed=4), [0, 1, 2], 0)
+    with torch.no_grad():
+        rows = target_logits(old, batch)  # the mask raises; the full rows are taken instead
+        want = target_logits(ref, batch)
+    torch.testing.assert_close(rows, want, rtol=1e-5, atol=1e-5)
+    from gguf_factory.train.loop import _TAKES_KEEP_MASK
+
+    assert _TAKES_KEEP_MASK[_IntOnlyKeepLlama] is False and _TAKES_KEEP_MASK[LlamaForCausalLM] is True
+
+
 # ------------------------------------------------------------------------------------ one loop, options
 
 

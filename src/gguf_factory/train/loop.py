@@ -334,8 +334,11 @@ def target_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tor
         kw["attention_mask"] = batch["attention_mask"]
     keep = batch["keep"]
     if _takes_keep_mask(model):
-        logits = model(**kw, logits_to_keep=keep).logits
-        if logits.dim() == 2 and logits.shape[0] == int(keep.sum()):
+        try:
+            logits = model(**kw, logits_to_keep=keep).logits
+        except IndexError:  # transformers < 5.2x index a 3-D tensor with it: an int-only logits_to_keep
+            logits = None
+        if logits is not None and logits.dim() == 2 and logits.shape[0] == int(keep.sum()):
             return logits
         _TAKES_KEEP_MASK[type(inner_model(model))] = False  # an int-only logits_to_keep
     return model(**kw).logits[keep]
