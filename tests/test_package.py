@@ -7,10 +7,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import gguf
 import pytest
@@ -29,6 +31,8 @@ from gguf_factory.package import (
     verify_release,
 )
 from gguf_factory.package.ollama_template import render_probes
+from gguf_factory.package.ollama_tools import json_normalized
+from gguf_factory.runtime.templates import render_chat as render_bounded
 from tools import missing_tool
 
 # Chat templates as published with well-known models (Jinja, as in their tokenizer_config.json).
@@ -133,6 +137,171 @@ QWEN25 = """{%- if tools %}
     {{- '<|im_start|>assistant\n' }}
 {%- endif %}
 """
+# Qwen 2.5 Instruct's chat template exactly as published (tokenizer_config.json of
+# Qwen/Qwen2.5-0.5B-Instruct, revision 7ae557604adf): tool definitions in the system turn as JSON, tool
+# calls as <tool_call> JSON, runs of tool results in one user turn. (A backslash at a line's end continues
+# the line, in this string and LLAMA32's.)
+QWEN25_TOOLS = """{%- if tools %}
+    {{- '<|im_start|>system\\n' }}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- messages[0]['content'] }}
+    {%- else %}
+        {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}
+    {%- endif %}
+    {{- "\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are\
+ provided with function signatures within <tools></tools> XML tags:\\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments\
+ within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": <function-name>, \\"arguments\\":\
+ <args-json-object>}\\n</tool_call><|im_end|>\\n" }}
+{%- else %}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}
+    {%- else %}
+        {{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful\
+ assistant.<|im_end|>\\n' }}
+    {%- endif %}
+{%- endif %}
+{%- for message in messages %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role ==\
+ "assistant" and not message.tool_calls) %}
+        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role }}
+        {%- if message.content %}
+            {{- '\\n' + message.content }}
+        {%- endif %}
+        {%- for tool_call in message.tool_calls %}
+            {%- if tool_call.function is defined %}
+                {%- set tool_call = tool_call.function %}
+            {%- endif %}
+            {{- '\\n<tool_call>\\n{"name": "' }}
+            {{- tool_call.name }}
+            {{- '", "arguments": ' }}
+            {{- tool_call.arguments | tojson }}
+            {{- '}\\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\\n<tool_response>\\n' }}
+        {{- message.content }}
+        {{- '\\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+{%- endif %}
+"""
+# Llama 3.2 Instruct's chat template as published: with tools, the tool list (JSON, indent=4) goes into the
+# first user message, which a per-role Go template cannot reproduce; it exports without tools.
+LLAMA32 = """{{- bos_token }}
+{%- if custom_tools is defined %}
+    {%- set tools = custom_tools %}
+{%- endif %}
+{%- if not tools_in_user_message is defined %}
+    {%- set tools_in_user_message = true %}
+{%- endif %}
+{%- if not date_string is defined %}
+    {%- if strftime_now is defined %}
+        {%- set date_string = strftime_now("%d %b %Y") %}
+    {%- else %}
+        {%- set date_string = "26 Jul 2024" %}
+    {%- endif %}
+{%- endif %}
+{%- if not tools is defined %}
+    {%- set tools = none %}
+{%- endif %}
+
+{#- This block extracts the system message, so we can slot it into the right place. #}
+{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content']|trim %}
+    {%- set messages = messages[1:] %}
+{%- else %}
+    {%- set system_message = "" %}
+{%- endif %}
+
+{#- System message #}
+{{- "<|start_header_id|>system<|end_header_id|>\\n\\n" }}
+{%- if tools is not none %}
+    {{- "Environment: ipython\\n" }}
+{%- endif %}
+{{- "Cutting Knowledge Date: December 2023\\n" }}
+{{- "Today Date: " + date_string + "\\n\\n" }}
+{%- if tools is not none and not tools_in_user_message %}
+    {{- "You have access to the following functions. To call a function, please respond with JSON for a\
+ function call." }}
+    {{- 'Respond in the format {"name": function name, "parameters": dictionary of argument name and its\
+ value}.' }}
+    {{- "Do not use variables.\\n\\n" }}
+    {%- for t in tools %}
+        {{- t | tojson(indent=4) }}
+        {{- "\\n\\n" }}
+    {%- endfor %}
+{%- endif %}
+{{- system_message }}
+{{- "<|eot_id|>" }}
+
+{#- Custom tools are passed in a user message with some extra guidance #}
+{%- if tools_in_user_message and not tools is none %}
+    {#- Extract the first user message so we can plug it in here #}
+    {%- if messages | length != 0 %}
+        {%- set first_user_message = messages[0]['content']|trim %}
+        {%- set messages = messages[1:] %}
+    {%- else %}
+        {{- raise_exception("Cannot put tools in the first user message when there's no first user\
+ message!") }}
+{%- endif %}
+    {{- '<|start_header_id|>user<|end_header_id|>\\n\\n' -}}
+    {{- "Given the following functions, please respond with a JSON for a function call " }}
+    {{- "with its proper arguments that best answers the given prompt.\\n\\n" }}
+    {{- 'Respond in the format {"name": function name, "parameters": dictionary of argument name and its\
+ value}.' }}
+    {{- "Do not use variables.\\n\\n" }}
+    {%- for t in tools %}
+        {{- t | tojson(indent=4) }}
+        {{- "\\n\\n" }}
+    {%- endfor %}
+    {{- first_user_message + "<|eot_id|>"}}
+{%- endif %}
+
+{%- for message in messages %}
+    {%- if not (message.role == 'ipython' or message.role == 'tool' or 'tool_calls' in message) %}
+        {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim\
+ + '<|eot_id|>' }}
+    {%- elif 'tool_calls' in message %}
+        {%- if not message.tool_calls|length == 1 %}
+            {{- raise_exception("This model only supports single tool-calls at once!") }}
+        {%- endif %}
+        {%- set tool_call = message.tool_calls[0].function %}
+        {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}
+        {{- '{"name": "' + tool_call.name + '", ' }}
+        {{- '"parameters": ' }}
+        {{- tool_call.arguments | tojson }}
+        {{- "}" }}
+        {{- "<|eot_id|>" }}
+    {%- elif message.role == "tool" or message.role == "ipython" %}
+        {{- "<|start_header_id|>ipython<|end_header_id|>\\n\\n" }}
+        {%- if message.content is mapping or message.content is iterable %}
+            {{- message.content | tojson }}
+        {%- else %}
+            {{- message.content }}
+        {%- endif %}
+        {{- "<|eot_id|>" }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}
+{%- endif %}
+"""
 # Literal text that needs quoting in Go templates and Modelfiles: quotes, braces, a non-breaking space.
 AWKWARD = (
     "{% for m in messages %}{{ '\"' + m['role'] + '\" {{\u00a0' + m['content'] + ' }}\n' }}{% endfor %}"
@@ -149,6 +318,8 @@ STYLES: dict[str, tuple[str, str, str, bool, bool]] = {
     "llama2": (LLAMA2, "<s>", "</s>", True, True),
     "gemma3": (GEMMA3, "<bos>", "<eos>", True, True),
     "qwen25": (QWEN25, "<|endoftext|>", "<|im_end|>", False, True),
+    "qwen25_tools": (QWEN25_TOOLS, "<|endoftext|>", "<|im_end|>", False, True),
+    "llama32": (LLAMA32, "<|begin_of_text|>", "<|eot_id|>", True, True),
     "awkward": (AWKWARD, "<s>", "</s>", False, True),
 }
 
@@ -209,9 +380,14 @@ def style_gguf(tiny_f16_gguf: Path, tmp_path_factory: pytest.TempPathFactory) ->
     return make
 
 
+Objects = list[dict[str, Any]]  # messages, tools
+
 GO_RENDER = r"""
-// Executes an Ollama TEMPLATE (Go text/template) on a JSON list of messages, with the data Ollama gives
-// it: .Messages after merging consecutive same-role messages, .System, the "json" function.
+// Executes an Ollama TEMPLATE (Go text/template) on {"messages": [...], "tools": [...]} with the data
+// Ollama gives it: .Messages after merging consecutive same-role messages (tool messages aside), .System,
+// .Tools, and the "json" function (json.Marshal). The types follow the shapes of Ollama's template data:
+// a tool has .Type and .Function (.Name, .Description, .Parameters); a message has .Role, .Content and
+// .ToolCalls, each with .Function (.Name, .Arguments: a map that prints as JSON).
 package main
 
 import (
@@ -222,9 +398,56 @@ import (
 	"text/template"
 )
 
+type Args map[string]any
+
+func (a Args) String() string { b, _ := json.Marshal(a); return string(b) }
+
+type ToolCallFunction struct {
+	Index     int    `json:"index"`
+	Name      string `json:"name"`
+	Arguments Args   `json:"arguments"`
+}
+
+type ToolCall struct {
+	Function ToolCallFunction `json:"function"`
+}
+
 type Message struct {
-	Role    string `json:"role"`
-	Content string `json:"content"`
+	Role      string     `json:"role"`
+	Content   string     `json:"content"`
+	ToolCalls []ToolCall `json:"tool_calls"`
+}
+
+type Property struct {
+	Type        any    `json:"type,omitempty"`
+	Items       any    `json:"items,omitempty"`
+	Description string `json:"description,omitempty"`
+	Enum        []any  `json:"enum,omitempty"`
+}
+
+type Parameters struct {
+	Type       string              `json:"type"`
+	Defs       any                 `json:"$defs,omitempty"`
+	Items      any                 `json:"items,omitempty"`
+	Required   []string            `json:"required,omitempty"`
+	Properties map[string]Property `json:"properties"`
+}
+
+type Function struct {
+	Name        string     `json:"name"`
+	Description string     `json:"description"`
+	Parameters  Parameters `json:"parameters"`
+}
+
+type Tool struct {
+	Type     string   `json:"type"`
+	Items    any      `json:"items,omitempty"`
+	Function Function `json:"function"`
+}
+
+type Input struct {
+	Messages []Message `json:"messages"`
+	Tools    []Tool    `json:"tools"`
 }
 
 func fail(err error) {
@@ -241,14 +464,14 @@ func main() {
 	if err != nil {
 		fail(err)
 	}
-	var in []Message
+	var in Input
 	if err := json.Unmarshal(raw, &in); err != nil {
 		fail(err)
 	}
 	var systems []string
 	var msgs []*Message
-	for i := range in {
-		m := in[i]
+	for i := range in.Messages {
+		m := in.Messages[i]
 		if m.Role == "system" {
 			systems = append(systems, m.Content)
 		}
@@ -263,7 +486,9 @@ func main() {
 	if err != nil {
 		fail(err)
 	}
-	data := map[string]any{"System": strings.Join(systems, "\n\n"), "Messages": msgs, "Response": ""}
+	data := map[string]any{
+		"System": strings.Join(systems, "\n\n"), "Messages": msgs, "Tools": in.Tools, "Response": "",
+	}
 	if err := tmpl.Execute(os.Stdout, data); err != nil {
 		fail(err)
 	}
@@ -272,8 +497,8 @@ func main() {
 
 
 @pytest.fixture(scope="session")
-def go_render(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, list[dict[str, str]]], str]:
-    """Render a Go template on messages with a Go program built once per session."""
+def go_render(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., str]:
+    """Render a Go template on messages (and tools) with a Go program built once per session."""
     go = shutil.which("go")
     if go is None:
         missing_tool("`go` not found (Debian package golang-go): cannot execute Ollama templates")
@@ -293,12 +518,12 @@ def go_render(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, list[d
     subprocess.run([go, "build", "-o", str(exe), "render.go"], cwd=root, env=env, check=True, timeout=300)
     n = 0
 
-    def render(template: str, messages: list[dict[str, str]]) -> str:
+    def render(template: str, messages: Objects, tools: Objects | None = None) -> str:
         nonlocal n
         n += 1
         t, m = root / f"t{n}.tmpl", root / f"m{n}.json"
         t.write_text(template, encoding="utf-8")
-        m.write_text(json.dumps(messages), encoding="utf-8")
+        m.write_text(json.dumps({"messages": messages, "tools": tools}), encoding="utf-8")
         proc = subprocess.run([str(exe), str(t), str(m)], capture_output=True, check=False, timeout=60)
         assert proc.returncode == 0, proc.stderr.decode()
         return proc.stdout.decode("utf-8")
@@ -313,25 +538,38 @@ def modelfile_of(folder: Path) -> dict[str, list[str]]:
     return out
 
 
-def jinja_prompt(gguf_path: Path, messages: list[dict[str, str]]) -> str:
-    """The reference: the GGUF's own chat template, rendered in the doctor's sandbox, generation prompt on."""
+def has_tools(messages: Objects, tools: Objects | None) -> bool:
+    return bool(tools) or any("tool_calls" in m for m in messages)
+
+
+def jinja_prompt(gguf_path: Path, messages: Objects, tools: Objects | None = None) -> str:
+    """The reference: the GGUF's own chat template, rendered in the doctor's sandbox (with tools: in the
+    bounded template worker), generation prompt on."""
     info = read_model_info(gguf_path)
     assert info.chat_template is not None
-    return render_chat(info.chat_template, messages, info.bos, info.eos)
+    if not has_tools(messages, tools):
+        return render_chat(info.chat_template, messages, info.bos, info.eos)
+    return render_bounded(info.chat_template, messages, bos_token=info.bos, eos_token=info.eos, tools=tools)
 
 
 def assert_same_as_jinja(
-    gguf_path: Path, out_dir: Path, messages: list[dict[str, str]], go_render: Callable
+    gguf_path: Path, out_dir: Path, messages: Objects, go_render: Callable, tools: Objects | None = None
 ) -> str:
+    """Go renders the exported TEMPLATE as the Jinja template renders: byte for byte, except that JSON
+    (tool definitions, tool-call arguments) is compared after parsing: Go's json.Marshal and Python's
+    json.dumps differ in spacing, key order and escapes (Ollama's own templates write Go's JSON too)."""
     r = export_ollama(gguf_path, out_dir)
     template = modelfile_of(out_dir)["template"][0]  # as Ollama's parser reads it back
     assert template == r.template.template
-    expected = jinja_prompt(gguf_path, messages)
+    expected = jinja_prompt(gguf_path, messages, tools)
     if r.template.strip_bos:  # Ollama adds BOS itself (add_bos_token): the TEMPLATE leaves it out
         assert expected.startswith(r.template.bos)
         expected = expected[len(r.template.bos) :]
-    got = go_render(template, messages)
-    assert got == expected
+    got = go_render(template, messages, tools)
+    if has_tools(messages, tools):
+        assert json_normalized(got) == json_normalized(expected)
+    else:
+        assert got == expected
     return got
 
 
@@ -352,7 +590,9 @@ def test_chatml_template_renders_like_jinja_in_go(tiny_f16_gguf, tmp_path, go_re
     assert "system" not in mf
 
 
-@pytest.mark.parametrize("style", ["llama3", "phi3", "zephyr", "llama2", "gemma3", "qwen25", "awkward"])
+@pytest.mark.parametrize(
+    "style", ["llama3", "phi3", "zephyr", "llama2", "gemma3", "qwen25", "qwen25_tools", "llama32", "awkward"]
+)
 def test_real_world_templates_render_like_jinja_in_go(style, style_gguf, tmp_path, go_render):
     assert_same_as_jinja(style_gguf(style), tmp_path, CONVERSATION, go_render)
     # without a system message, and a single turn
@@ -428,6 +668,211 @@ def test_bos_left_to_ollama_only_when_the_model_adds_it(style_gguf, tmp_path):
 def test_trimming_template_is_reported(style_gguf, tmp_path):
     r = export_ollama(style_gguf("llama3"), tmp_path)
     assert any("trims whitespace" in w for w in r.warnings)
+
+
+# ---------------------------------------------------------------------------------------------------
+# tools: .Tools, tool calls and tool results, where the chat template writes them
+# ---------------------------------------------------------------------------------------------------
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather for a city, in °C & <units>",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "description": "City name"},
+                "unit": {"type": "string", "enum": ["C", "F"]},
+            },
+            "required": ["city"],
+        },
+    },
+}
+CLOCK = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "description": "Local time",
+        "parameters": {"type": "object", "properties": {"tz": {"type": "string"}}, "required": ["tz"]},
+    },
+}
+
+
+def call(name: str, **arguments: str) -> dict[str, Any]:
+    return {"type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+TOOL_CONVERSATION: Objects = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "Weather in Paris, and the time in Tokyo?"},
+    {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [call("get_weather", city="Paris", unit="C"), call("get_time", tz="Asia/Tokyo")],
+    },
+    {"role": "tool", "content": '{"temp": 21}'},
+    {"role": "tool", "content": "09:30"},
+    {"role": "assistant", "content": "Paris: 21 °C. Tokyo: 09:30."},
+    {"role": "user", "content": "And Lyon?"},
+    {"role": "assistant", "content": "Checking Lyon.", "tool_calls": [call("get_weather", city="Lyon")]},
+    {"role": "tool", "content": '{"temp": 19}'},
+]
+
+
+def test_json_is_compared_after_parsing():
+    python = 'x {"b": 1, "a": [1, {"c": "<&>"}]} y'
+    go = 'x {"a":[1,{"c":"\\u003c\\u0026\\u003e"}],"b":1} y'
+    assert json_normalized(python) == json_normalized(go)
+    assert json_normalized(python) != json_normalized(go.replace(" y", "  y"))  # text around: byte for byte
+    assert json_normalized('{"a": 1}') != json_normalized('{"a": 2}')
+
+
+def test_tools_render_like_jinja_in_go(style_gguf, tmp_path, go_render):
+    """Qwen 2.5: the tool list in the system turn, tool calls, runs of tool results, all where the Jinja
+    template writes them (JSON compared after parsing, see assert_same_as_jinja; the rest byte for byte)."""
+    path = style_gguf("qwen25_tools")
+    r = export_ollama(path, tmp_path / "x")
+    assert r.tools and r.template.tools and r.template.tools_note is None
+    assert not any(w.startswith("tools") or "tool calls" in w for w in r.warnings)
+    got = assert_same_as_jinja(path, tmp_path, TOOL_CONVERSATION, go_render, tools=[WEATHER, CLOCK])
+    assert got.startswith("<|im_start|>system\nYou are a helpful assistant.\n\n# Tools\n\n")
+    # one JSON object per tool and line, as Go writes it: the same JSON as the tools after parsing
+    listed = got.split("<tools>\n", 1)[1].split("\n</tools>", 1)[0].split("\n")
+    assert [json.loads(line) for line in listed] == [WEATHER, CLOCK]
+    assert listed[0].startswith('{"type":"function","function":{"name":"get_weather"')
+    assert "°C \\u0026 \\u003cunits\\u003e" in listed[0]  # json.Marshal escapes HTML characters
+    assert (
+        '<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": '
+        '{"city":"Paris","unit":"C"}}\n</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": '
+        '{"tz":"Asia/Tokyo"}}\n</tool_call>'
+        '<|im_end|>\n<|im_start|>user\n<tool_response>\n{"temp": 21}\n</tool_response>\n<tool_response>\n'
+        "09:30\n</tool_response><|im_end|>\n<|im_start|>assistant\nParis: 21 °C. Tokyo: 09:30.<|im_end|>\n"
+    ) in got
+    assert got.endswith(
+        '<|im_start|>assistant\nChecking Lyon.\n<tool_call>\n{"name": "get_weather", "arguments": '
+        '{"city":"Lyon"}}\n</tool_call><|im_end|>\n<|im_start|>user\n<tool_response>\n{"temp": 19}\n'
+        "</tool_response><|im_end|>\n<|im_start|>assistant\n"
+    )
+    # no system message: Qwen's default one carries the tool list; one tool
+    got = assert_same_as_jinja(path, tmp_path, TOOL_CONVERSATION[1:], go_render, tools=[CLOCK])
+    assert got.startswith("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud.")
+    # tool calls and results in a request without tools: the template's tool-free system turn
+    got = assert_same_as_jinja(path, tmp_path, TOOL_CONVERSATION, go_render)
+    assert "# Tools" not in got and '<tool_call>\n{"name": "get_time"' in got
+
+
+# Not a named family: the tool list as one indented JSON array of the tools' functions, each call as a JSON
+# object, each tool result a turn of its own.
+ARRAY_TOOLS = (
+    "{% if tools %}<|tools|>{{ tools | map(attribute='function') | list | tojson(indent=2) }}<|end|>\n"
+    "{% endif %}"
+    "{% for m in messages %}"
+    "{% if m.role == 'assistant' and m.tool_calls %}<|assistant|>{{ m.content }}"
+    "{% for c in m.tool_calls %}<|call|>{{ c.function | tojson }}{% endfor %}<|end|>\n"
+    "{% elif m.role == 'tool' %}<|tool|>{{ m.content }}<|end|>\n"
+    "{% else %}<|{{ m.role }}|>{{ m.content }}<|end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def test_tool_list_as_an_indented_json_array(go_render):
+    """json.dumps does not give objects nested in an indented list on its own: the decomposition is
+    verified with the JSON compared after parsing there too, and Go renders like Jinja."""
+    t = derive_ollama_template(ARRAY_TOOLS, "<s>", "</s>", False)
+    assert t.tools and t.tools_format.tools.function_only and not t.tools_format.exact_json
+    for msgs, tools in ((TOOL_CONVERSATION, [WEATHER, CLOCK]), (TOOL_CONVERSATION[1:], [CLOCK])):
+        expected = render_bounded(ARRAY_TOOLS, msgs, bos_token="<s>", eos_token="</s>", tools=tools)
+        assert json_normalized(go_render(t.template, msgs, tools)) == json_normalized(expected)
+    got = go_render(t.template, TOOL_CONVERSATION[1:4], [WEATHER, CLOCK])
+    assert got.startswith('<|tools|>[\n  {"name":"get_weather",') and '},\n  {"name":"get_time",' in got
+    assert '<|assistant|><|call|>{"name": "get_weather", "arguments": {"city":"Paris","unit":"C"}}' in got
+    assert got.endswith('{"tz":"Asia/Tokyo"}}<|end|>\n<|tool|>{"temp": 21}<|end|>\n<|assistant|>')
+
+
+def test_tool_calls_whose_content_the_template_drops(go_render):
+    drops = (
+        "{% if tools %}<tools>{% for t in tools %}{{ t | tojson }}{% endfor %}</tools>\n{% endif %}"
+        "{% for m in messages %}{% if m.role == 'assistant' and m.tool_calls %}<a>{% for c in m.tool_calls %}"
+        "<call>{{ c.function.name }}|{{ c.function.arguments | tojson }}</call>{% endfor %}</a>\n"
+        "{% else %}<{{ m.role }}>{{ m.content }}</{{ m.role }}>\n{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<a>{% endif %}"
+    )
+    t = derive_ollama_template(drops, "<s>", "</s>", False)
+    assert t.tools and t.tools_format.calls.with_content is None
+    expected = render_bounded(drops, TOOL_CONVERSATION, bos_token="<s>", eos_token="</s>", tools=[CLOCK])
+    got = go_render(t.template, TOOL_CONVERSATION, [CLOCK])
+    assert json_normalized(got) == json_normalized(expected) and "Checking Lyon." not in got
+    assert '<a><call>get_weather|{"city":"Lyon"}</call></a>\n<tool>{"temp": 19}</tool>\n<a>' in got
+
+
+def test_tool_template_matches_its_python_model(style_gguf, tmp_path, go_render):
+    """Odd orders (a trailing tool call is continued, a system message mid-way, a tool result first,
+    consecutive assistant messages merged): Go renders what the Python model predicts."""
+    t = export_ollama(style_gguf("qwen25_tools"), tmp_path).template
+    convs = [
+        TOOL_CONVERSATION,
+        TOOL_CONVERSATION[:3],
+        [*TOOL_CONVERSATION[:6], {"role": "system", "content": "Be brief."}, *TOOL_CONVERSATION[6:]],
+        [TOOL_CONVERSATION[3], *TOOL_CONVERSATION[1:3]],
+        [*TOOL_CONVERSATION[1:3], {"role": "assistant", "content": "Done."}],
+    ]
+    for msgs in convs:
+        for tools in (None, [WEATHER], [WEATHER, CLOCK]):
+            got = go_render(t.template, msgs, tools)
+            assert json_normalized(got) == json_normalized(t.ollama_equivalent(msgs, tools)), (msgs, tools)
+
+
+def test_tool_call_tag_is_where_ollama_looks_for_it(style_gguf, tmp_path):
+    """Ollama reads a tool call's opening tag in the model's output from the first raw text inside the first
+    ``if`` whose argument is .ToolCalls, up to any "{" (its tool parser's rule): for Qwen, <tool_call>."""
+    template = export_ollama(style_gguf("qwen25_tools"), tmp_path).template.template
+    at = template.index("{{ if .ToolCalls }}")
+    conditions = re.findall(r"\{\{ (?:else )?if ([^}]*)\}\}", template[:at])
+    assert conditions and not any(".ToolCalls" in c.split() for c in conditions)
+    opening = template[at + len("{{ if .ToolCalls }}") :].split("{{", 1)[0]
+    assert opening.split("{", 1)[0].strip() == "<tool_call>"
+    assert 'eq .Role "tool"' in template  # what Ollama looks for to see that tool results round-trip
+
+
+def test_tools_that_cannot_be_reproduced_are_left_out_with_the_reason(style_gguf, tiny_f16_gguf, tmp_path):
+    # Llama 3.2 writes the tool list into the first user message only
+    r = export_ollama(style_gguf("llama32"), tmp_path / "l")
+    assert not r.tools and ".Tools" not in r.template.template and ".ToolCalls" not in r.template.template
+    note = "with tools, the chat template starts the first user turn"
+    assert r.template.tools_note.startswith(note) and r.tools_summary.startswith(f"not rendered ({note}")
+    assert any(w.startswith(f"tools: {note}") and "renders no tools" in w for w in r.warnings)
+    # a trimmed copy of Qwen 2.5's template writes tools but drops assistant messages with tool calls
+    r = export_ollama(style_gguf("qwen25"), tmp_path / "q")
+    assert not r.tools and "does not write a tool call's name" in r.template.tools_note
+    # tool definitions as text, not JSON
+    text_tools = (
+        "{% if tools %}Tools:{% for t in tools %} {{ t.function.name }}{% endfor %}\n{% endif %}"
+        "{% for m in messages %}<{{ m.role }}>{{ m.content }}</s>{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    t = derive_ollama_template(text_tools, "<s>", "</s>", False)
+    assert not t.tools and "other than as the JSON of the tool or of its function" in t.tools_note
+    # tool results numbered by their position in the conversation: caught on the verification conversations
+    numbered = ARRAY_TOOLS.replace("<|tool|>", "<|tool {{ loop.index }}|>")
+    t = derive_ollama_template(numbered, "<s>", "</s>", False)
+    assert not t.tools and t.tools_note.startswith("with tools, the chat template cannot be expressed")
+    assert ".Tools" not in t.template and any(w.startswith("tools: with tools") for w in t.warnings)
+    # no tool support at all: nothing about tools but the summary
+    r = export_ollama(tiny_f16_gguf, tmp_path / "c")
+    assert not r.tools and r.template.tools_note is None and "Tools" not in r.template.template
+    assert r.tools_summary == "not rendered (the chat template has no tool support)"
+    assert not any("tool" in w for w in r.warnings)
+
+
+def test_cli_reports_tools(style_gguf, tmp_path):
+    proc = run_cli("export", "ollama", style_gguf("qwen25_tools"), "-o", tmp_path / "q")
+    assert proc.returncode == 0, proc.stderr
+    assert "tools: rendered (tool definitions, tool calls and tool results" in proc.stdout
+    proc = run_cli("export", "ollama", style_gguf("llama32"), "-o", tmp_path / "l")
+    assert proc.returncode == 0, proc.stderr
+    assert "tools: not rendered (with tools, the chat template starts the first user turn" in proc.stdout
+    assert "warning: tools: with tools" in proc.stderr
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -662,6 +1107,7 @@ def test_verify_release_modelfile_from(release):
 def test_cli_export_ollama_and_release(tiny_f16_gguf, style_gguf, tmp_path):
     proc = run_cli("export", "ollama", tiny_f16_gguf, "-o", tmp_path / "ol", "--system", "Hi there")
     assert proc.returncode == 0, proc.stderr
+    assert "tools: not rendered (the chat template has no tool support)" in proc.stdout
     assert modelfile_of(tmp_path / "ol")["system"] == ["Hi there"]
     proc = run_cli("export", "ollama", style_gguf("gemma"), "-o", tmp_path / "g", "--system", "x")
     assert_one_line_error(proc, "system prompt", "System role not supported")

@@ -1266,8 +1266,10 @@ SystemOpt = Annotated[str | None, typer.Option(help="System prompt (a SYSTEM lin
 
 
 def _print_warnings(warnings: list[str]) -> None:
-    for w in warnings:
-        err_console.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    for w in warnings:  # escaped: a warning may quote "[user, assistant]", which Rich would take for markup
+        err_console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
 
 
 @export_app.command("ollama")
@@ -1283,6 +1285,7 @@ def export_ollama_cmd(
 
     r = export_ollama(model, output, system=system, num_ctx=num_ctx, copy=copy)
     _print_warnings(r.warnings)
+    console.print(f"tools: {r.tools_summary}", soft_wrap=True, highlight=False, markup=False)
     console.print(f"wrote {r.modelfile}; run: ollama create NAME -f {r.modelfile}", soft_wrap=True)
 
 

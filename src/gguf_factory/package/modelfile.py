@@ -31,6 +31,14 @@ class OllamaExport:
     template: OllamaTemplate | None
     num_ctx: int | None
     warnings: list[str] = field(default_factory=list)
+    tools: bool = False  # the TEMPLATE renders tools, tool calls and tool results (see tools_summary)
+
+    @property
+    def tools_summary(self) -> str:
+        """One line: whether the TEMPLATE renders tools, and why not."""
+        if self.template is None:
+            return "not rendered (no TEMPLATE: the GGUF has no chat template)"
+        return self.template.tools_summary()
 
 
 def _printable(s: str) -> bool:
@@ -240,4 +248,5 @@ def export_ollama(
     modelfile = atomic_write_text(out / "Modelfile", text)
     for w in warnings:
         log.warning("%s", w)
-    return OllamaExport(modelfile, dest, template, num_ctx or info.num_ctx, warnings)
+    tools = template is not None and template.tools
+    return OllamaExport(modelfile, dest, template, num_ctx or info.num_ctx, warnings, tools=tools)

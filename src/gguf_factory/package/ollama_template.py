@@ -16,7 +16,18 @@ The Go template iterates Ollama's ``.Messages`` (each has ``.Role`` and ``.Conte
 generation prompt when the last message is not the assistant's. When the last message is the
 assistant's, its end-of-turn text is left out, as Ollama's own templates do, so that the model continues
 that message. Ollama merges consecutive messages of the same role (joined by a blank line) before it
-executes a template; messages with other roles (tool) are not rendered.
+executes a template, tool messages aside.
+
+Tools: a template that writes the ``tools`` it is given (probe tool definitions whose strings are markers)
+is decomposed a second time with tools, and the tool parts are cut out of further renders
+(:mod:`.ollama_tools`): the tool list where the template writes it (``.Tools``, each tool's JSON), an
+assistant message's tool calls (``.ToolCalls``) and runs of tool results (role ``tool``). The TEMPLATE is
+then ``{{ if .Tools }}`` that decomposition ``{{ else }}`` the one without tools ``{{ end }}``, and both
+are verified against the Jinja template on conversations with tool calls and results, byte for byte in the
+JSON layout the template uses. Ollama writes the JSON with Go's json (compact, its own key order), so the
+prompt Ollama builds equals the Jinja render after parsing the JSON, not byte for byte there. Tool parts
+that cannot be reproduced leave the TEMPLATE without tools (as for a template without tool support), with
+a warning that names why; templates without tool support export exactly as before.
 
 BOS: Ollama tokenizes the rendered prompt with the model's ``tokenizer.ggml.add_bos_token`` setting, as
 llama.cpp does. When the file sets it and the Jinja render starts with the BOS string, that string is left
@@ -27,11 +38,27 @@ every turn with BOS (Llama 2) keeps it on every turn but the first.
 from __future__ import annotations
 
 import copy
+import json
 import unicodedata
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..errors import FactoryError, TemplateError
 from ..runtime.templates import CHECK_MAX_CHARS, render_calls
+from .ollama_tools import (
+    TOOLS_SLOT,
+    CallFormat,
+    ResultFormat,
+    ToolsFormat,
+    ToolsUnsupported,
+    call_format,
+    calls_message,
+    json_normalized,
+    probe_tool,
+    result_format,
+    tool_message,
+    tools_format,
+)
 
 ROLES = ("system", "user", "assistant")
 RENDER_TIMEOUT = 5.0
@@ -41,8 +68,10 @@ class TemplateExportError(FactoryError):
     """The chat template cannot be turned into an Ollama TEMPLATE that renders the same text."""
 
 
-Message = dict[str, str]
+Message = dict[str, Any]  # role, content, and tool_calls for an assistant message that has them
 Probe = tuple[list[Message], bool]  # (messages, add_generation_prompt)
+Tools = list[dict[str, Any]]
+PROBE_TOOLS: Tools = [probe_tool(n) for n in (1, 2, 3, 4)]
 
 
 def _marker(role: str, n: int) -> str:
@@ -62,17 +91,23 @@ _STATUS = {"ok": "ok", "raised": "refused", "unsafe": "unsafe"}  # worker status
 
 
 def render_probes(
-    source: str, probes: list[Probe], bos: str, eos: str, timeout: float = RENDER_TIMEOUT
+    source: str,
+    probes: list[Probe],
+    bos: str,
+    eos: str,
+    timeout: float = RENDER_TIMEOUT,
+    tools: Tools | None = None,
 ) -> list[tuple[str, str]]:
-    """Render each (messages, add_generation_prompt) in the Jinja sandbox, in a bounded template worker
-    (:mod:`gguf_factory.runtime.templates`: time, CPU and memory limits, one request for all probes).
+    """Render each (messages, add_generation_prompt) with ``tools`` in the Jinja sandbox, in a bounded
+    template worker (:mod:`gguf_factory.runtime.templates`: time, CPU and memory limits, one request for
+    all probes).
 
     Returns one (status, text) per probe: status "ok" (text = the render), "refused" (raise_exception),
     "unsafe" or "error". Raises :class:`TemplateExportError` when the template does not parse, reaches for
     Python internals, or the worker dies or runs out of time.
     """
     calls = [
-        {"messages": msgs, "add_generation_prompt": gen, "bos_token": bos, "eos_token": eos, "tools": None}
+        {"messages": msgs, "add_generation_prompt": gen, "bos_token": bos, "eos_token": eos, "tools": tools}
         for msgs, gen in probes
     ]
     try:
@@ -107,7 +142,11 @@ class ChatFormat:
     """The rendered prompt is ``lead + Σ prefix[role] + content + suffix[role] + (gen_prompt | trailer)``.
 
     With ``fold`` = (before, after), a leading system message is not a turn of its own: its content goes
-    into the first user turn as ``prefix[user] + before + system + after + user content``.
+    into the first user turn as ``prefix[user] + before + system + after + user content``. With ``tools``,
+    TOOLS_SLOT in a piece stands for the tool list; ``calls`` renders assistant messages with tool calls,
+    ``results`` tool messages (None: not rendered), and ``mid_system`` = (before, after) a system message
+    that is not the first message, when that differs from a first one (Qwen 2.5 writes the tool list into
+    the first only).
     """
 
     lead: str
@@ -119,9 +158,36 @@ class ChatFormat:
     fold: tuple[str, str] | None = None
     default_system: str | None = None  # rendered after ``lead`` when the first message is not a system one
     first_bos: str = ""  # left out of the first rendered prefix (Ollama adds BOS itself)
+    tools: ToolsFormat | None = None
+    calls: CallFormat | None = None
+    results: ResultFormat | None = None
+    mid_system: tuple[str, str] | None = None
 
     def _rendered(self, role: str) -> bool:
         return role in ("user", "assistant") or (role == "system" and self.system)
+
+    @property
+    def exact_json(self) -> bool:
+        """The Python model writes JSON in the template's own layout (else: compare after parsing)."""
+        return all(part.layout is not None for part in (self.tools, self.calls) if part)
+
+    def replace_text(self, old: str, new: str) -> int:
+        """Replace ``old`` in every piece of literal text; how many were replaced."""
+        n = 0
+
+        def sub(s: str) -> str:
+            nonlocal n
+            n += s.count(old)
+            return s.replace(old, new)
+
+        self.lead, self.gen_prompt, self.trailer = sub(self.lead), sub(self.gen_prompt), sub(self.trailer)
+        self.prefix = {k: sub(v) for k, v in self.prefix.items()}
+        self.suffix = {k: sub(v) for k, v in self.suffix.items()}
+        if self.fold:
+            self.fold = (sub(self.fold[0]), sub(self.fold[1]))
+        if self.default_system is not None:
+            self.default_system = sub(self.default_system)
+        return n
 
     def _folded(self, messages: list[Message], i: int) -> str:
         if self.fold and i == 1 and messages[0]["role"] == "system" and messages[1]["role"] == "user":
@@ -133,35 +199,49 @@ class ChatFormat:
             return self.default_system
         return ""
 
-    def jinja_equivalent(self, messages: list[Message], gen: bool) -> str:
-        """What the Jinja template renders, according to this decomposition."""
-        out = [self.lead, self._default(messages)]
-        for i, m in enumerate(messages):
-            role = m["role"]
-            if self._rendered(role):
-                out += [self.prefix[role], self._folded(messages, i), m["content"], self.suffix[role]]
-        out.append(self.gen_prompt if gen else self.trailer)
-        return "".join(out)
+    def _turn(self, messages: list[Message], i: int, close: bool, go: bool) -> list[str]:
+        """The pieces of message ``i`` (``close``: with its end of turn; ``go``: JSON as Ollama writes it)."""
+        m = messages[i]
+        role = m["role"]
+        if role == "tool":
+            return self.results.render(messages, i) if self.results else []
+        if role == "assistant" and self.calls and m.get("tool_calls"):
+            return self.calls.render(m, close, go)
+        if not self._rendered(role):
+            return []
+        if role == "system" and i > 0 and self.mid_system:
+            return [self.mid_system[0], m["content"], self.mid_system[1]]
+        end = self.suffix[role] if close else ""
+        return [self.prefix[role], self._folded(messages, i), m["content"], end]
 
-    def ollama_equivalent(self, messages: list[Message]) -> str:
-        """What the emitted Go template renders when Ollama is given ``messages``."""
+    def _fill(self, text: str, tools: Tools | None, go: bool) -> str:
+        return text.replace(TOOLS_SLOT, self.tools.render(tools or [], go)) if self.tools else text
+
+    def jinja_equivalent(self, messages: list[Message], gen: bool, tools: Tools | None = None) -> str:
+        """What the Jinja template renders, according to this decomposition (JSON in its layout)."""
+        out = [self.lead, self._default(messages)]
+        for i in range(len(messages)):
+            out += self._turn(messages, i, close=True, go=False)
+        out.append(self.gen_prompt if gen else self.trailer)
+        return self._fill("".join(out), tools, go=False)
+
+    def ollama_equivalent(self, messages: list[Message], tools: Tools | None = None) -> str:
+        """What the emitted Go template renders when Ollama is given ``messages`` (and ``tools``, when this
+        is the format for requests with tools). JSON is compact, as Go writes it, but Go writes a tool's
+        fields in the order of Ollama's structs: compare tool JSON after parsing."""
         messages = merge_turns(messages)
         out = [self.lead, self._default(messages)]
         first = True
         for i, m in enumerate(messages):
             last = i == len(messages) - 1
-            role = m["role"]
-            if self._rendered(role):
-                prefix = self.prefix[role]
-                if first and self.first_bos and prefix.startswith(self.first_bos):
-                    prefix = prefix[len(self.first_bos) :]
-                first = False
-                out += [prefix, self._folded(messages, i), m["content"]]
-                if role != "assistant" or not last:
-                    out.append(self.suffix[role])
-            if last and role != "assistant":
+            turn = self._turn(messages, i, close=not (last and m["role"] == "assistant"), go=True)
+            if turn and first and self.first_bos and turn[0].startswith(self.first_bos):
+                turn[0] = turn[0][len(self.first_bos) :]
+            first = first and not turn
+            out += turn
+            if last and m["role"] != "assistant":
                 out.append(self.gen_prompt)
-        return "".join(out)
+        return self._fill("".join(out), tools, go=True)
 
 
 @dataclass
@@ -176,6 +256,30 @@ class OllamaTemplate:
     eos: str
     warnings: list[str] = field(default_factory=list)
     system_note: str | None = None  # why system messages are not supported (None: they are)
+    tools_format: ChatFormat | None = None  # used when Ollama passes tools (None: no tools rendered)
+    tools_note: str | None = None  # why the template's tools are not rendered (None: they are, or none)
+
+    @property
+    def tools(self) -> bool:
+        """The TEMPLATE renders tools, tool calls and tool results."""
+        return self.tools_format is not None
+
+    def ollama_equivalent(self, messages: list[Message], tools: Tools | None = None) -> str:
+        """What the TEMPLATE renders in Ollama (see :meth:`ChatFormat.ollama_equivalent`)."""
+        fmt = self.tools_format if tools and self.tools_format else self.format
+        return fmt.ollama_equivalent(messages, tools)
+
+    def tools_summary(self) -> str:
+        """One line: whether tools are rendered, and why not."""
+        if self.tools_format is not None:
+            return (
+                "rendered (tool definitions, tool calls and tool results, where the chat template writes "
+                "them; Ollama writes their JSON compactly with keys in its own order: the same JSON after "
+                "parsing as the chat template's json.dumps, not the same spacing)"
+            )
+        if self.tools_note:
+            return f"not rendered ({self.tools_note})"
+        return "not rendered (the chat template has no tool support)"
 
 
 def _cut(text: str, markers: list[str]) -> list[str] | None:
@@ -216,20 +320,31 @@ def _first_difference(expected: str, got: str) -> str:
 
 
 class _Renders:
-    def __init__(self, source: str, bos: str, eos: str):
-        self.source, self.bos, self.eos = source, bos, eos
-        self.cache: dict[str, tuple[str, str]] = {}
+    """Renders of one template with one tool list (None: no tools), cached across tool lists."""
+
+    def __init__(
+        self,
+        source: str,
+        bos: str,
+        eos: str,
+        tools: Tools | None = None,
+        cache: dict[str, tuple[str, str]] | None = None,
+    ):
+        self.source, self.bos, self.eos, self.tools = source, bos, eos, tools
+        self.cache: dict[str, tuple[str, str]] = {} if cache is None else cache
+
+    def with_tools(self, tools: Tools | None) -> _Renders:
+        return _Renders(self.source, self.bos, self.eos, tools, self.cache)
 
     def run(self, probes: list[Probe]) -> None:
-        todo = [p for p in probes if self.key(p) not in self.cache]
+        todo = list({self.key(p): p for p in probes if self.key(p) not in self.cache}.values())
         if todo:
-            for p, r in zip(todo, render_probes(self.source, todo, self.bos, self.eos), strict=True):
+            results = render_probes(self.source, todo, self.bos, self.eos, tools=self.tools)
+            for p, r in zip(todo, results, strict=True):
                 self.cache[self.key(p)] = r
 
-    @staticmethod
-    def key(p: Probe) -> str:
-        msgs, gen = p
-        return repr(([(m["role"], m["content"]) for m in msgs], gen))
+    def key(self, p: Probe) -> str:
+        return json.dumps([p[0], p[1], self.tools], sort_keys=True)
 
     def get(self, msgs: list[Message], gen: bool) -> tuple[str, str]:
         p = (msgs, gen)
@@ -238,15 +353,23 @@ class _Renders:
 
 
 def _describe(msgs: list[Message], gen: bool) -> str:
-    roles = ", ".join(m["role"] for m in msgs)
+    roles = ", ".join(m["role"] + (" with tool calls" if m.get("tool_calls") else "") for m in msgs)
     return f"[{roles}]" + (" with the generation prompt" if gen else "")
 
 
-def _need(r: _Renders, msgs: list[Message], gen: bool) -> list[str]:
+def _ok_text(r: _Renders, msgs: list[Message], gen: bool) -> str:
     status, text = r.get(msgs, gen)
     if status != "ok":
         what = "refuses" if status == "refused" else "fails on"
-        raise TemplateExportError(f"the chat template {what} the conversation {_describe(msgs, gen)}: {text}")
+        with_tools = " with tools" if r.tools else ""
+        raise TemplateExportError(
+            f"the chat template {what} the conversation {_describe(msgs, gen)}{with_tools}: {text}"
+        )
+    return text
+
+
+def _need(r: _Renders, msgs: list[Message], gen: bool) -> list[str]:
+    text = _ok_text(r, msgs, gen)
     pieces = _cut(text, [m["content"] for m in msgs])
     if pieces is None:
         raise TemplateExportError(
@@ -267,10 +390,9 @@ def _split_tail(tail_plain: str, tail_gen: str, eos: str) -> tuple[str, str, str
     return tail_plain[:cp], tail_plain[cp:], tail_gen[cp:]
 
 
-def decompose(source: str, bos: str, eos: str) -> tuple[ChatFormat, ChatFormat, str | None, _Renders]:
-    """The per-role decomposition of a chat template, the same without system messages, and why system
-    messages are unsupported (or None)."""
-    r = _Renders(source, bos, eos)
+def decompose(r: _Renders) -> tuple[ChatFormat, ChatFormat, str | None]:
+    """The per-role decomposition of a chat template (rendered with ``r.tools``), the same without system
+    messages, and why system messages are unsupported (or None)."""
     u1, a1, u2, s1 = _msg("user", 1), _msg("assistant", 1), _msg("user", 2), _msg("system", 1)
     r.run([([u1], False), ([u1], True), ([u1, a1], False), ([u1, a1, u2], False), ([s1, u1], False)])
 
@@ -281,7 +403,7 @@ def decompose(source: str, bos: str, eos: str) -> tuple[ChatFormat, ChatFormat, 
             "the chat template renders the first user turn differently with the generation prompt: "
             f"{_show(pre)} vs {_show(pre_g)}"
         )
-    su, trailer, gen = _split_tail(tail_plain, tail_gen, eos)
+    su, trailer, gen = _split_tail(tail_plain, tail_gen, r.eos)
     _, mid, tail = _need(r, [u1, a1], False)
     if not mid.startswith(su) or not tail.endswith(trailer):
         raise TemplateExportError(
@@ -327,14 +449,14 @@ def decompose(source: str, bos: str, eos: str) -> tuple[ChatFormat, ChatFormat, 
             fmt.system = True
         elif pieces[0].startswith(lead + pu) and pieces[2] == tail_plain:
             fmt.fold = (pieces[0][len(lead + pu) :], pieces[1])
-        elif _default_system(fmt, pieces, bos, tail_plain):
+        elif _default_system(fmt, pieces, r.bos, tail_plain):
             pass
         else:
             system_note = (
                 "the chat template renders a system message neither as a turn of its own nor inside the "
                 f"first user turn: [system, user] renders {_show(text)}"
             )
-    return fmt, base, system_note, r
+    return fmt, base, system_note
 
 
 def _default_system(fmt: ChatFormat, pieces: list[str], bos: str, tail_plain: str) -> bool:
@@ -354,27 +476,53 @@ def _default_system(fmt: ChatFormat, pieces: list[str], bos: str, tail_plain: st
     return True
 
 
-def _verification_conversations(system: bool) -> list[Probe]:
-    """Conversations the decomposition must reproduce (``system``: with a leading system message too)."""
-
-    def conv(roles: str, start: int = 10) -> list[Message]:
-        names = {"s": "system", "u": "user", "a": "assistant"}
-        return [_msg(names[c], start + i) for i, c in enumerate(roles)]
-
-    out: list[Probe] = [
-        (conv("uauau"), True),
-        (conv("uaua"), True),
-        (conv("uaua"), False),
-        (conv("u"), True),
-        (conv("ua"), True),
-    ]
-    if system:
-        out += [(conv("suau"), True), (conv("suaua"), False), (conv("su"), True), (conv("suauau"), True)]
+def _conv(spec: str, start: int = 10) -> list[Message]:
+    """A probe conversation: s, u, a (system, user, assistant messages), t (a tool result), 1-3 (an
+    assistant message with that many tool calls), + (one with content and two tool calls)."""
+    names = {"s": "system", "u": "user", "a": "assistant"}
+    out: list[Message] = []
+    for i, c in enumerate(spec, start):
+        if c in names:
+            out.append(_msg(names[c], i))
+        elif c == "t":
+            out.append(tool_message(_marker("tool", i)))
+        else:
+            content = _marker("assistant", i) if c == "+" else ""
+            out.append(calls_message(10 * i, 2 if c == "+" else int(c), content))
     return out
 
 
-def _verify(fmt: ChatFormat, r: _Renders, system: bool) -> None:
-    probes = _verification_conversations(system)
+def _verification_conversations(system: bool) -> list[Probe]:
+    """Conversations the decomposition must reproduce (``system``: with a leading system message too)."""
+    out: list[Probe] = [
+        (_conv("uauau"), True),
+        (_conv("uaua"), True),
+        (_conv("uaua"), False),
+        (_conv("u"), True),
+        (_conv("ua"), True),
+    ]
+    if system:
+        out += [(_conv("suau"), True), (_conv("suaua"), False), (_conv("su"), True), (_conv("suauau"), True)]
+    return out
+
+
+def _tool_conversations(system: bool) -> list[Probe]:
+    """Conversations with tool calls and tool results the tool parts of a decomposition must reproduce."""
+    out: list[Probe] = [
+        (_conv("u1tau", 20), True),
+        (_conv("uau+tta", 30), False),
+        (_conv("u1t", 40), True),
+        (_conv("u1t3ttt", 50), True),
+        (_conv("u1", 60), False),
+    ]
+    if system:
+        out += [(_conv("su1ta", 70), True), (_conv("uasu1ta", 80), True)]
+    return out
+
+
+def _verify(fmt: ChatFormat, r: _Renders, probes: list[Probe]) -> None:
+    """Each probe renders, with ``r.tools``, what ``fmt`` predicts: byte for byte, or, when the template lays
+    JSON out in a way json.dumps does not give on its own, with the JSON compared after parsing."""
     r.run(probes)
     for msgs, gen in probes:
         status, text = r.get(msgs, gen)
@@ -382,7 +530,9 @@ def _verify(fmt: ChatFormat, r: _Renders, system: bool) -> None:
             raise TemplateExportError(
                 f"the chat template refuses the conversation {_describe(msgs, gen)}: {text}"
             )
-        expected = fmt.jinja_equivalent(msgs, gen)
+        expected = fmt.jinja_equivalent(msgs, gen, r.tools)
+        if not fmt.exact_json:
+            text, expected = json_normalized(text), json_normalized(expected)
         if text != expected:
             raise TemplateExportError(
                 "the chat template cannot be expressed per role (its turns depend on their position or "
@@ -436,67 +586,143 @@ def _go_quote(s: str) -> str:
     return "".join(out)
 
 
-def go_literal(s: str) -> str:
+def go_literal(s: str, between_actions: bool = False) -> str:
     """``s`` as Go template text: raw where that is safe inside a Modelfile, else a quoted string action.
 
     Raw text may not contain ``{{`` (an action), end with ``{`` (it would join the next action's
     delimiter), or hold ``"`` (Modelfile quoting), a carriage return or any character Ollama's Modelfile
-    parser drops (those outside Go's strconv.IsPrint other than newline and tab).
+    parser drops (those outside Go's strconv.IsPrint other than newline and tab). ``between_actions``: the
+    text sits between two actions, so a ``"`` in it cannot join a neighbour's into the triple quote that ends
+    a Modelfile value: it may hold single ones (Ollama looks for a tool call's opening tag in raw text).
     """
     if not s:
         return ""
+    quotes_ok = '"' not in s or (between_actions and '""' not in s)
     raw_ok = (
         "{{" not in s
         and not s.endswith("{")
-        and '"' not in s
+        and quotes_ok
         and all(ch in "\n\t" or _go_printable(ch) for ch in s)
     )
     return s if raw_ok else "{{ " + _go_quote(s) + " }}"
 
 
+def _go_text(fmt: ChatFormat, s: str) -> str:
+    """A piece of ``fmt`` as Go template text: its literal text, and the tool list where TOOLS_SLOT stands."""
+    if TOOLS_SLOT not in s or fmt.tools is None:
+        return go_literal(s)
+    sep = go_literal(fmt.tools.sep)
+    item = "$t.Function" if fmt.tools.function_only else "$t"
+    tools = (
+        "{{ range $k, $t := $.Tools }}"
+        + ("{{ if $k }}" + sep + "{{ end }}" if sep else "")
+        + f"{{{{ json {item} }}}}{{{{ end }}}}"
+    )
+    return tools.join(go_literal(part) for part in s.split(TOOLS_SLOT))
+
+
+def _go_calls(c: CallFormat, plain: str) -> str:
+    """The assistant branch: ``plain`` without tool calls, else the calls. The first ``if .ToolCalls``
+    opens with the calls' literal opening text: Ollama takes its tool-call tag from there."""
+    content = go_literal(c.no_content)
+    if c.with_content:
+        before, after = (go_literal(x) for x in c.with_content)
+        with_content = "{{ if .Content }}" + before + "{{ .Content }}" + after
+        content = with_content + "{{ else }}" + content + "{{ end }}"
+    sep = go_literal(c.sep)
+    calls = (
+        "{{ if .ToolCalls }}"
+        + go_literal(c.open, between_actions=True)
+        + "{{ range $j, $_ := .ToolCalls }}"
+        + ("{{ if $j }}" + sep + "{{ end }}" if sep else "")
+        + "{{ .Function.Name }}"
+        + go_literal(c.mid)
+        + "{{ json .Function.Arguments }}{{ end }}"
+        + go_literal(c.close)
+        + "{{ end }}"
+    )
+    suffix = go_literal(c.suffix)
+    end = "{{ if not $last }}" + suffix + "{{ end }}" if suffix else ""
+    return "{{ if eq (len .ToolCalls) 0 }}" + plain + "{{ else }}" + content + calls + end + "{{ end }}"
+
+
+def _go_results(t: ResultFormat) -> str:
+    """The tool branch: a run of tool messages opens after a message of another role and closes before one
+    (``or`` stops at its first true argument, Go 1.18 on: no next message is looked up after the last)."""
+    first, sep, last = go_literal(t.first), go_literal(t.sep), go_literal(t.last)
+    opening = first if first == sep else '{{ if eq $prev "tool" }}' + sep + "{{ else }}" + first + "{{ end }}"
+    closing = ""
+    if last:
+        closing = '{{ if or $last (ne (index (slice $.Messages $i) 1).Role "tool") }}' + last + "{{ end }}"
+    return opening + "{{ .Content }}" + closing
+
+
+def _go_role(fmt: ChatFormat, role: str) -> str:
+    parts = []
+    prefix = fmt.prefix[role]
+    if fmt.first_bos and prefix.startswith(fmt.first_bos):
+        parts.append("{{ if not $first }}" + go_literal(fmt.first_bos) + "{{ end }}")
+        prefix = prefix[len(fmt.first_bos) :]
+    parts.append(_go_text(fmt, prefix))
+    if fmt.fold and role == "user":
+        before, after = (_go_text(fmt, x) for x in fmt.fold)
+        parts.append(
+            '{{ if and (eq $i 1) (eq (index $.Messages 0).Role "system") }}'
+            + before
+            + "{{ (index $.Messages 0).Content }}"
+            + after
+            + "{{ end }}"
+        )
+    parts.append("{{ .Content }}")
+    suffix = _go_text(fmt, fmt.suffix[role])
+    if role == "assistant":
+        if suffix:
+            parts.append("{{ if not $last }}" + suffix + "{{ end }}")
+    else:
+        parts.append(suffix)
+    if fmt.first_bos:
+        parts.append("{{ $first = false }}")
+    if role == "assistant" and fmt.calls:
+        return _go_calls(fmt.calls, "".join(parts))
+    if role == "system" and fmt.mid_system:
+        before, after = (go_literal(x) for x in fmt.mid_system)
+        return "{{ if $i }}" + before + "{{ .Content }}" + after + "{{ else }}" + "".join(parts) + "{{ end }}"
+    return "".join(parts)
+
+
 def go_template(fmt: ChatFormat) -> str:
-    """The Go text/template over ``.Messages`` that renders like ``fmt.ollama_equivalent``."""
-    parts = [go_literal(fmt.lead)]
+    """The Go text/template over ``.Messages`` (``.Tools``) that renders like ``fmt.ollama_equivalent``."""
+    parts = [_go_text(fmt, fmt.lead)]
     if fmt.first_bos:
         parts.append("{{ $first := true }}")
+    if fmt.results:
+        parts.append('{{ $prev := "" }}')
     parts.append("{{ range $i, $_ := .Messages }}{{ $last := eq (len (slice $.Messages $i)) 1 }}")
     if fmt.default_system is not None:
         parts.append(
-            '{{ if and (eq $i 0) (ne .Role "system") }}' + go_literal(fmt.default_system) + "{{ end }}"
+            '{{ if and (eq $i 0) (ne .Role "system") }}' + _go_text(fmt, fmt.default_system) + "{{ end }}"
         )
     keyword = "if"
-    roles = [r for r in ROLES if r != "system" or fmt.system]
+    roles = [r for r in ROLES if r != "system" or fmt.system] + (["tool"] if fmt.results else [])
     for role in roles:
         parts.append(f'{{{{ {keyword} eq .Role "{role}" }}}}')
         keyword = "else if"
-        prefix = fmt.prefix[role]
-        if fmt.first_bos and prefix.startswith(fmt.first_bos):
-            parts.append("{{ if not $first }}" + go_literal(fmt.first_bos) + "{{ end }}")
-            prefix = prefix[len(fmt.first_bos) :]
-        parts.append(go_literal(prefix))
-        if fmt.fold and role == "user":
-            before, after = (go_literal(x) for x in fmt.fold)
-            parts.append(
-                '{{ if and (eq $i 1) (eq (index $.Messages 0).Role "system") }}'
-                + before
-                + "{{ (index $.Messages 0).Content }}"
-                + after
-                + "{{ end }}"
-            )
-        parts.append("{{ .Content }}")
-        suffix = go_literal(fmt.suffix[role])
-        if role == "assistant":
-            if suffix:
-                parts.append("{{ if not $last }}" + suffix + "{{ end }}")
-        else:
-            parts.append(suffix)
-        if fmt.first_bos:
-            parts.append("{{ $first = false }}")
+        parts.append(_go_results(fmt.results) if fmt.results and role == "tool" else _go_role(fmt, role))
     parts.append("{{ end }}")
     if fmt.gen_prompt:
-        parts.append('{{ if and $last (ne .Role "assistant") }}' + go_literal(fmt.gen_prompt) + "{{ end }}")
+        gen = _go_text(fmt, fmt.gen_prompt)
+        parts.append('{{ if and $last (ne .Role "assistant") }}' + gen + "{{ end }}")
+    if fmt.results:
+        parts.append("{{ $prev = .Role }}")
     parts.append("{{ end }}")
     return "".join(parts)
+
+
+def full_template(fmt: ChatFormat, tools_fmt: ChatFormat | None) -> str:
+    """The TEMPLATE: ``tools_fmt`` when Ollama passes tools, ``fmt`` otherwise (or only ``fmt``)."""
+    if tools_fmt is None:
+        return go_template(fmt)
+    return "{{ if .Tools }}" + go_template(tools_fmt) + "{{ else }}" + go_template(fmt) + "{{ end }}"
 
 
 def _stops(fmt: ChatFormat, eos: str) -> list[str]:
@@ -508,6 +734,126 @@ def _stops(fmt: ChatFormat, eos: str) -> list[str]:
     return found
 
 
+def _settle_system(
+    r: _Renders, fmt: ChatFormat, base: ChatFormat, system_note: str | None
+) -> tuple[ChatFormat, str | None]:
+    """Verify the decomposition; system messages are kept only when they verify too."""
+    _verify(base, r, _verification_conversations(False))
+    if system_note is not None:
+        return base, system_note
+    try:
+        _verify(fmt, r, _verification_conversations(True))
+    except TemplateExportError as e:
+        return base, f"system messages: {e}"
+    return fmt, None
+
+
+def _turn_text(r: _Renders, fmt: ChatFormat, head: list[Message], msgs: list[Message]) -> str:
+    """What ``msgs`` renders after what ``head`` (its first messages) renders, less the trailer."""
+    text, before = _ok_text(r, msgs, False), _ok_text(r, head, False)
+    if before.endswith(fmt.trailer):
+        before = before[: len(before) - len(fmt.trailer)]
+    if not (text.startswith(before) and text.endswith(fmt.trailer)) or len(text) < len(before + fmt.trailer):
+        raise ToolsUnsupported(
+            f"the chat template renders {_describe(msgs, False)} other than as {_describe(head, False)} "
+            f"and one more turn: {_first_difference(before, text)}"
+        )
+    return text[len(before) : len(text) - len(fmt.trailer)]
+
+
+def _tool_parts(fmt: ChatFormat, r: _Renders) -> None:
+    """Set ``fmt.calls`` and ``fmt.results`` from renders with ``r.tools`` (raises ToolsUnsupported)."""
+    r.run([(_conv(spec), False) for spec in ("u", "u1", "u2", "u+", "u1t", "u2tt")])
+    one, two, with_content = (_turn_text(r, fmt, _conv("u"), _conv(spec)) for spec in ("u1", "u2", "u+"))
+    calls = _conv("u+")[1]
+    fmt.calls = call_format(
+        one, two, with_content, calls["content"], calls["tool_calls"], fmt.suffix["assistant"]
+    )
+    run_of_two = _conv("u2tt")
+    fmt.results = result_format(
+        _turn_text(r, fmt, _conv("u1"), _conv("u1t")),
+        _turn_text(r, fmt, _conv("u2"), run_of_two),
+        [m["content"] for m in run_of_two[2:]],
+    )
+
+
+def _mid_system(fmt: ChatFormat, r: _Renders) -> tuple[str, str] | None:
+    """How a system message after the first message renders, where that differs from a first one."""
+    msgs = _conv("us")
+    if r.get(msgs, False)[0] == "refused":
+        return None  # nothing to reproduce
+    turn = _turn_text(r, fmt, _conv("u"), msgs)
+    pieces = _cut(turn, [msgs[1]["content"]])
+    if pieces is None:
+        raise ToolsUnsupported(
+            f"with tools, the chat template drops or changes a system message after the first: {_show(turn)}"
+        )
+    before, after = pieces
+    return None if (before, after) == (fmt.prefix["system"], fmt.suffix["system"]) else (before, after)
+
+
+def _tools_format(r: _Renders, system_note: str | None) -> ChatFormat:
+    """The decomposition with tools: the tool list where the template writes it, tool calls and tool
+    results, verified on conversations with other tool lists (raises TemplateExportError or
+    ToolsUnsupported)."""
+    one, two = r.with_tools(PROBE_TOOLS[:1]), r.with_tools(PROBE_TOOLS[:2])
+    fmt, base, note = decompose(one)
+    if system_note is None and note is not None:
+        raise ToolsUnsupported(f"with tools, {note}")
+    if system_note is not None:
+        fmt = base
+    fmt.tools, first = tools_format(
+        _ok_text(one, _conv("u"), True), _ok_text(two, _conv("u"), True), PROBE_TOOLS[:2]
+    )
+    if not fmt.replace_text(first, TOOLS_SLOT):
+        raise ToolsUnsupported(f"the chat template writes the tool list across message turns: {first!r}")
+    _tool_parts(fmt, one)
+    system = system_note is None
+    if system and fmt.system:
+        fmt.mid_system = _mid_system(fmt, one)
+    _verify(fmt, r.with_tools(PROBE_TOOLS[3:]), _verification_conversations(system))
+    _verify(fmt, r.with_tools(PROBE_TOOLS[:3]), _tool_conversations(system))
+    return fmt
+
+
+def _derive_tools(
+    r: _Renders, fmt: ChatFormat, system_note: str | None, warnings: list[str]
+) -> tuple[ChatFormat | None, str | None]:
+    """(the format for requests with tools or None, why the template's tools are not rendered or None).
+    Adds tool calls and tool results to ``fmt`` (requests without tools) when they verify there too."""
+    try:
+        status, text = r.with_tools(PROBE_TOOLS[:1]).get(_conv("u"), True)
+        if status == "ok" and PROBE_TOOLS[0]["function"]["name"] not in text:
+            return None, None  # the template does not write tool definitions: no tool support
+        tools_fmt = _tools_format(r, system_note)
+    except TemplateExportError as e:  # a template that loops only with tools lands here too
+        return None, f"with tools, {e}"
+    except ToolsUnsupported as e:
+        return None, str(e)
+    plain = copy.deepcopy(fmt)
+    try:
+        _tool_parts(plain, r)
+        _verify(plain, r, _tool_conversations(system_note is None))
+    except (TemplateExportError, ToolsUnsupported) as e:
+        warnings.append(f"without tools in a request, the TEMPLATE renders no tool calls or results: {e}")
+    else:
+        fmt.calls, fmt.results = plain.calls, plain.results
+    return tools_fmt, None
+
+
+def _leave_bos_to_ollama(fmt: ChatFormat, bos: str, add_bos: bool) -> bool:
+    """Take the BOS string out of ``fmt`` when Ollama adds the BOS token itself; whether it did."""
+    if not (add_bos and bos):
+        return False
+    if fmt.lead.startswith(bos):
+        fmt.lead = fmt.lead[len(bos) :]
+        return True
+    if not fmt.lead and any(p.startswith(bos) for p in fmt.prefix.values()):
+        fmt.first_bos = bos  # a BOS opening every turn (Llama 2): left out of the first one only
+        return True
+    return False
+
+
 def derive_ollama_template(source: str, bos: str, eos: str, add_bos: bool) -> OllamaTemplate:
     """Turn a Jinja chat template into an equivalent Go template (see the module docstring).
 
@@ -515,31 +861,23 @@ def derive_ollama_template(source: str, bos: str, eos: str, add_bos: bool) -> Ol
     """
     if not source.strip():
         raise TemplateExportError("the chat template is empty")
-    fmt, base, system_note, renders = decompose(source, bos, eos)
-    _verify(base, renders, system=False)
-    if system_note is None:
-        try:
-            _verify(fmt, renders, system=True)
-        except TemplateExportError as e:
-            fmt, system_note = base, f"system messages: {e}"
-    else:
-        fmt = base
+    renders = _Renders(source, bos, eos)
+    fmt, system_note = _settle_system(renders, *decompose(renders))
     warnings: list[str] = []
     if system_note:
         warnings.append(f"{system_note}; the Ollama TEMPLATE renders no system messages")
     trim = _check_trim(fmt, renders)
     if trim:
         warnings.append(trim)
-    strip_bos = False
-    if add_bos and bos:
-        if fmt.lead.startswith(bos):
-            fmt.lead = fmt.lead[len(bos) :]
-            strip_bos = True
-        elif not fmt.lead and any(p.startswith(bos) for p in fmt.prefix.values()):
-            fmt.first_bos = bos  # a BOS opening every turn (Llama 2): left out of the first one only
-            strip_bos = True
+    tools_fmt, tools_note = _derive_tools(renders, fmt, system_note, warnings)
+    strip_bos = _leave_bos_to_ollama(fmt, bos, add_bos)
+    if tools_fmt and (_leave_bos_to_ollama(tools_fmt, bos, add_bos) != strip_bos or fmt.first_bos):
+        tools_fmt, fmt.calls, fmt.results = None, None, None
+        tools_note = "the chat template writes the BOS string differently with tools, or at every turn"
+    if tools_note:
+        warnings.append(f"tools: {tools_note}; the Ollama TEMPLATE renders no tools, tool calls or results")
     return OllamaTemplate(
-        template=go_template(fmt),
+        template=full_template(fmt, tools_fmt),
         format=fmt,
         stops=_stops(fmt, eos),
         strip_bos=strip_bos,
@@ -547,4 +885,6 @@ def derive_ollama_template(source: str, bos: str, eos: str, add_bos: bool) -> Ol
         eos=eos,
         warnings=warnings,
         system_note=system_note,
+        tools_format=tools_fmt,
+        tools_note=tools_note,
     )
