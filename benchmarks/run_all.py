@@ -86,6 +86,12 @@ def benches(demo: Path) -> list[Bench]:
             ("serve.py", "--model", str(q4), "--rounds", "5", "--duration", "20"),
         ),
         Bench(
+            "serve_peer",
+            "serve_peer",
+            ("serve_peer.py", "--model", str(q4)),
+            ("serve_peer.py", "--model", str(q4), "--rounds", "5", "--duration", "20"),
+        ),
+        Bench(
             "build_domains_smollm2",
             "build_domains_smollm2",
             ("build.py", "--manifest", "examples/domains-smollm2.yaml", "--repeats", "0"),

@@ -6,7 +6,8 @@
 2. --clients concurrent clients (default 8) for --duration seconds (default 60): requests, errors,
    throughput, p50/p95/p99 latency (a quarter of the requests stream).
 
-Writes benchmarks/results/serve.json and serve.md.
+Writes benchmarks/results/serve.json and serve.md. Side by side with llama-cpp-python's own server
+(`python -m llama_cpp.server`), in one run: benchmarks/serve_peer.py.
 
     python benchmarks/serve.py [--model gguf-factory-out/sub-ai-smollm2-135m-Q4_K_M.gguf] [--rounds 20]
                                [--clients 8] [--duration 60] [--max-tokens 32]
