@@ -68,18 +68,28 @@ def _max_diff(a: Path, b: Path) -> float:
     return max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa)
 
 
-def _check(name: str, ok: bool, detail: str, rows: list[dict[str, Any]]) -> None:
+class Rows(list):
+    """The checks' rows; ``on_row(rows)`` is called after each one is added."""
+
+    def __init__(self, on_row: Any = None):
+        super().__init__()
+        self.on_row = on_row
+
+
+def _check(name: str, ok: bool, detail: str, rows: Rows) -> None:
     rows.append({"check": name, "ok": bool(ok), "detail": detail})
     print(f"{'PASS' if ok else 'FAIL'}  {name}: {detail}", flush=True)
+    if rows.on_row is not None:
+        rows.on_row(list(rows))
 
 
-def run_checks(work: Path, device: str = "cuda") -> list[dict[str, Any]]:
+def run_checks(work: Path, device: str = "cuda", on_row: Any = None) -> list[dict[str, Any]]:
     import torch
 
     from gguf_factory.data import prepare
     from gguf_factory.train import train
 
-    rows: list[dict[str, Any]] = []
+    rows = Rows(on_row)
     data = work / "data"
     if not (data / "train.jsonl").is_file():
         prepare(None, data)
@@ -179,11 +189,78 @@ def run_checks(work: Path, device: str = "cuda") -> list[dict[str, Any]]:
     return rows
 
 
+def write_results(result: dict[str, Any]) -> None:
+    """``results/gpu_train_check.json`` and ``.md`` from ``result`` (rewritten after every check, so a run
+    cut short by the machine's time still leaves what it checked)."""
+    rows = result["checks"]
+    result["passed"] = sum(r["ok"] for r in rows)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "gpu_train_check.json").write_text(json.dumps(result, indent=2) + "\n")
+    m, v = result["machine"], result["versions"]
+    lines = [
+        "# The training engine on a GPU",
+        "",
+        f"{result['date']} · commit {result['commit']} · {m.get('gpu')} · torch {v.get('torch')} · "
+        f"transformers {v.get('transformers')} · `{result['command']}`",
+        "",
+        f"**{result['passed']} of {len(rows)} checks passed**"
+        + (f" ({result['note']})" if result.get("note") else "")
+        + ".",
+        "",
+        "| check | result | detail |",
+        "|---|---|---|",
+        *(f"| {r['check']} | {'pass' if r['ok'] else 'FAIL'} | {r['detail']} |" for r in rows),
+    ]
+    if result.get("not_run"):
+        lines += ["", "Not run: " + "; ".join(result["not_run"]) + "."]
+    (RESULTS / "gpu_train_check.md").write_text("\n".join(lines) + "\n")
+
+
+CHECKS = (
+    "--device auto",
+    "--precision bf16",
+    "--precision fp16",
+    "--pack (fp32)",
+    "--gradient-checkpointing (fp32)",
+    "SIGKILL + resume (fp32)",
+    "SIGKILL + resume (bf16)",
+    "torchrun --nproc-per-node 1",
+    "--lora --load-in-4bit",
+)
+
+
+def rows_from_log(text: str) -> list[dict[str, Any]]:
+    """The checks a run printed (``PASS  name: detail`` / ``FAIL  name: detail`` lines)."""
+    rows = []
+    for line in text.splitlines():
+        if line.startswith(("PASS  ", "FAIL  ")):
+            name, _, detail = line[6:].partition(": ")
+            rows.append({"check": name, "ok": line.startswith("PASS"), "detail": detail})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", default="/tmp/gguf-factory-gpu-check")
     ap.add_argument("--device", default="cuda", help="cuda; cpu only to try the script itself")
+    ap.add_argument("--from-log", type=Path, help="rebuild the results from a run's console output")
+    ap.add_argument(
+        "--stamp", help="with --from-log: JSON of the run's date, commit, gpu, torch, transformers"
+    )
     args = ap.parse_args(argv)
+    command = "python " + " ".join([f"benchmarks/{Path(__file__).name}", *(argv or sys.argv[1:])])
+    if args.from_log:
+        st = json.loads(args.stamp or "{}")
+        rows = rows_from_log(args.from_log.read_text())
+        done = {r["check"].split(" without")[0] for r in rows}
+        write_results({
+            "benchmark": "gpu_train_check", "date": st.get("date"), "commit": st.get("commit"),
+            "command": command, "source": str(args.from_log.name), "note": st.get("note"),
+            "machine": {"gpu": st.get("gpu")},
+            "versions": {"torch": st.get("torch"), "transformers": st.get("transformers")},
+            "checks": rows, "not_run": [c for c in CHECKS if c not in done],
+        })  # fmt: skip
+        return
     import torch
     import transformers
 
@@ -191,36 +268,22 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("this check needs a CUDA GPU (torch.cuda.is_available() is False)")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    rows = run_checks(work, args.device)
-    result = {
+    result: dict[str, Any] = {
         "benchmark": "gpu_train_check",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "commit": git_commit(),
-        "command": "python " + " ".join([f"benchmarks/{Path(__file__).name}", *(argv or sys.argv[1:])]),
+        "command": command,
         "machine": {**machine(), "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-        "checks": rows,
-        "passed": sum(r["ok"] for r in rows),
-        "seconds": round(time.time() - t0, 1),
+        "checks": [],
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "gpu_train_check.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [
-        "# The training engine on a GPU",
-        "",
-        f"{result['date']} · commit {result['commit']} · {result['machine']['gpu']} · torch "
-        f"{result['versions']['torch']} · transformers {result['versions']['transformers']} · "
-        f"`{result['command']}`",
-        "",
-        f"**{result['passed']} of {len(rows)} checks passed** in {result['seconds']} s.",
-        "",
-        "| check | result | detail |",
-        "|---|---|---|",
-        *(f"| {r['check']} | {'pass' if r['ok'] else 'FAIL'} | {r['detail']} |" for r in rows),
-    ]
-    (RESULTS / "gpu_train_check.md").write_text("\n".join(lines) + "\n")
-    print(f"{result['passed']}/{len(rows)} passed; wrote {RESULTS / 'gpu_train_check.md'}")
+    print("STAMP " + json.dumps(result), flush=True)
+    t0 = time.time()
+    run_checks(work, args.device, on_row=lambda rows: write_results({**result, "checks": rows}))
+    result = json.loads((RESULTS / "gpu_train_check.json").read_text())
+    result["seconds"] = round(time.time() - t0, 1)
+    write_results(result)
+    print(f"{result['passed']}/{len(result['checks'])} passed; wrote {RESULTS / 'gpu_train_check.md'}")
 
 
 if __name__ == "__main__":
