@@ -28,8 +28,26 @@ def git_commit() -> str:
         return "unknown"
 
 
+def cpu() -> dict[str, Any]:
+    """The CPU's model name and the vector extensions that decide llama.cpp's and torch's speed on it
+    (figures from machines with and without AVX-512 / AMX differ several times over)."""
+    model, flags = platform.processor(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and not flags:
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    simd = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")
+    return {"model": model, "simd": [f for f in simd if f in flags]}
+
+
 def machine() -> dict[str, Any]:
     return {
+        "cpu": cpu(),
         "platform": platform.platform(),
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
