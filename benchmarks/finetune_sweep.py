@@ -81,11 +81,10 @@ class LoopChanges:
 
 
 def _setup(work: Path) -> tuple[Path, Path, Path]:
-    from gguf_factory.bases import named_base
-    from gguf_factory.convert.from_gguf import gguf_to_hf
+    from demo_finetune import base_folder
     from gguf_factory.data import prepare
 
-    d, tv, base = work / "data", work / "data-tv", work / "base"
+    d, tv = work / "data", work / "data-tv"
     if not (d / "train.jsonl").exists():
         prepare(None, d)
     if not tv.exists():
@@ -93,9 +92,7 @@ def _setup(work: Path) -> tuple[Path, Path, Path]:
         (tv / "train.jsonl").write_text((d / "train.jsonl").read_text() + (d / "val.jsonl").read_text())
         for split in ("val", "test"):
             shutil.copy(d / f"{split}.jsonl", tv / f"{split}.jsonl")
-    if not (base / "config.json").exists():
-        gguf_to_hf(named_base("smollm2-135m-instruct").gguf_path(), base, dtype="float32")
-    return d, tv, base
+    return d, tv, base_folder(work)
 
 
 def run_recipe(recipe: tuple, dirs: tuple[Path, Path, Path], work: Path, args: argparse.Namespace) -> dict:
