@@ -212,6 +212,17 @@ def serve(d: dict[str, Any]) -> list[str]:
     ]
 
 
+def serve_peer(d: dict[str, Any]) -> list[str]:
+    rows = "; ".join(
+        f"{t['target']}: {'–' if t['value'] is None else t['value']} {_yes(t['met'])}" for t in d["targets"]
+    )
+    return [
+        f"- `gguf-factory serve` vs `python -m llama_cpp.server` on {d['model']}, same GGUF, threads and "
+        f"context, one run ([results](benchmarks/results/serve_peer.md), `{d['command']}`, "
+        f"{d['date'][:10]}; every row of its targets table, the peer's own rows included): {rows}."
+    ]
+
+
 def build_domains_smollm2(d: dict[str, Any]) -> list[str]:
     r = d["routing"]
     per = ", ".join(f"{k} {v['accuracy']:.0%} of {v['prompts']}" for k, v in r.get("domains", {}).items())
@@ -236,6 +247,7 @@ SECTIONS = (
     ("convert", convert),
     ("from_gguf", from_gguf),
     ("serve", serve),
+    ("serve_peer", serve_peer),
     ("build_domains_smollm2", build_domains_smollm2),
 )
 
