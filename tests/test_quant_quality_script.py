@@ -3,24 +3,18 @@ the overhead pairs alternate which side runs first, and the results carry no mac
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
+from bench_scripts import load_benchmark
 from gguf_factory.ladder import Rung
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "quant_quality.py"
 
 
 @pytest.fixture(scope="module")
 def qq() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("quant_quality_script", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("quant_quality", "quant_quality_script")
 
 
 def rung(size: int, kld: float | None) -> Rung:

@@ -7,15 +7,13 @@ import importlib.util
 import json
 from pathlib import Path
 
+from bench_scripts import load_benchmark
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("readme_figures", ROOT / "benchmarks" / "readme_figures.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("readme_figures")
 
 
 def test_readme_figures_are_the_results_files() -> None:

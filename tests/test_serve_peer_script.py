@@ -4,8 +4,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import time
 from pathlib import Path
 from types import ModuleType
@@ -13,17 +11,12 @@ from typing import Any
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "serve_peer.py"
+from bench_scripts import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def sp() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("serve_peer_script", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass looks its module up
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("serve_peer", "serve_peer_script")
 
 
 DOCS: list[tuple[Any, bool]] = [
