@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from stamp import git_commit
+from stamp import cpu, git_commit
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROWS = ("trainer", "trainer-grouped", "ours", "ours-pack")
@@ -195,19 +195,13 @@ def _measure(
 
 
 def _machine() -> dict[str, Any]:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import torch
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    c = cpu()
     return {
-        "cpu": cpu,
+        "cpu": c["model"],
+        "simd": c["simd"],
         "gpu": gpu,
         "cores": os.cpu_count(),
         "platform": platform.platform(),
