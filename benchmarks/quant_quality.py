@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -37,6 +38,9 @@ from gguf_factory.files import human_size
 from gguf_factory.imatrix import compute_imatrix
 from gguf_factory.ladder import LADDER_TYPES, LadderResult, Rung, monotonicity_problems, rung_of, write_plot
 from gguf_factory.quantize import QUANT_TYPES, quantize, read_gguf_info
+
+sys.path.insert(0, str(Path(__file__).parent))
+from stamp import git_commit, machine  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 REPO = Path(__file__).resolve().parents[1]
@@ -287,11 +291,9 @@ def main() -> None:
     result = {
         "model": str(f16.name),
         "date": time.strftime("%Y-%m-%d"),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-        },
+        "commit": git_commit(),
+        "command": "python benchmarks/" + " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "machine": machine(),
         "data": {"test": ev.data_path, "conversations": ev.n_conversations, "tokens": ev.n_tokens},
         "imatrix": {"entries": imat.entries, "tokens": imat.tokens},
         "autoquant": {
@@ -368,7 +370,8 @@ def main() -> None:
         "",
         *(f"- {k.removesuffix('_s').replace('_', ' ')}: {v:.1f} s" for k, v in timings.items()),
         "",
-        f"Machine: {os.cpu_count()} CPU cores, {platform.platform()}; {time.strftime('%Y-%m-%d')}.",
+        f"Machine: {os.cpu_count()} CPU cores ({result['machine']['cpu']['model']}), {platform.platform()}; "
+        f"{result['date']}, commit {result['commit']}; `{result['command']}`.",
     ]
     (RESULTS / "quant_quality.md").write_text(portable("\n".join(md) + "\n"))
     console.print(f"wrote {RESULTS / 'quant_quality.md'}, .json and {plot.name}")
