@@ -2,26 +2,28 @@
 after the universal model: one LoRA, merge, conversion, quantization and validation per domain) with
 `--executor ray` on 1 worker vs 2 workers, from the same cache state, in the same run.
 
-    python benchmarks/build.py [--manifest examples/domains.yaml] [--work benchmarks/work/build]
+    python benchmarks/build.py [--manifest examples/domains.yaml] [--work benchmarks/work/build] [--repeats 3]
 
-Writes benchmarks/results/build.{json,md}.
+The Ray runs alternate their order (repeat 0: 1 worker first, repeat 1: 2 workers first, ...); medians with
+min–max. Besides 2 workers vs 1, the same per-domain steps are compared with the cold build's local
+executor (torch on both cores), which is what a user without Ray gets. Writes
+benchmarks/results/build.{json,md} (``build_<manifest stem>`` for another manifest).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import statistics
+import sys
 import time
 from pathlib import Path
 
 from rich.console import Console
 
 from gguf_factory.factory import build
-from stamp import git_commit
+from stamp import git_commit, machine
 
 RESULTS = Path(__file__).parent / "results"
 SEQUENTIAL = (
@@ -31,6 +33,11 @@ SEQUENTIAL = (
     "quantize:universal",
     "validate:universal",
 )
+
+
+def _mm(x: dict[str, float] | None) -> str:
+    """``median s (min–max)`` of a spread, or – when there is none."""
+    return "–" if not x else f"{x['median']:.1f} s ({x['min']:.1f}–{x['max']:.1f})"
 
 
 def main() -> None:
@@ -58,7 +65,7 @@ def main() -> None:
     parallel_local = sum(s.seconds for s in cold.steps if s.name not in SEQUENTIAL)
     runs: dict[int, list] = {1: [], 2: []}
     for rep in range(args.repeats):
-        for workers in (1, 2):
+        for workers in (1, 2) if rep % 2 == 0 else (2, 1):
             c = work / f"cache-ray{workers}-{rep}"
             c.mkdir()
             for name in keep:
@@ -71,20 +78,29 @@ def main() -> None:
                 f"{r.executor_stats['graph_s']:.1f} s after {r.executor_stats['warm_up_s']:.1f} s of start-up"
             )
 
-    def med(workers: int, key: str | None) -> float:
-        xs = [r.seconds if key is None else r.executor_stats[key] for r in runs[workers]]
-        return statistics.median(xs)
+    def xs(workers: int, key: str | None) -> list[float]:
+        return [r.seconds if key is None else r.executor_stats[key] for r in runs[workers]]
+
+    def spread(workers: int, key: str | None) -> dict[str, float]:
+        v = xs(workers, key)
+        return {"median": statistics.median(v), "min": min(v), "max": max(v)} if v else {}
 
     nan = float("nan")
-    steps_1, steps_2 = (med(1, "graph_s"), med(2, "graph_s")) if args.repeats else (nan, nan)
-    wall_1, wall_2 = (med(1, None), med(2, None)) if args.repeats else (nan, nan)
+    steps_1, steps_2 = (spread(1, "graph_s").get("median", nan), spread(2, "graph_s").get("median", nan))
+    wall_1, wall_2 = (spread(1, None).get("median", nan), spread(2, None).get("median", nan))
     speedup = steps_1 / steps_2 if args.repeats else nan
 
     routing = cold.routing or {}
+    try:
+        manifest = args.manifest.resolve().relative_to(Path(__file__).resolve().parents[1]).as_posix()
+    except ValueError:
+        manifest = args.manifest.name
     result = {
-        "manifest": str(args.manifest),
+        "manifest": manifest,
         "date": time.strftime("%Y-%m-%d"),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "commit": git_commit(),
+        "command": "python benchmarks/" + " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "machine": machine(),
         "cold_s": cold.seconds,
         "steps": len(cold.steps),
         "universal_part_s": sequential_s,
@@ -97,6 +113,10 @@ def main() -> None:
         "ray_wall_1_worker_s": wall_1,
         "ray_wall_2_workers_s": wall_2,
         "ray_speedup_wall": wall_1 / wall_2,
+        "ray_2_workers_vs_local": parallel_local / steps_2,
+        "ray_steps_s": {w: spread(w, "graph_s") for w in runs},
+        "ray_wall_s": {w: spread(w, None) for w in runs},
+        "ray_orders": ["1-2" if rep % 2 == 0 else "2-1" for rep in range(args.repeats)],
         "ray_warm_up_s": {w: [r.executor_stats["warm_up_s"] for r in runs[w]] for w in runs},
         "repeats": args.repeats,
         "parallel_steps": len(parallel_steps),
@@ -105,35 +125,37 @@ def main() -> None:
         "step_seconds": {s.name: s.seconds for s in cold.steps},
     }
     RESULTS.mkdir(exist_ok=True)
-    result["command"] = "python benchmarks/build.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in (("manifest", args.manifest), ("repeats", args.repeats))
-    )
-    result["commit"] = git_commit()
     (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     doms = routing.get("domains", {})
     md = [
         f"# Build benchmark: {args.manifest.name}",
         "",
-        f"{os.cpu_count()} CPU cores, {platform.platform()}, {time.strftime('%Y-%m-%d')}, commit "
-        f"{result['commit']}; all figures from one invocation: `{result['command']}`.",
+        f"{result['machine']['cpus']} CPU cores ({result['machine']['cpu']['model']}), "
+        f"{result['machine']['platform']}, {result['date']}, commit {result['commit']}; all figures from one "
+        f"invocation: `{result['command']}`.",
         "",
         "| figure | measured | goal |",
         "|---|---:|---:|",
         f"| cold build ({len(cold.steps)} steps, local executor) | {cold.seconds:.1f} s | |",
         f"| cached re-run (nothing changed) | {warm.seconds:.2f} s = "
         f"{100 * warm.seconds / cold.seconds:.2f} % of cold | ≤ 10 % |",
-        f"| per-domain steps ({len(parallel_steps)}), Ray 1 worker | {steps_1:.1f} s | |",
-        f"| per-domain steps, Ray 2 workers | {steps_2:.1f} s | |",
-        f"| speed-up on the parallel steps, 2 workers vs 1 | {speedup:.2f}× | ≥ 1.7× |",
-        f"| whole Ray run incl. start-up, 1 vs 2 workers | {wall_1:.1f} s vs {wall_2:.1f} s "
-        f"({wall_1 / wall_2:.2f}×) | |",
+        f"| per-domain steps ({len(parallel_steps)}), local executor (in the cold build) "
+        f"| {parallel_local:.1f} s | |",
+        f"| per-domain steps, Ray 1 worker | {_mm(result['ray_steps_s'].get(1))} | |",
+        f"| per-domain steps, Ray 2 workers | {_mm(result['ray_steps_s'].get(2))} | |",
+        f"| speed-up on the parallel steps, Ray 2 workers vs 1 | {speedup:.2f}× | ≥ 1.7× |",
+        f"| speed-up on the parallel steps, Ray 2 workers vs the local executor "
+        f"| {result['ray_2_workers_vs_local']:.2f}× | |",
+        f"| whole Ray run incl. start-up, 1 worker | {_mm(result['ray_wall_s'].get(1))} | |",
+        f"| whole Ray run incl. start-up, 2 workers | {_mm(result['ray_wall_s'].get(2))} "
+        f"({wall_1 / wall_2:.2f}× vs 1) | |",
         "",
         "The Ray runs start from a cache holding only the universal model's steps "
         f"({sequential_s:.0f} s of the cold build, sequential by nature) and redo every per-domain step "
         "(LoRA training, merge, conversion, quantization, validation, router). A Ray worker is one CPU and "
         "each task runs single-threaded, so 1 worker leaves the second core idle: for comparison, the same "
         f"steps took {parallel_local:.1f} s in the cold build's local executor with torch on both cores. "
-        f"Medians of {args.repeats} alternating runs. Step times are "
+        f"Medians (min–max) of {args.repeats} runs per worker count, their order alternating. Step times are "
         "from the first step submitted to the last finished, after every worker has started and imported "
         "torch, transformers, peft and llama.cpp (the warm-up, which the whole-run figure includes).",
         "",

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import random
 import resource
@@ -41,7 +40,9 @@ from gguf_factory.quantize import scan_gguf_bytes
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 from corrupt_corpus import CASES, KV, VT, Raw, load_model, make_corpus, serialize  # noqa: E402
+from stamp import git_commit, machine  # noqa: E402
 
 INTERESTING = [0, 1, 2, 3, 4, 7, 8, 31, 32, 64, 255, 256, 2**16 - 1, 2**31 - 1, 2**31, 2**32 - 1, 2**32,
                2**62, 2**63 - 1, 2**63, 2**64 - 1]  # fmt: skip
@@ -423,8 +424,8 @@ def markdown(res: dict[str, Any]) -> str:
     lines = [
         "# Doctor: corrupted-file corpus, gguf-py comparison, reader fuzzing",
         "",
-        f"Measured {res['date']} on {res['machine']} (Python {res['python']}). "
-        "Regenerate: `python benchmarks/doctor_fuzz.py`.",
+        f"Measured {res['date']}, commit {res['commit']}, on {res['machine']['cpus']} CPU cores "
+        f"({res['machine']['cpu']['model']}, Python {res['python']}). Regenerate: `{res['command']}`.",
         "",
         "## Corpus (tests/corrupt_corpus.py, one defect per file)",
         "",
@@ -539,7 +540,9 @@ def main() -> None:
     rebuilt = source_figures(work, args.hf or (work / "model-hf"))
     res = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "commit": git_commit(),
+        "command": "python benchmarks/" + " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "machine": machine(),
         "python": platform.python_version(),
         "corpus": corpus,
         "source_rebuild": rebuilt,

@@ -10,7 +10,6 @@ GGUFFormatError escaped the reader or the structure/metadata checks.
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import statistics
 import sys
@@ -33,6 +32,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from doctor_fuzz import build_base  # noqa: E402
+from stamp import git_commit, machine  # noqa: E402
 from test_doctor_fuzz import MUTATION, mutate  # noqa: E402
 
 
@@ -91,7 +91,9 @@ def main() -> None:
     r = run(base.read_bytes(), args.examples)
     res = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "commit": git_commit(),
+        "command": "python benchmarks/" + " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "machine": machine(),
         "python": platform.python_version(),
         "base_bytes": base.stat().st_size,
         **r,
@@ -101,8 +103,8 @@ def main() -> None:
         [
             "# Doctor: the GGUF reader under hypothesis",
             "",
-            f"{res['date']}, {res['machine']}, Python {res['python']}. "
-            "Regenerate: `python benchmarks/doctor_hypothesis.py`.",
+            f"{res['date']}, commit {res['commit']}, {res['machine']['cpus']} CPU cores "
+            f"({res['machine']['cpu']['model']}), Python {res['python']}. Regenerate: `{res['command']}`.",
             "",
             f"- {r['examples']} generated mutation lists "
             "(overwrite / insert / delete / truncate / 64-bit value, "

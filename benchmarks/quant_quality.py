@@ -40,10 +40,9 @@ from gguf_factory.ladder import LADDER_TYPES, LadderResult, Rung, monotonicity_p
 from gguf_factory.quantize import QUANT_TYPES, quantize, read_gguf_info
 
 sys.path.insert(0, str(Path(__file__).parent))
-from stamp import git_commit, machine  # noqa: E402
+from stamp import git_commit, machine, portable  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-REPO = Path(__file__).resolve().parents[1]
 COMPARED = ("Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M")
 
 
@@ -131,26 +130,6 @@ def kld_ratio(stock: Rung, auto: Rung) -> float | None:
     if stock.kld_mean is None or auto.kld_mean is None or stock.kld_mean == 0:
         return None
     return auto.kld_mean / stock.kld_mean
-
-
-def portable(value: Any) -> Any:
-    """``value`` (JSON-like) with every absolute path in it made relative to the repository, or cut to its
-    file name when outside it: results carry no machine paths."""
-    if isinstance(value, dict):
-        return {k: portable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [portable(v) for v in value]
-    if isinstance(value, Path):
-        value = str(value)
-    if isinstance(value, str):
-        if os.path.isabs(value) and "\n" not in value:
-            p = Path(value)
-            try:
-                return p.resolve().relative_to(REPO).as_posix()
-            except (ValueError, OSError):
-                return p.name
-        return value.replace(str(REPO) + os.sep, "")
-    return value
 
 
 def _num(v: float | None, spec: str) -> str:

@@ -237,6 +237,103 @@ def build_domains_smollm2(d: dict[str, Any]) -> list[str]:
     ]
 
 
+def quant_quality(d: dict[str, Any]) -> list[str]:
+    oh = d["overhead"]
+    lines = [
+        f"- Quantization quality on the `small` model ({d['model']}; [results and plot]"
+        f"(benchmarks/results/quant_quality.md), `{d['command']}`, {d['date']}, commit {d['commit']}): "
+        f"held-out test conversations ({d['data']['tokens']} assistant tokens), mean KL divergence against "
+        "the F16; the importance matrix from train.jsonl, auto-quant's sensitivities from val.jsonl. Our "
+        "`quantize` vs a "
+        f"bare `llama_model_quantize` on Q4_K_M, medians of {oh['runs']} alternating pairs: "
+        f"{oh['ours_s']:.3f} s ({oh['ours_min_s']:.3f}–{oh['ours_max_s']:.3f}) vs {oh['bare_s']:.3f} s "
+        f"({oh['bare_min_s']:.3f}–{oh['bare_max_s']:.3f}), {100 * oh['overhead']:+.1f} %.",
+        "",
+        "| level | stock size | stock KLD | + imatrix KLD | auto-quant size | auto-quant KLD "
+        "| auto / stock |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c in d["comparison"]:
+        st, im, au = c["stock"], c["imatrix"], c["auto"]
+        lines.append(
+            f"| {c['level']} | {st['size'] / 1e6:.1f} MB | {_f(st['kld'], '{:.5f}')} "
+            f"| {_f(im['kld'], '{:.5f}')} "
+            f"| {au['size'] / 1e6:.1f} MB | {_f(au['kld'], '{:.5f}')} "
+            f"| {_f(c['kld_ratio_auto_vs_stock'], '{:.2f}')} {_yes(c['goal_met'])} |"
+        )
+    return lines
+
+
+def seed_targets(d: dict[str, Any]) -> list[str]:
+    f, t, ok = d["figures"], d["targets"], d["pass"]
+    return [
+        f"- `gguf-factory demo --from-scratch` (the nano preset trained from nothing, "
+        f"{d['demo_seconds'] / 60:.1f} min; [results](benchmarks/results/seed_targets.md), `{d['command']}`, "
+        f"{d['date']}, commit {d['commit']}), its Q4_K_M in fresh processes, medians of {d['runs']}: "
+        f"{f['size_mb']:.2f} MB (target < {t['size_mb']:.0f} {_yes(ok['size_mb'])}), first token "
+        f"{f['first_token_ms']:.1f} ms (< {t['first_token_ms']:.0f} {_yes(ok['first_token_ms'])}), peak RSS "
+        f"{f['peak_rss_mb']:.0f} MB (< {t['peak_rss_mb']:.0f} {_yes(ok['peak_rss_mb'])})."
+    ]
+
+
+def build(d: dict[str, Any]) -> list[str]:
+    steps, wall = d.get("ray_steps_s", {}), d.get("ray_wall_s", {})
+
+    def mm(x: dict[str, float] | None) -> str:
+        return "–" if not x else f"{x['median']:.1f} s ({x['min']:.1f}–{x['max']:.1f})"
+
+    ray = ""
+    if d.get("repeats"):
+        ray = (
+            f" The {d['parallel_steps']} per-domain steps: local executor "
+            f"{d['local_per_domain_steps_s']:.1f} s; "
+            f"Ray 1 worker {mm(steps.get('1'))}, 2 workers {mm(steps.get('2'))} (medians of {d['repeats']} "
+            f"alternating runs): 2 workers **{d['ray_speedup_steps']:.2f}×** 1 worker (target ≥ 1.7 "
+            f"{_yes(d['ray_speedup_steps'] >= 1.7)}) and {d['ray_2_workers_vs_local']:.2f}× the local "
+            f"executor; whole Ray runs with start-up {mm(wall.get('1'))} vs {mm(wall.get('2'))} "
+            f"({d['ray_speedup_wall']:.2f}×)."
+        )
+    return [
+        f"- Multi-domain build of `{d['manifest']}` (nano models; [results](benchmarks/results/build.md), "
+        f"`{d['command']}`, {d['date']}, commit {d['commit']}): {d['steps']} steps cold in "
+        f"{d['cold_s']:.0f} s (the universal model {d['universal_part_s']:.0f} s of it), a cached re-run in "
+        f"{d['cached_s']:.2f} s "
+        f"({100 * d['cached_ratio']:.2f} % of cold, target ≤ 10 % {_yes(d['cached_ratio'] <= 0.1)}).{ray}"
+    ]
+
+
+def serve_routing(d: dict[str, Any]) -> list[str]:
+    per = ", ".join(f"{k} {v['accuracy']:.0%} of {v['prompts']}" for k, v in d["domains"].items())
+    return [
+        f'- `gguf-factory serve router.yaml` on that build with `"model": "auto"` '
+        f"([results](benchmarks/results/serve_routing.md), `{d['command']}`, {d['date']}, commit "
+        f"{d['commit']}): {d['accuracy']:.1%} of {d['requests']} held-out prompts routed to their own domain "
+        f"({per}); p50 {d['latency_p50_ms']:.0f} ms, p95 {d['latency_p95_ms']:.0f} ms per routed request; "
+        f"{len(d['loaded'])} of {len(d['models'])} models loaded at the end."
+    ]
+
+
+def doctor(d: dict[str, Any]) -> list[str]:
+    c, f = d["corpus"], d["fuzz"]
+    return [
+        f"- GGUF doctor ([results](benchmarks/results/doctor.md), `{d['command']}`, {d['date'][:10]}, commit "
+        f"{d['commit']}): {c['n_cases']} corrupted files ({c['n_kinds']} defect kinds), the expected defect "
+        f"named in {c['detected']}/{c['n_cases']}; {c['repaired']}/{c['repairable']} repairable ones "
+        f"repaired ({c['repaired_and_loaded']} then load in llama.cpp); {f['cases']} fuzzed files, "
+        f"{f['n_escaped']} exceptions other than our format error, p99 {f['p99_ms']:.1f} ms per file."
+    ]
+
+
+def doctor_hypothesis(d: dict[str, Any]) -> list[str]:
+    return [
+        f"- The GGUF reader under hypothesis ([results](benchmarks/results/doctor_hypothesis.md), "
+        f"`{d['command']}`, {d['date'][:10]}, commit {d['commit']}): {d['examples']} generated mutation "
+        "lists, "
+        f"{d['parsed']} parsed, {d['rejected']} rejected with our format error, "
+        f"{sum(d['escaped'].values())} other exceptions, slowest case {d['max_ms']:.0f} ms."
+    ]
+
+
 SECTIONS = (
     ("demo", demo),
     ("demo_finetune", demo_finetune),
@@ -249,6 +346,12 @@ SECTIONS = (
     ("serve", serve),
     ("serve_peer", serve_peer),
     ("build_domains_smollm2", build_domains_smollm2),
+    ("quant_quality", quant_quality),
+    ("seed_targets", seed_targets),
+    ("build", build),
+    ("serve_routing", serve_routing),
+    ("doctor", doctor),
+    ("doctor_hypothesis", doctor_hypothesis),
 )
 
 

@@ -94,10 +94,29 @@ def benches(demo: Path) -> list[Bench]:
         Bench(
             "build_domains_smollm2",
             "build_domains_smollm2",
-            ("build.py", "--manifest", "examples/domains-smollm2.yaml", "--repeats", "0"),
+            (
+                "build.py",
+                "--manifest",
+                "examples/domains-smollm2.yaml",
+                "--repeats",
+                "0",
+                "--work",
+                "benchmarks/work/build_smollm2",
+            ),  # fmt: skip
         ),
+        Bench(
+            "quant_quality",
+            "quant_quality",
+            ("quant_quality.py",),
+            ("quant_quality.py", "--overhead-runs", "3"),
+        ),
+        Bench("seed_targets", "seed_targets", ("seed_targets.py",), ("seed_targets.py", "--runs", "3")),
+        # serve_routing serves the build this one leaves in benchmarks/work/build/out
+        Bench("build", "build", ("build.py",), ("build.py", "--repeats", "1")),
+        Bench("serve_routing", "serve_routing", ("serve_routing.py",)),
         Bench("hardening", "hardening", ("hardening.py",)),
         Bench("doctor", "doctor", ("doctor_fuzz.py",)),
+        Bench("doctor_hypothesis", "doctor_hypothesis", ("doctor_hypothesis.py",)),
     ]
 
 

@@ -5,7 +5,7 @@ domain the prompt came from, per domain, with latencies and what the pool loaded
 
     python benchmarks/serve_routing.py [--build benchmarks/work/build/out]
 
-Adds a "Routing" section to benchmarks/results/serve.md and writes benchmarks/results/serve_routing.json.
+Writes benchmarks/results/serve_routing.{json,md} (stamped with date, commit, command and machine).
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ import httpx2 as httpx
 sys.path.insert(0, str(Path(__file__).parent))
 from gguf_factory.data import read_chat_file  # noqa: E402
 from serve import free_port, percentile, start_server  # noqa: E402
+from stamp import git_commit, machine, portable  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-BEGIN, END = "<!-- routing:begin -->", "<!-- routing:end -->"
 
 
 def held_out(build_dir: Path) -> dict[str, list[str]]:
@@ -83,6 +83,10 @@ def main() -> None:
     result = {
         "build": str(args.build),
         "date": time.strftime("%Y-%m-%d"),
+        "commit": git_commit(),
+        "command": "python benchmarks/" + " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "machine": machine(),
+        "threads": args.threads,
         "domains": {d: {**v, "accuracy": v["correct"] / v["prompts"]} for d, v in per.items()},
         "accuracy": correct / total,
         "requests": total,
@@ -91,10 +95,13 @@ def main() -> None:
         "loaded": [m["id"] for m in health["models"] if m["loaded"]],
         "models": [m["id"] for m in health["models"]],
     }
+    result = portable(result)
     (RESULTS / "serve_routing.json").write_text(json.dumps(result, indent=2) + "\n")
     section = [
-        BEGIN,
-        "## Routing (a multi-domain router manifest)",
+        "# Routing through the server (a multi-domain router manifest)",
+        "",
+        f"{result['date']}, commit {result['commit']}, {result['machine']['cpus']} CPU cores "
+        f"({result['machine']['cpu']['model']}); `{result['command']}`.",
         "",
         f"`gguf-factory serve router.yaml` on the `examples/domains.yaml` build; each domain's held-out test "
         f'prompts ({total}) sent with `"model": "auto"` (8-token replies), the server\'s choice read from '
@@ -108,14 +115,9 @@ def main() -> None:
         f"Latency p50 {result['latency_p50_ms']:.0f} ms, p95 {result['latency_p95_ms']:.0f} ms per routed "
         f"request (routing + lazy loading + generation); models loaded at the end: "
         f"{', '.join(result['loaded'])} of {', '.join(result['models'])}.",
-        END,
     ]
-    md_path = RESULTS / "serve.md"
-    md = md_path.read_text() if md_path.exists() else ""
-    if BEGIN in md:
-        md = md[: md.index(BEGIN)] + md[md.index(END) + len(END) :].lstrip("\n")
-    md_path.write_text(md.rstrip("\n") + "\n\n" + "\n".join(section) + "\n")
-    print("\n".join(section[1:-1]))
+    (RESULTS / "serve_routing.md").write_text("\n".join(section) + "\n")
+    print("\n".join(section))
 
 
 if __name__ == "__main__":

@@ -71,3 +71,23 @@ def run_timed(cmd: list[str], log: Path | None = None) -> dict[str, Any]:
     if code != 0:
         raise SystemExit(f"{' '.join(cmd)} failed (exit {code})" + (f"; see {log}" if log else ""))
     return {"seconds": round(wall, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+
+
+def portable(value: Any) -> Any:
+    """``value`` (JSON-like) with every absolute path in it made relative to the repository, or cut to its
+    file name when outside it: results carry no machine paths."""
+    if isinstance(value, dict):
+        return {k: portable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [portable(v) for v in value]
+    if isinstance(value, Path):
+        value = str(value)
+    if isinstance(value, str):
+        if os.path.isabs(value) and "\n" not in value:
+            p = Path(value)
+            try:
+                return p.resolve().relative_to(ROOT).as_posix()
+            except (ValueError, OSError):
+                return p.name
+        return value.replace(str(ROOT) + os.sep, "")
+    return value

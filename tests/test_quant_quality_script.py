@@ -51,8 +51,10 @@ def test_overhead_pairs_alternate_and_every_run_is_kept(qq: ModuleType, tmp_path
 
 
 def test_results_carry_no_machine_paths(qq: ModuleType) -> None:
-    inside = qq.REPO / "benchmarks" / "work" / "qq" / "small-F16.gguf"
-    out = qq.portable(
+    stamp = load_benchmark("stamp")  # the results writers' shared helper (quant_quality, seed_targets, ...)
+    assert qq.portable.__module__ == "stamp"  # not a copy of its own
+    inside = stamp.ROOT / "benchmarks" / "work" / "qq" / "small-F16.gguf"
+    out = stamp.portable(
         {
             "model": str(inside),
             "data": {"test": "/home/someone/data/test.jsonl"},
