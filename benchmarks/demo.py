@@ -18,8 +18,13 @@ Results: ``benchmarks/results/demo.json`` and ``demo.md`` (with the demo's own r
 ``demo-report.md``), stamped with date, commit, machine and the exact command; ``--results demo_scratch``
 names them otherwise (for ``-- --from-scratch``, the nano path).
 
+``--time-budget 25m`` is passed on to the demo (``gguf-factory demo --time-budget``; as any option after
+``--`` would be) and the demo's plan, what it cut and each stage's planned and actual seconds, go into the
+results beside the figures.
+
     python benchmarks/demo.py [--out /tmp/gguf-factory-demo] [--reuse] [-- extra demo options]
     python benchmarks/demo.py --out /tmp/gguf-factory-demo-scratch --results demo_scratch -- --from-scratch
+    python benchmarks/demo.py --time-budget 25m --results demo_budget -- --threads 2
 """
 
 from __future__ import annotations
@@ -133,8 +138,13 @@ def main() -> None:
         help="do not run the demo: rebuild the results from OUT/demo-report.json (time: the report's own)",
     )
     ap.add_argument("--results", default="demo", help="results file stem (e.g. demo_scratch)")
+    ap.add_argument(
+        "--time-budget", help="passed on to gguf-factory demo --time-budget (minutes, or e.g. 25m, 1h30m)"
+    )
     ap.add_argument("extra", nargs="*", help="options passed on to gguf-factory demo")
     args = ap.parse_args()
+    if args.time_budget is not None:
+        args.extra = ["--time-budget", args.time_budget, *args.extra]
     max_rss = None
     if not args.from_report:
         if args.out.exists() and not args.reuse:
@@ -156,6 +166,7 @@ def main() -> None:
         "seconds": round(wall, 1),
         "reused_steps": report.get("reused_steps", []),
         "step_seconds": report.get("step_seconds", {}),
+        "time_budget": _budget_summary(report.get("time_budget")),
         "max_rss_mb_demo_process": max_rss,
         "base": report.get("base"),
         "parity": report.get("parity"),
@@ -175,6 +186,18 @@ def main() -> None:
     console.print(table)
     for k, v in result["targets"].items():
         console.print(f"{'met ' if v['met'] else 'MISSED'} {k}: {v['value']} (target {v['target']})")
+
+
+def _budget_summary(b: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The demo's time budget without its plan-by-plan history (that stays in its own report)."""
+    if not b:
+        return None
+    keep = (
+        "budget_seconds", "step_seconds", "reference", "calibration", "full", "applied", "reduced",
+        "planned_seconds", "actual_seconds", "first_estimate_seconds", "minimum_seconds", "full_seconds",
+        "schedules",
+    )  # fmt: skip
+    return {k: b[k] for k in keep if k in b}
 
 
 def _fmt(v: Any, fmt: str) -> str:
@@ -219,6 +242,27 @@ def markdown(r: dict[str, Any], report_name: str = "demo-report.md") -> str:
             lines.append(
                 f"- built: {small['path']} ({small['size_bytes'] / 1e6:.1f} MB, by {small['method']})"
             )
+    budget = r.get("time_budget")
+    if budget:
+        lines += [
+            "",
+            "## Time budget",
+            "",
+            f"Budget {budget['budget_seconds'] / 60:.1f} min; {budget['step_seconds']:.3g} s per training "
+            f"step measured; first plan {budget['first_estimate_seconds'] / 60:.1f} min (full recipes "
+            f"{budget['full_seconds'] / 60:.1f}, the least {budget['minimum_seconds'] / 60:.1f}). Reduced: "
+            + (", ".join(budget["reduced"]) or "nothing")
+            + ".",
+            "",
+            "| stage | planned s | actual s |",
+            "|---|---:|---:|",
+        ]
+        stages = dict.fromkeys([*budget["planned_seconds"], *budget["actual_seconds"]])
+        lines += [
+            f"| {k} | {_fmt(budget['planned_seconds'].get(k), '{:.0f}')} "
+            f"| {_fmt(budget['actual_seconds'].get(k), '{:.0f}')} |"
+            for k in stages
+        ]
     lines += ["", "## Step times", "", "| step | seconds |", "|---|---:|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in r["step_seconds"].items()]
     lines += [

@@ -610,13 +610,17 @@ def autoquant(
     progress: bool = True,
     attempts: int = 4,
     mode: Mode = "fast",
+    bands: int | None = None,
+    probe_conversations: int | None = None,
+    imatrix_tokens: int | None = None,
 ) -> AutoQuantResult:
     """Quantize ``input_path`` (F32/F16/BF16) with per-tensor types that meet ``max_size`` (bytes or a
     string such as ``"50MB"``) and/or ``max_kld`` (mean KL divergence against the input on the calibration
     conversations of ``data``) with the lowest measured KLD (``max_size``) or the smallest file
     (``max_kld`` alone). ``imatrix="auto"`` computes one from ``data``; None quantizes without.
     ``mode``: ``"fast"`` (sensitivities shared by role and depth band) or ``"exhaustive"`` (one probe per
-    tensor); see the module docstring.
+    tensor); see the module docstring. ``bands``, ``probe_conversations`` and ``imatrix_tokens`` override
+    the fast mode's settings (:class:`AutoQuantizer`).
 
     Writes the GGUF and, beside it, ``<name>.recipe.yaml`` (the per-tensor rules, reusable with
     ``quantize --recipe``). Raises :class:`InputError` for an impossible budget, naming what is possible;
@@ -633,7 +637,8 @@ def autoquant(
         raise InputError(why)
     with AutoQuantizer(
         src, data=data, imatrix=imatrix, candidates=cands, limit=limit, threads=threads,
-        progress=progress, work_dir=dst.parent, mode=mode, bounds=bounds,
+        progress=progress, work_dir=dst.parent, mode=mode, bounds=bounds, bands=bands,
+        probe_conversations=probe_conversations, imatrix_tokens=imatrix_tokens,
     ) as aq:  # fmt: skip
         return aq.build(
             dst, max_size=size_cap, max_kld=max_kld, profile=profile, context_length=context_length,

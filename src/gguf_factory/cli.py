@@ -693,16 +693,27 @@ def demo(
     lstm: Annotated[
         bool, typer.Option("--lstm/--no-lstm", help="Train and measure the Bi-LSTM baseline.")
     ] = True,
+    time_budget: Annotated[
+        str | None,
+        typer.Option(
+            help="Fit the whole run into this wall-clock time on this machine: minutes (25) or a duration "
+            "(25m, 1h30m, 90s). Measures a few training steps first, then cuts measurement repeats, "
+            "calibration and at last training steps as needed (default: the full recipes)."
+        ),
+    ] = None,
     threads: Threads = None,
 ) -> None:
     """The whole path on the bundled corpus: fine-tune a pretrained base (or train from scratch), convert,
     quantize, make a file within the size budget, check parity, and measure every system side by side."""
     from .bench import render_report_table
     from .demo import run_demo
+    from .demo_budget import parse_duration
 
+    seconds = parse_duration(time_budget, "--time-budget") if time_budget is not None else None
     r = run_demo(
         output, base=base, from_scratch=from_scratch, preset=preset, runs=runs, epochs=epochs,
         max_size=max_size, max_quality=quality_prompts or None, threads=threads, lstm=lstm,
+        time_budget=seconds,
     )  # fmt: skip
     console.print(render_report_table(r.report))
     p = r.parity
@@ -721,7 +732,24 @@ def demo(
         console.print(f"  [cyan]you>[/] {a['prompt']}\n  [green]bot>[/] {a['reply']}")
     if r.reused:
         console.print(f"[dim]reused finished steps: {', '.join(r.reused)}[/]")
+    if r.budget is not None:
+        _print_budget(r.budget, r.seconds)
     console.print(f"done in {r.seconds:.0f} s; report: {r.out_dir / 'demo-report.md'}")
+
+
+def _print_budget(budget: dict[str, Any], seconds: float) -> None:
+    from rich.table import Table
+
+    from .demo import budget_lines, budget_rows
+
+    table = Table(title="time budget")
+    for col in ("stage", "first plan s", "plan before it s", "actual s"):
+        table.add_column(col, justify="left" if col == "stage" else "right")
+    for row in budget_rows(budget):
+        table.add_row(*row)
+    console.print(table)
+    for line in budget_lines(budget, seconds):
+        console.print(line, soft_wrap=True, highlight=False)
 
 
 @app.command("eval")

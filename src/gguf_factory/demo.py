@@ -22,12 +22,19 @@ already far under 50 MB, so step 4 is skipped).
 
 Every step writes its output atomically, so a finished step's output existing means it is complete: a
 re-run reuses it.
+
+``time_budget`` (``--time-budget``, seconds; default None: the full recipes) fits the whole run into a
+wall-clock budget on this machine: a short calibration run measures the seconds of a fine-tune step, a plan
+(:mod:`gguf_factory.demo_budget`, which says what is cut first and why) sets the training steps, pruning
+and auto-quant calibration and the measurement's repeats, prompts and quality conversations, and is made
+again after each heavy step from the time really spent. The report gets a "Time budget" section.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -35,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import InputError
 from .files import atomic_write_json, atomic_write_text, human_size, parse_size, prepare_output_dir
 from .replies import held_out_prompts
 
@@ -130,6 +138,9 @@ class DemoResult:
     reused: list[str] = field(default_factory=list)
     step_seconds: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    budget: dict[str, Any] | None = None
+    """With ``time_budget``: the plans, what was cut, planned and actual seconds per stage (the report's
+    ``time_budget``)."""
 
     @property
     def rows(self) -> list[Any]:
@@ -137,21 +148,343 @@ class DemoResult:
 
 
 class _Steps:
-    """Runs each step unless its output exists; times it."""
+    """Runs each step unless its output exists; times it (and adds its time to its budget ``stage``)."""
 
     def __init__(self) -> None:
         self.reused: list[str] = []
         self.seconds: dict[str, float] = {}
+        self.stage_seconds: dict[str, float] = {}
 
-    def run(self, name: str, output: Path, make: Callable[[], Any]) -> Path:
+    def run(self, name: str, output: Path, make: Callable[[], Any], stage: str = "other") -> Path:
         if output.exists():
             self.reused.append(name)
             return output
         log.info("demo: %s", name)
         t0 = time.perf_counter()
         make()
-        self.seconds[name] = round(time.perf_counter() - t0, 1)
+        took = time.perf_counter() - t0
+        self.seconds[name] = round(took, 1)
+        self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + took
         return output
+
+
+def _check_time_budget(seconds: float | None) -> float | None:
+    if seconds is None:
+        return None
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not math.isfinite(seconds):
+        raise InputError(f"time_budget (--time-budget) must be a number of seconds, got {seconds!r}")
+    if seconds <= 0:
+        raise InputError(f"time_budget (--time-budget) must be positive, got {seconds!r}")
+    return float(seconds)
+
+
+def _aq_settings(plan: _Planner | None) -> dict[str, int]:
+    """Auto-quant's planned calibration (none without a budget: its defaults)."""
+    if plan is None:
+        return {}
+    s = plan.settings
+    return {
+        "limit": s.aq_limit, "imatrix_tokens": s.aq_imatrix_tokens,
+        "probe_conversations": s.aq_probe_conversations, "bands": s.aq_bands,
+    }  # fmt: skip
+
+
+def _conversations(path: Path) -> list[str]:
+    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _chars(lines: Sequence[str]) -> float:
+    """Mean characters of the messages of JSONL conversations (how long a training example is)."""
+    if not lines:
+        return 1.0
+    total = sum(len(m.get("content") or "") for line in lines for m in json.loads(line).get("messages", []))
+    return max(1.0, total / len(lines))
+
+
+def _calibrate(
+    out: Path,
+    data_dir: Path,
+    *,
+    base: str,
+    from_scratch: bool,
+    preset: str,
+    r: FinetuneRecipe,
+    threads: int | None,
+) -> dict[str, Any]:
+    """Seconds per optimizer step of the demo's training on this machine: the real ``train`` for
+    :data:`~.demo_budget.CALIBRATION_STEPS` steps (fine-tune: with the recipe's batch size, precision and
+    threads, on as many batches drawn from the training split and two validation conversations, the time
+    scaled to the split's mean conversation length; from scratch: the preset on the whole dataset). Its
+    output is deleted."""
+    import random
+    import shutil
+
+    from .demo_budget import CALIBRATION_STEPS
+    from .train import train
+
+    work = out / ".budget-calibration"
+    shutil.rmtree(work, ignore_errors=True)
+    t0 = time.perf_counter()
+    try:
+        if from_scratch:
+            data, scale, kw = data_dir, 1.0, {"preset": preset}
+        else:
+            lines = _conversations(data_dir / "train.jsonl")
+            pick = random.Random(1234).sample(lines, min(len(lines), CALIBRATION_STEPS * r.batch_size))
+            val = _conversations(data_dir / "val.jsonl")[:2] or pick[:1]
+            data = work / "data"
+            data.mkdir(parents=True)
+            for split, rows in (("train", pick), ("val", val), ("test", [])):
+                (data / f"{split}.jsonl").write_text("".join(x + "\n" for x in rows), encoding="utf-8")
+            scale = _chars(lines) / _chars(pick)
+            kw = {
+                "base": base, "lora": r.lora, "lr": r.lr, "batch_size": r.batch_size,
+                "precision": _precision(r.precision), "monitor": r.monitor,
+            }  # fmt: skip
+        log.info("demo: time budget: measuring %d training steps on this machine", CALIBRATION_STEPS)
+        train(
+            data, work / "model", epochs=1, max_steps=CALIBRATION_STEPS, threads=threads, progress=False, **kw
+        )
+        record = json.loads((work / "model" / "training.json").read_text(encoding="utf-8"))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    wall = time.perf_counter() - t0
+    th = record["throughput"]
+    return {
+        "steps": th["steps"],
+        "seconds": round(wall, 1),
+        "step_seconds": th["train_seconds"] / max(1, th["steps"]) * scale,
+        "length_scale": round(scale, 3),
+        "overhead_seconds": max(0.0, wall - th["train_seconds"]),
+        "precision": record.get("run", {}).get("precision", "fp32"),
+    }
+
+
+def _trained_speed(model_dir: Path) -> dict[str, Any] | None:
+    """Seconds per step of a finished training run (its ``training.json``), or None."""
+    try:
+        record = json.loads((model_dir / "training.json").read_text(encoding="utf-8"))
+        th = record["throughput"]
+        if not th.get("steps") or not th.get("train_seconds"):
+            return None
+        return {
+            "step_seconds": th["train_seconds"] / th["steps"],
+            "precision": record.get("run", {}).get("precision", "fp32"),
+        }
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+
+
+def _params(folder: Path) -> int | None:
+    """Parameters of a HF model folder, from its safetensors headers (None: no safetensors)."""
+    from safetensors import safe_open
+
+    n, found = 0, False
+    for f in folder.glob("*.safetensors"):
+        found = True
+        with safe_open(str(f), "np") as h:
+            for k in h.keys():
+                n += math.prod(h.get_slice(k).get_shape())
+    return n if found else None
+
+
+class _Planner:
+    """The demo's time budget: measures the machine, plans (:func:`~.demo_budget.plan_budget`), plans
+    again after every heavy step, and keeps the record for the report."""
+
+    def __init__(self, budget: float, t0: float, steps: _Steps, work: Any, full: Any, log_: Any) -> None:
+        self.budget, self.t0, self.steps, self.work, self.full, self.log = budget, t0, steps, work, full, log_
+        self.done: list[str] = []
+        self.plan: Any = None
+
+    # -- start
+
+    @classmethod
+    def start(
+        cls,
+        budget: float,
+        t0: float,
+        steps: _Steps,
+        out: Path,
+        data_dir: Path,
+        model_dir: Path,
+        *,
+        base: str,
+        from_scratch: bool,
+        preset: str,
+        epochs: int | None,
+        runs: int,
+        n_prompts: int,
+        max_quality: int | None,
+        lstm: bool,
+        finetune: FinetuneRecipe,
+        student: StudentRecipe,
+        max_size: int,
+        threads: int | None,
+    ) -> _Planner:
+        """Count the work, measure the machine (or read a finished fine-tune's speed) and make the first
+        plan; a :class:`~.demo_budget.BudgetError` when even the floors do not fit."""
+        from .demo_budget import AQ_FULL, BudgetLog, Settings, Work
+        from .prune import DEFAULT_SAMPLES
+        from .train import FINETUNE_DEFAULTS, PRESETS
+
+        n_train = len(_conversations(data_dir / "train.jsonl"))
+        n_val = len(_conversations(data_dir / "val.jsonl"))
+        n_test = len(_conversations(data_dir / "test.jsonl"))
+        if from_scratch:
+            p = PRESETS[preset]
+            batch, n_epochs = p.batch_size, epochs or p.epochs
+        else:
+            batch, n_epochs = finetune.batch_size, epochs or finetune.epochs
+        full = Settings(
+            train_steps=n_epochs * math.ceil(n_train / batch),
+            distil_steps=student.epochs * math.ceil(n_train / FINETUNE_DEFAULTS.batch_size),
+            prune_samples=DEFAULT_SAMPLES, aq_limit=AQ_FULL["limit"], aq_bands=AQ_FULL["bands"],
+            aq_imatrix_tokens=AQ_FULL["imatrix_tokens"],
+            aq_probe_conversations=AQ_FULL["probe_conversations"], runs=runs, n_prompts=n_prompts,
+            max_quality=n_test if max_quality is None else min(max_quality, n_test),
+        )  # fmt: skip
+        calibration: dict[str, Any] = {}
+        done: list[str] = []
+        speed = _trained_speed(model_dir) if model_dir.exists() else None
+        if speed is not None:
+            calibration = {"from": f"{model_dir.name}/training.json", **speed}
+            done.append("train")
+        else:
+            calibration = _calibrate(
+                out,
+                data_dir,
+                base=base,
+                from_scratch=from_scratch,
+                preset=preset,
+                r=finetune,
+                threads=threads,
+            )
+            steps.seconds["time budget: measure this machine"] = calibration["seconds"]
+        u = calibration["step_seconds"]
+        needs_small, prune_passes = False, 0
+        if not from_scratch:
+            from .bases import gguf_of_source, resolve_path
+
+            folder = resolve_path(base, what="base model")
+            config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+            layers = int(config.get("num_hidden_layers") or 0)
+            prune_passes = layers + 1 if student.layers else 3
+            params = _params(folder)
+            # Q4_K_M at its nominal 4.85 bits per weight (narrow rows only make it larger)
+            needs_small = student.always or params is None or params * 4.85 / 8 > max_size
+            base_gguf = 1 if gguf_of_source(base) is not None else 0
+        else:
+            base_gguf = 0
+        work = Work(
+            step_seconds=u,
+            reference="bf16" if calibration.get("precision") == "bf16" else "fp32",
+            train_overhead=calibration.get("overhead_seconds", 0.0) + n_val / (3 * batch) * u,
+            prune_passes=prune_passes, train_conversations=n_train, val_conversations=n_val,
+            student=needs_small and not from_scratch,
+            autoquants=(1 + int(student.always)) if needs_small else 0,
+            systems=1 + len(DEMO_QUANTS) + 1 + base_gguf + int(needs_small), lstm=lstm,
+        )  # fmt: skip
+        planner = cls(budget, t0, steps, work, full, BudgetLog(budget=budget, calibration=calibration))
+        planner.done = done
+        plan = planner.replan(None, when="start")
+        if not plan.fits:
+            from .demo_budget import BudgetError, format_duration
+
+            raise BudgetError(
+                f"time budget (--time-budget) of {format_duration(budget)} is too short for this demo on "
+                f"this machine ({u:.2f} s per training step measured): the least it can do is estimated at "
+                f"{format_duration(plan.minimum)} (the full recipes: {format_duration(plan.full_total)}); "
+                "give at least that, or lighten the run (--no-lstm, a smaller --base)",
+                minimum=plan.minimum,
+                full=plan.full_total,
+                plan=plan,
+            )
+        return planner
+
+    # -- during the run
+
+    @property
+    def settings(self) -> Any:
+        return self.plan.settings
+
+    def max_steps(self, name: str) -> int | None:
+        """The planned steps of a training stage, None when it keeps its whole recipe."""
+        planned, full = getattr(self.plan.settings, name), getattr(self.plan.full, name)
+        return planned if planned < full else None
+
+    def replan(self, stage: str | None, when: str | None = None) -> Any:
+        """Mark ``stage`` done and plan the rest from the time really spent."""
+        from .demo_budget import correction, format_duration, plan_budget
+
+        if stage is not None and stage not in self.done:
+            self.done.append(stage)
+        c = correction(self.log.planned(), self.steps.stage_seconds)
+        spent = time.perf_counter() - self.t0
+        self.plan = plan_budget(
+            self.budget, spent, self.work, self.full, current=self.plan.settings if self.plan else None,
+            done=tuple(self.done), correction=c,
+        )  # fmt: skip
+        self.log.plans.append((when or f"after {stage}", self.plan))
+        cut = self.plan.reduced()
+        log.info(
+            "demo: time budget %s: %s spent, %s estimated in all%s",
+            format_duration(self.budget), format_duration(spent), format_duration(self.plan.total),
+            f"; reduced: {', '.join(cut)}" if cut else "; full recipes",
+        )  # fmt: skip
+        return self.plan
+
+    def trained(self, stage: str, folder: Path) -> None:
+        """A training stage finished (or was reused): its schedule for the report; the fine-tune's own
+        speed replaces the calibration's."""
+        from dataclasses import replace
+
+        try:
+            record = json.loads((folder / "training.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            record = {}
+        self.log.schedules[stage] = {
+            "steps": record.get("steps"),
+            "max_steps": (record.get("settings") or {}).get("max_steps"),
+            **(record.get("schedule") or {}),
+        }
+        speed = _trained_speed(folder)
+        if stage == "train" and speed is not None:
+            self.work = replace(self.work, step_seconds=speed["step_seconds"])
+        self.replan(stage)
+
+    def known_small(self, needs_small: bool, autoquants: int) -> None:
+        """The quantized files exist: whether a small file (a student, ``autoquants`` auto-quant runs) is
+        really needed is known."""
+        from dataclasses import replace
+
+        self.work = replace(
+            self.work, student=needs_small, autoquants=autoquants,
+            systems=self.work.systems - int(self.work.student) + int(needs_small),
+        )  # fmt: skip
+        self.replan("other")
+
+    def autoquant_ran(self, ran: bool = True) -> None:
+        """One planned auto-quant ran (or was not needed: refused at once, or a Q8_0 copy was enough)."""
+        from dataclasses import replace
+
+        left = max(0, self.work.autoquants - 1)
+        if left:
+            self.work = replace(self.work, autoquants=left)
+            self.replan(None, when="after an auto-quant" if ran else "after a refused auto-quant")
+        else:
+            self.replan("autoquant")
+
+    def measurement(self, max_quality: int | None) -> tuple[int, int, int | None]:
+        s = self.settings
+        quality = None if max_quality is None and s.max_quality >= self.full.max_quality else s.max_quality
+        return s.runs, s.n_prompts, quality
+
+    def finish(self) -> dict[str, Any]:
+        self.log.actual = dict(self.steps.stage_seconds)
+        if "seconds" in self.log.calibration:
+            self.log.actual["calibrate"] = self.log.calibration["seconds"]
+        return self.log.to_json()
 
 
 def run_demo(
@@ -170,6 +503,7 @@ def run_demo(
     finetune: FinetuneRecipe = FINETUNE,
     student: StudentRecipe = STUDENT,
     categories: Sequence[str] | None = None,
+    time_budget: float | None = None,
 ) -> DemoResult:
     """Run the demo into ``out_dir`` (created; its parent must exist). See the module docstring.
 
@@ -177,13 +511,16 @@ def run_demo(
     ``from_scratch``, which trains ``preset``. ``max_quality``: held-out conversations answered and scored
     per system (None: all). ``lstm``: also train and measure the Bi-LSTM baseline. ``finetune`` and
     ``student``: the recipes of steps 2 and 4. ``categories``: a subset of the corpus's categories.
+    ``time_budget``: seconds the whole run may take on this machine (None: the full recipes); the plan
+    lowers the settings above (and auto-quant's and pruning's calibration) in the order
+    :mod:`gguf_factory.demo_budget` gives, and a budget below the least the demo can do is a
+    :class:`~gguf_factory.demo_budget.BudgetError` before the heavy work starts.
     """
-    from .convert import convert
     from .data import prepare
-    from .quantize import quantize
-    from .train import train
 
     t0 = time.perf_counter()
+    budget = _check_time_budget(time_budget)
+    budget_bytes = parse_size(max_size, "max_size")
     out = prepare_output_dir(out_dir)
     steps = _Steps()
     data_dir = out / "data"
@@ -191,18 +528,93 @@ def run_demo(
 
     name = f"{DEMO_NAME}-{preset}" if from_scratch else f"{DEMO_NAME}-{_short(base)}"
     model_dir = out / f"{name}-hf"
+    plan = None
+    if budget is not None:
+        plan = _Planner.start(
+            budget, t0, steps, out, data_dir, model_dir, base=base, from_scratch=from_scratch, preset=preset,
+            epochs=epochs, runs=runs, n_prompts=n_prompts, max_quality=max_quality, lstm=lstm,
+            finetune=finetune, student=student, max_size=budget_bytes, threads=threads,
+        )  # fmt: skip
+    max_steps = plan.max_steps("train_steps") if plan else None
+    _train_step(steps, data_dir, model_dir, base, from_scratch, preset, epochs, threads, max_steps, finetune)
+    if plan:
+        plan.trained("train", model_dir)
+    ggufs = _ladder(steps, out, name, model_dir, threads)
+    f16 = ggufs["F16"]
+
+    small = None
+    needs_small = not from_scratch and (ggufs["Q4_K_M"].stat().st_size > budget_bytes or student.always)
+    if plan:
+        plan.known_small(needs_small, (1 + int(student.always)) if needs_small else 0)
+    if needs_small:
+        small = _small_file(out, name, model_dir, f16, data_dir, budget_bytes, steps, student, threads, plan)
+
+    parity = _parity(steps, out, f16, model_dir, data_dir, threads)
+    if plan:
+        plan.replan("parity")
+        runs, n_prompts, max_quality = plan.measurement(max_quality)
+
+    report = _measure(
+        out, data_dir, model_dir, ggufs, small, base, from_scratch, lstm, runs, n_prompts, max_quality,
+        threads,
+    )  # fmt: skip
+    result = DemoResult(
+        out_dir=out,
+        model_dir=model_dir,
+        ggufs=ggufs,
+        report=report,
+        parity=parity,
+        small=small,
+        base=None if from_scratch else base,
+        reused=steps.reused,
+        step_seconds=steps.seconds,
+        seconds=time.perf_counter() - t0,
+    )
+    result.step_seconds["measure"] = round(report.seconds, 1)
+    if plan:
+        steps.stage_seconds["measure"] = report.seconds
+        result.budget = plan.finish()
+    write_report(result)
+    return result
+
+
+def _train_step(
+    steps: _Steps,
+    data_dir: Path,
+    model_dir: Path,
+    base: str,
+    from_scratch: bool,
+    preset: str,
+    epochs: int | None,
+    threads: int | None,
+    max_steps: int | None,
+    finetune: FinetuneRecipe,
+) -> None:
+    """Step 2: train ``preset`` from scratch, or fine-tune ``base`` with the ``finetune`` recipe."""
+    from .train import train
+
     if from_scratch:
         steps.run(
             f"train {preset} from scratch",
             model_dir,
-            lambda: train(data_dir, model_dir, preset=preset, epochs=epochs, threads=threads),
+            lambda: train(
+                data_dir, model_dir, preset=preset, epochs=epochs, threads=threads, max_steps=max_steps
+            ),
+            stage="train",
         )
     else:
         steps.run(
             f"fine-tune {base}",
             model_dir,
-            lambda: _finetune(base, data_dir, model_dir, finetune, epochs, threads),
+            lambda: _finetune(base, data_dir, model_dir, finetune, epochs, threads, max_steps),
+            stage="train",
         )
+
+
+def _ladder(steps: _Steps, out: Path, name: str, model_dir: Path, threads: int | None) -> dict[str, Path]:
+    """Step 3: the F16 GGUF and its :data:`DEMO_QUANTS` quantizations."""
+    from .convert import convert
+    from .quantize import quantize
 
     f16 = out / f"{name}-F16.gguf"
     steps.run("convert F16", f16, lambda: convert(model_dir, f16, outtype="f16", name=name))
@@ -215,14 +627,25 @@ def run_demo(
             lambda q=q, t=qtype: quantize(f16, q, t, threads=threads, context_length=DEMO_CONTEXT),
         )
         ggufs[qtype] = q
+    return ggufs
 
-    budget = parse_size(max_size, "max_size")
-    small = None
-    if not from_scratch and (ggufs["Q4_K_M"].stat().st_size > budget or student.always):
-        small = _small_file(out, name, model_dir, f16, data_dir, budget, steps, student, threads)
 
-    parity = _parity(steps, out, f16, model_dir, data_dir, threads)
-
+def _measure(
+    out: Path,
+    data_dir: Path,
+    model_dir: Path,
+    ggufs: dict[str, Path],
+    small: SmallFile | None,
+    base: str,
+    from_scratch: bool,
+    lstm: bool,
+    runs: int,
+    n_prompts: int,
+    max_quality: int | None,
+    threads: int | None,
+) -> Any:
+    """Step 6: every system side by side (:func:`gguf_factory.bench.run_bench`): the demo's GGUFs, the
+    untouched base's GGUF, the small file, the trained checkpoint in transformers and the Bi-LSTM."""
     from .bases import gguf_of_source
     from .bench import run_bench
 
@@ -237,7 +660,7 @@ def run_demo(
         measured.append(small.path)
     bench_dir = out / "bench"
     lstm_dir = bench_dir / "lstm"
-    report = run_bench(
+    return run_bench(
         measured,
         data_dir,
         bench_dir,
@@ -250,21 +673,6 @@ def run_demo(
         max_quality=max_quality,
         threads=threads,
     )
-    result = DemoResult(
-        out_dir=out,
-        model_dir=model_dir,
-        ggufs=ggufs,
-        report=report,
-        parity=parity,
-        small=small,
-        base=None if from_scratch else base,
-        reused=steps.reused,
-        step_seconds=steps.seconds,
-        seconds=time.perf_counter() - t0,
-    )
-    result.step_seconds["measure"] = round(report.seconds, 1)
-    write_report(result)
-    return result
 
 
 def _short(base: str) -> str:
@@ -286,7 +694,13 @@ def _precision(p: str) -> str:
 
 
 def _finetune(
-    base: str, data_dir: Path, model_dir: Path, r: FinetuneRecipe, epochs: int | None, threads: int | None
+    base: str,
+    data_dir: Path,
+    model_dir: Path,
+    r: FinetuneRecipe,
+    epochs: int | None,
+    threads: int | None,
+    max_steps: int | None = None,
 ) -> None:
     from .train import train
 
@@ -301,6 +715,7 @@ def _finetune(
             precision=_precision(r.precision),
             monitor=r.monitor,
             threads=threads,
+            max_steps=max_steps,
         )
         return
     import shutil
@@ -320,6 +735,7 @@ def _finetune(
             precision=_precision(r.precision),
             monitor=r.monitor,
             threads=threads,
+            max_steps=max_steps,
         )
     merge(base, [adapter], model_dir)
     shutil.rmtree(adapter, ignore_errors=True)
@@ -335,6 +751,7 @@ def _small_file(
     steps: _Steps,
     s: StudentRecipe,
     threads: int | None,
+    plan: _Planner | None = None,
 ) -> SmallFile:
     """The small file: auto-quant of the fine-tuned model if that reaches ``budget``, else (or also, with
     ``s.always``, keeping the one with the lower bits per byte on the validation split) a student."""
@@ -348,8 +765,13 @@ def _small_file(
         steps.run(
             f"auto-quant to {label}",
             direct,
-            lambda: autoquant(f16, direct, data=data_dir, max_size=budget, threads=threads),
+            lambda: autoquant(
+                f16, direct, data=data_dir, max_size=budget, threads=threads, **_aq_settings(plan)
+            ),
+            stage="autoquant",
         )
+        if plan:
+            plan.autoquant_ran()
         small.notes.append(f"auto-quant of the fine-tuned model met {label}")
         if not s.always:
             small.path, small.method = direct, "autoquant"
@@ -358,7 +780,9 @@ def _small_file(
         small.notes.append(f"auto-quant of the fine-tuned model: {e}")
         log.info("%s", e)
         direct = None
-    path = _student(out, name, model_dir, data_dir, budget, label, steps, s, threads)
+        if plan:
+            plan.autoquant_ran(ran=False)
+    path = _student(out, name, model_dir, data_dir, budget, label, steps, s, threads, plan)
     small.notes.append(_student_note(out, name))
     small.path = path
     if direct is not None:  # both exist: keep the better one, judged on the validation split
@@ -392,6 +816,7 @@ def _student(
     steps: _Steps,
     s: StudentRecipe,
     threads: int | None,
+    plan: _Planner | None = None,
 ) -> Path:
     """trim-vocab -> prune -> distil from the fine-tuned model (its trimmed F16 GGUF: llama.cpp runs the
     teacher once over the data, its top-k logits cached, instead of transformers on every step) -> convert
@@ -410,11 +835,17 @@ def _student(
     )
     pruned = out / f"{name}-pruned-hf"
     what = [kind for kind, f in (("layers", s.layers), ("FFN channels", s.ffn), ("heads", s.heads)) if f]
+    samples = {"samples": plan.settings.prune_samples} if plan else {}
     steps.run(
         "prune " + " and ".join(what or ["nothing"]),
         pruned,
-        lambda: prune(trimmed, data_dir, pruned, ffn=s.ffn, heads=s.heads, layers=s.layers, threads=threads),
+        lambda: prune(
+            trimmed, data_dir, pruned, ffn=s.ffn, heads=s.heads, layers=s.layers, threads=threads, **samples
+        ),
+        stage="prune",
     )
+    if plan:
+        plan.replan("prune")
     teacher = out / f"{name}-trim-F16.gguf"  # a GGUF teacher runs once, in llama.cpp, before training
     steps.run("convert the teacher", teacher, lambda: convert(trimmed, teacher, outtype="f16", name=name))
     student = out / f"{name}-student-hf"
@@ -432,8 +863,12 @@ def _student(
             alpha=s.alpha,
             precision=_precision(s.precision),
             threads=threads,
+            max_steps=plan.max_steps("distil_steps") if plan else None,
         ),
+        stage="distil",
     )
+    if plan:
+        plan.trained("distil", student)
     student_f16 = out / f"{name}-student-F16.gguf"
     steps.run(
         "convert the student",
@@ -443,12 +878,19 @@ def _student(
     path = out / f"{name}-student-{label}.gguf"
     if student_f16.stat().st_size <= budget:
         steps.run("quantize the student Q8_0", path, lambda: _copy_q8(student_f16, path, threads))
+        if plan:
+            plan.autoquant_ran(ran=False)
     else:
         steps.run(
             f"auto-quant the student to {label}",
             path,
-            lambda: autoquant(student_f16, path, data=data_dir, max_size=budget, threads=threads),
+            lambda: autoquant(
+                student_f16, path, data=data_dir, max_size=budget, threads=threads, **_aq_settings(plan)
+            ),
+            stage="autoquant",
         )
+        if plan:
+            plan.autoquant_ran()
     return path
 
 
@@ -499,7 +941,7 @@ def _parity(
             },
         )
 
-    steps.run("parity check", path, make)
+    steps.run("parity check", path, make, stage="parity")
     return json.loads(path.read_text(encoding="utf-8"))
 
 
@@ -526,6 +968,7 @@ def write_report(result: DemoResult) -> None:
         "seconds": round(result.seconds, 1),
         "step_seconds": result.step_seconds,
         "reused_steps": result.reused,
+        "time_budget": result.budget,
         "parity": p,
         "small_file": None
         if small is None
@@ -556,12 +999,77 @@ def write_report(result: DemoResult) -> None:
         if small.path is not None:
             md.append(f"- built: {small.path.name} ({human_size(small.path.stat().st_size)})")
         md.append("")
+    if result.budget is not None:
+        md += budget_markdown(result.budget, result.seconds) + [""]
     md += ["## Every system, side by side", "", report_markdown(rep, settings), ""]
     md += ["## Step times", "", "| step | seconds |", "|---|---:|"]
     md += [f"| {k} | {v:.1f} |" for k, v in result.step_seconds.items()]
     if result.reused:
         md += ["", f"Reused from an earlier run: {', '.join(result.reused)}."]
     atomic_write_text(result.out_dir / "demo-report.md", "\n".join(md) + "\n")
+
+
+STAGE_LABELS = {
+    "calibrate": "measure this machine", "train": "fine-tune (or train)",
+    "other": "conversions, quantizations",
+    "autoquant": "auto-quant", "prune": "prune", "distil": "distil the student", "parity": "parity check",
+    "measure": "measure every system",
+}  # fmt: skip
+
+
+def budget_lines(b: dict[str, Any], seconds: float) -> list[str]:
+    """The time budget in sentences: budget, measured speed, first plan, what was cut, the schedules."""
+    from .demo_budget import format_duration
+
+    cal = b["calibration"]
+    how = (
+        f"{cal['steps']} calibration steps" if "steps" in cal else f"the finished run's {cal.get('from', '')}"
+    )
+    lines = [
+        f"Budget {format_duration(b['budget_seconds'])}; the run took {format_duration(seconds)}. Measured "
+        f"{b['step_seconds']:.3g} s per training step ({how}); other stages from the reference run on a "
+        f"{b['reference_machine']}, corrected by each stage's actual time. First plan: "
+        f"{format_duration(b['first_estimate_seconds'])} (full recipes: "
+        f"{format_duration(b['full_seconds'])}; the least: {format_duration(b['minimum_seconds'])}).",
+        "Reduced to fit: "
+        + (", ".join(b["reduced"]) if b["reduced"] else "nothing (the full recipes fit)")
+        + ".",
+    ]
+    if seconds > b["budget_seconds"]:
+        lines[0] += f" Over the budget by {format_duration(seconds - b['budget_seconds'])}."
+    for stage, sch in b.get("schedules", {}).items():
+        if sch.get("total_steps") is not None:
+            early = " (stopped early: no validation gain for the recipe's patience)"
+            lines.append(
+                f"{STAGE_LABELS.get(stage, stage)}: {sch['steps']} steps"
+                f"{early if sch['steps'] < sch['total_steps'] else ''}, learning-rate schedule planned for "
+                f"{sch['total_steps']} (warm-up {sch['warmup_steps']}), ending at lr {sch['final_lr']:.3g}."
+            )
+    return lines
+
+
+def budget_rows(b: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """``(stage, first plan s, plan before it ran s, actual s)`` for every stage planned or run."""
+    first = b["plans"][0]["stages"] if b.get("plans") else {}
+    planned, actual = b["planned_seconds"], b["actual_seconds"]
+    order = ["calibrate", "train", "other", "autoquant", "prune", "distil", "parity", "measure"]
+    rows = []
+    for stage in order:
+        if stage in first or stage in planned or stage in actual:
+
+            def cell(d: dict[str, float], k: str = stage) -> str:
+                return f"{d[k]:.0f}" if k in d else "–"
+
+            rows.append((STAGE_LABELS[stage], cell(first), cell(planned), cell(actual)))
+    return rows
+
+
+def budget_markdown(b: dict[str, Any], seconds: float) -> list[str]:
+    md = ["## Time budget", ""]
+    md += [line + "\n" for line in budget_lines(b, seconds)]
+    md += ["| stage | first plan s | plan before it s | actual s |", "|---|---:|---:|---:|"]
+    md += [f"| {a} | {p0} | {p1} | {x} |" for a, p0, p1, x in budget_rows(b)]
+    return md
 
 
 def _minutes(seconds: float) -> str:

@@ -517,6 +517,10 @@ class LoopOutcome:
     its final weights."""
     epoch_log: list[dict[str, Any]] = field(default_factory=list)
     resumed_from: str | None = None
+    schedule: dict[str, Any] = field(default_factory=dict)
+    """The learning-rate schedule the run was planned with: ``total_steps`` (``max_steps`` included: the
+    cosine decay ends there, not at the epochs' end), ``warmup_steps``, ``steps_per_epoch`` and the
+    ``final_lr`` it reached."""
 
 
 @dataclass
@@ -1038,6 +1042,12 @@ class _Loop:
             distributed={"world_size": self.world, "backend": rt.backend, "ranks": ranks},
             epoch_log=st.epoch_log,
             resumed_from=self.resumed,
+            schedule={
+                "total_steps": self.plan.total,
+                "warmup_steps": self.plan.warmup,
+                "steps_per_epoch": self.plan.steps_per_epoch,
+                "final_lr": self.sched.get_last_lr()[0],
+            },
         )
 
     def _ranks(self) -> list[dict[str, Any]]:
@@ -1326,6 +1336,7 @@ def training_record(
         },
         "epochs_run": outcome.epochs_run,
         "steps": outcome.steps,
+        "schedule": outcome.schedule,
         "best_epoch": outcome.best_epoch,
         "kept_epoch": outcome.kept_epoch,
         "stopped_early": outcome.stopped_early,
