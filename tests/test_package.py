@@ -202,7 +202,8 @@ QWEN25_TOOLS = """{%- if tools %}
 {%- endif %}
 """
 # Llama 3.2 Instruct's chat template as published: with tools, the tool list (JSON, indent=4) goes into the
-# first user message, which a per-role Go template cannot reproduce; it exports without tools.
+# first user message, one tool call per message ({"name": ..., "parameters": ...}), tool results under the
+# ipython role as JSON strings.
 LLAMA32 = """{{- bos_token }}
 {%- if custom_tools is defined %}
     {%- set tools = custom_tools %}
@@ -302,6 +303,103 @@ LLAMA32 = """{{- bos_token }}
     {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}
 {%- endif %}
 """
+# Mistral Nemo Instruct 2407's chat template as published (the copy in llama.cpp's
+# models/templates/mistralai-Mistral-Nemo-Instruct-2407.jinja, ggerganov/llama.cpp 7b5e080): tool calls
+# carry their ids ("id", 9 characters) and tool results the id of the call they answer ("call_id"); the
+# tool list goes before the last user message, the system message into the last user turn. (A backslash at
+# a line's end continues the line.)
+MISTRAL_NEMO = """{%- if messages[0]["role"] == "system" %}
+    {%- set system_message = messages[0]["content"] %}
+    {%- set loop_messages = messages[1:] %}
+{%- else %}
+    {%- set loop_messages = messages %}
+{%- endif %}
+{%- if not tools is defined %}
+    {%- set tools = none %}
+{%- endif %}
+{%- set user_messages = loop_messages | selectattr("role", "equalto", "user") | list %}
+
+{#- This block checks for alternating user/assistant messages, skipping tool calling messages #}
+{%- set ns = namespace() %}
+{%- set ns.index = 0 %}
+{%- for message in loop_messages %}
+    {%- if not (message.role == "tool" or message.role == "tool_results" or (message.tool_calls is\
+ defined and message.tool_calls is not none)) %}
+        {%- if (message["role"] == "user") != (ns.index % 2 == 0) %}
+            {{- raise_exception("After the optional system message, conversation roles must\
+ alternate user/assistant/user/assistant/...") }}
+        {%- endif %}
+        {%- set ns.index = ns.index + 1 %}
+    {%- endif %}
+{%- endfor %}
+
+{{- bos_token }}
+{%- for message in loop_messages %}
+    {%- if message["role"] == "user" %}
+        {%- if tools is not none and (message == user_messages[-1]) %}
+            {{- "[AVAILABLE_TOOLS][" }}
+            {%- for tool in tools %}
+                {%- set tool = tool.function %}
+                {{- '{"type": "function", "function": {' }}
+                {%- for key, val in tool.items() if key != "return" %}
+                    {%- if val is string %}
+                        {{- '"' + key + '": "' + val + '"' }}
+                    {%- else %}
+                        {{- '"' + key + '": ' + val|tojson }}
+                    {%- endif %}
+                    {%- if not loop.last %}
+                        {{- ", " }}
+                    {%- endif %}
+                {%- endfor %}
+                {{- "}}" }}
+                {%- if not loop.last %}
+                    {{- ", " }}
+                {%- else %}
+                    {{- "]" }}
+                {%- endif %}
+            {%- endfor %}
+            {{- "[/AVAILABLE_TOOLS]" }}
+            {%- endif %}
+        {%- if loop.last and system_message is defined %}
+            {{- "[INST]" + system_message + "\\n\\n" + message["content"] + "[/INST]" }}
+        {%- else %}
+            {{- "[INST]" + message["content"] + "[/INST]" }}
+        {%- endif %}
+    {%- elif (message.tool_calls is defined and message.tool_calls is not none) %}
+        {{- "[TOOL_CALLS][" }}
+        {%- for tool_call in message.tool_calls %}
+            {%- set out = tool_call.function|tojson %}
+            {{- out[:-1] }}
+            {%- if not tool_call.id is defined or tool_call.id|length != 9 %}
+                {{- raise_exception("Tool call IDs should be alphanumeric strings with length 9!")\
+ }}
+            {%- endif %}
+            {{- ', "id": "' + tool_call.id + '"}' }}
+            {%- if not loop.last %}
+                {{- ", " }}
+            {%- else %}
+                {{- "]" + eos_token }}
+            {%- endif %}
+        {%- endfor %}
+    {%- elif message["role"] == "assistant" %}
+        {{- message["content"] + eos_token}}
+    {%- elif message["role"] == "tool_results" or message["role"] == "tool" %}
+        {%- if message.content is defined and message.content.content is defined %}
+            {%- set content = message.content.content %}
+        {%- else %}
+            {%- set content = message.content %}
+        {%- endif %}
+        {{- '[TOOL_RESULTS]{"content": ' + content|string + ", " }}
+        {%- if not message.tool_call_id is defined or message.tool_call_id|length != 9 %}
+            {{- raise_exception("Tool call IDs should be alphanumeric strings with length 9!") }}
+        {%- endif %}
+        {{- '"call_id": "' + message.tool_call_id + '"}[/TOOL_RESULTS]' }}
+    {%- else %}
+        {{- raise_exception("Only user and assistant roles are supported, with the exception of an\
+ initial optional system message!") }}
+    {%- endif %}
+{%- endfor %}
+"""
 # Literal text that needs quoting in Go templates and Modelfiles: quotes, braces, a non-breaking space.
 AWKWARD = (
     "{% for m in messages %}{{ '\"' + m['role'] + '\" {{\u00a0' + m['content'] + ' }}\n' }}{% endfor %}"
@@ -386,8 +484,9 @@ GO_RENDER = r"""
 // Executes an Ollama TEMPLATE (Go text/template) on {"messages": [...], "tools": [...]} with the data
 // Ollama gives it: .Messages after merging consecutive same-role messages (tool messages aside), .System,
 // .Tools, and the "json" function (json.Marshal). The types follow the shapes of Ollama's template data:
-// a tool has .Type and .Function (.Name, .Description, .Parameters); a message has .Role, .Content and
-// .ToolCalls, each with .Function (.Name, .Arguments: a map that prints as JSON).
+// a tool has .Type and .Function (.Name, .Description, .Parameters); a message has .Role, .Content,
+// .ToolCalls (each with .ID and .Function: .Name, .Arguments, a map that prints as JSON), .ToolName and
+// .ToolCallID (Ollama 0.12.10's api.Message).
 package main
 
 import (
@@ -409,13 +508,16 @@ type ToolCallFunction struct {
 }
 
 type ToolCall struct {
+	ID       string           `json:"id"`
 	Function ToolCallFunction `json:"function"`
 }
 
 type Message struct {
-	Role      string     `json:"role"`
-	Content   string     `json:"content"`
-	ToolCalls []ToolCall `json:"tool_calls"`
+	Role       string     `json:"role"`
+	Content    string     `json:"content"`
+	ToolCalls  []ToolCall `json:"tool_calls"`
+	ToolName   string     `json:"tool_name"`
+	ToolCallID string     `json:"tool_call_id"`
 }
 
 type Property struct {
@@ -523,7 +625,9 @@ def go_render(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., str]:
         n += 1
         t, m = root / f"t{n}.tmpl", root / f"m{n}.json"
         t.write_text(template, encoding="utf-8")
-        m.write_text(json.dumps({"messages": messages, "tools": tools}), encoding="utf-8")
+        # a tool message's "name" is Ollama's tool_name (as its OpenAI endpoint maps it)
+        ollama = [{("tool_name" if k == "name" else k): v for k, v in x.items()} for x in messages]
+        m.write_text(json.dumps({"messages": ollama, "tools": tools}), encoding="utf-8")
         proc = subprocess.run([str(exe), str(t), str(m)], capture_output=True, check=False, timeout=60)
         assert proc.returncode == 0, proc.stderr.decode()
         return proc.stdout.decode("utf-8")
@@ -836,12 +940,15 @@ def test_tool_call_tag_is_where_ollama_looks_for_it(style_gguf, tmp_path):
 
 
 def test_tools_that_cannot_be_reproduced_are_left_out_with_the_reason(style_gguf, tiny_f16_gguf, tmp_path):
-    # Llama 3.2 writes the tool list into the first user message only
-    r = export_ollama(style_gguf("llama32"), tmp_path / "l")
-    assert not r.tools and ".Tools" not in r.template.template and ".ToolCalls" not in r.template.template
-    note = "with tools, the chat template starts the first user turn"
-    assert r.template.tools_note.startswith(note) and r.tools_summary.startswith(f"not rendered ({note}")
-    assert any(w.startswith(f"tools: {note}") and "renders no tools" in w for w in r.warnings)
+    # a tool result that repeats the id of the call before it: Ollama's tool message has no such field
+    looks_back = ARRAY_TOOLS.replace(
+        "<|tool|>{{ m.content }}",
+        "<|tool|>{% if messages[loop.index0 - 1].tool_calls %}"
+        "{{ messages[loop.index0 - 1].tool_calls[0].id }}{% endif %}{{ m.content }}",
+    )
+    t = derive_ollama_template(looks_back, "<s>", "</s>", False)
+    assert not t.tools and ".Tools" not in t.template
+    assert "writes a tool call's id (tool_calls[i].id; Ollama's .ID) in its tool results" in t.tools_note
     # a trimmed copy of Qwen 2.5's template writes tools but drops assistant messages with tool calls
     r = export_ollama(style_gguf("qwen25"), tmp_path / "q")
     assert not r.tools and "does not write a tool call's name" in r.template.tools_note
@@ -871,8 +978,104 @@ def test_cli_reports_tools(style_gguf, tmp_path):
     assert "tools: rendered (tool definitions, tool calls and tool results" in proc.stdout
     proc = run_cli("export", "ollama", style_gguf("llama32"), "-o", tmp_path / "l")
     assert proc.returncode == 0, proc.stderr
-    assert "tools: not rendered (with tools, the chat template starts the first user turn" in proc.stdout
-    assert "warning: tools: with tools" in proc.stderr
+    assert "tools: rendered" in proc.stdout
+    assert "warning: tools: the chat template refuses more than one tool call in a message" in proc.stderr
+
+
+LLAMA_TOOL_CONVERSATION: Objects = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": "", "tool_calls": [call("get_weather", city="Paris", unit="C")]},
+    {"role": "tool", "content": '{"temp": 21, "sky": "clear\\nwindy"}'},
+    {"role": "assistant", "content": "Paris: 21 °C."},
+    {"role": "user", "content": "And the time in Tokyo?"},
+    {"role": "assistant", "content": "", "tool_calls": [call("get_time", tz="Asia/Tokyo")]},
+    {"role": "tool", "content": "09:30"},
+]
+
+
+def test_llama32_tools_in_the_first_user_message(style_gguf, tmp_path, go_render):
+    """Llama 3.2: the tool list in the first user turn (after the system turn), one tool call per message
+    as {"name": ..., "parameters": ...}, tool results as JSON strings under the ipython role."""
+    path = style_gguf("llama32")
+    r = export_ollama(path, tmp_path / "x")
+    assert r.tools and r.template.tools_note is None
+    assert "{{ if eq $i $fu }}" in r.template.template  # the first user message, found by its index
+    assert any("refuses more than one tool call" in w for w in r.warnings)
+    got = assert_same_as_jinja(path, tmp_path, LLAMA_TOOL_CONVERSATION, go_render, tools=[WEATHER, CLOCK])
+    first_user = got.split("<|start_header_id|>user<|end_header_id|>\n\n", 2)[1]
+    assert first_user.startswith("Given the following functions")
+    assert first_user.split("<|eot_id|>")[0].endswith("\n\nWeather in Paris?")
+    assert '{"type":"function","function":{"name":"get_weather"' in first_user  # Go's compact JSON
+    assert "<|start_header_id|>user<|end_header_id|>\n\nAnd the time in Tokyo?<|eot_id|>" in got
+    assert (
+        '<|start_header_id|>assistant<|end_header_id|>\n\n{"name": "get_weather", "parameters": '
+        '{"city":"Paris","unit":"C"}}<|eot_id|><|start_header_id|>ipython<|end_header_id|>\n\n'
+        '"{\\"temp\\": 21, \\"sky\\": \\"clear\\\\nwindy\\"}"<|eot_id|>'
+    ) in got
+    assert got.endswith('"09:30"<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n')
+    # without a system message, a single user turn, and a trailing tool call to continue
+    assert_same_as_jinja(path, tmp_path, LLAMA_TOOL_CONVERSATION[1:], go_render, tools=[CLOCK])
+    assert_same_as_jinja(path, tmp_path, LLAMA_TOOL_CONVERSATION[1:2], go_render, tools=[WEATHER])
+    t = r.template
+    for msgs in (LLAMA_TOOL_CONVERSATION[:3], LLAMA_TOOL_CONVERSATION[1:], TOOL_CONVERSATION):
+        got = go_render(t.template, msgs, [WEATHER])
+        assert json_normalized(got) == json_normalized(t.ollama_equivalent(msgs, [WEATHER])), msgs
+
+
+def with_ids(messages: Objects) -> Objects:
+    """``messages`` with an id on each tool call and, on each tool result, the id and name of the call it
+    answers (ids of 9 characters, as Mistral's templates require)."""
+    out, pending = [], []
+    for n, m in enumerate(messages):
+        m = json.loads(json.dumps(m))
+        for k, c in enumerate(m.get("tool_calls") or []):
+            c["id"] = f"call{n}x{k}yz"[:9].ljust(9, "0")
+            pending.append(c)
+        if m["role"] == "tool":
+            c = pending.pop(0)
+            m["tool_call_id"], m["name"] = c["id"], c["function"]["name"]
+        out.append(m)
+    return out
+
+
+def test_tool_call_ids_render_like_jinja_in_go(tiny_f16_gguf, tmp_path, go_render):
+    """Mistral Nemo: each tool call written with its id (Ollama's .ID), each tool result with the id of the
+    call it answers (.ToolCallID); the tool list before the last user message."""
+    path = write_variant(tiny_f16_gguf, tmp_path / "nemo.gguf", MISTRAL_NEMO, "<s>", "</s>", True)
+    r = export_ollama(path, tmp_path / "x")
+    assert r.tools and r.template.tools_note is None
+    assert "{{ .ToolCallID }}" in r.template.template and "{{ $pid = .ID }}" in r.template.template
+    assert any("uses .ID, .ToolCallID: Ollama versions before 0.12.10" in w for w in r.warnings)
+    convs = [TOOL_CONVERSATION[1:], TOOL_CONVERSATION[1:5], [*TOOL_CONVERSATION[1:6], TOOL_CONVERSATION[6]]]
+    for msgs in convs:
+        msgs = with_ids(msgs)
+        got = assert_same_as_jinja(path, tmp_path, msgs, go_render, tools=[WEATHER, CLOCK])
+        assert got.count("[AVAILABLE_TOOLS]") == 1
+    got = go_render(r.template.template, with_ids(TOOL_CONVERSATION[1:6]), [CLOCK])
+    assert (
+        '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city":"Paris","unit":"C"}, "id": "call1x0yz"}, '
+        '{"name": "get_time", "arguments": {"tz":"Asia/Tokyo"}, "id": "call1x1yz"}]</s>'
+        '[TOOL_RESULTS]{"content": {"temp": 21}, "call_id": "call1x0yz"}[/TOOL_RESULTS]'
+        '[TOOL_RESULTS]{"content": 09:30, "call_id": "call1x1yz"}[/TOOL_RESULTS]'
+    ) in got
+    assert got.startswith("[AVAILABLE_TOOLS][") and got.endswith("Tokyo: 09:30.")  # continued
+
+
+# Not a named family: a tool result's tool name (message.name) and call id in its header.
+NAMED_RESULTS = ARRAY_TOOLS.replace(
+    "<|tool|>{{ m.content }}", "<|tool name={{ m.name }} id={{ m.tool_call_id }}|>{{ m.content }}"
+)
+
+
+def test_tool_result_names_render_like_jinja_in_go(go_render):
+    t = derive_ollama_template(NAMED_RESULTS, "<s>", "</s>", False)
+    assert t.tools and "{{ .ToolName }}" in t.template
+    for msgs in (with_ids(TOOL_CONVERSATION), with_ids(TOOL_CONVERSATION[1:5])):
+        expected = render_bounded(NAMED_RESULTS, msgs, bos_token="<s>", eos_token="</s>", tools=[CLOCK])
+        got = go_render(t.template, msgs, [CLOCK])
+        assert json_normalized(got) == json_normalized(expected)
+    assert "<|tool name=get_time id=call1x1yz|>09:30<|end|>" in got
 
 
 # ---------------------------------------------------------------------------------------------------

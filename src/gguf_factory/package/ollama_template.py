@@ -29,6 +29,14 @@ prompt Ollama builds equals the Jinja render after parsing the JSON, not byte fo
 that cannot be reproduced leave the TEMPLATE without tools (as for a template without tool support), with
 a warning that names why; templates without tool support export exactly as before.
 
+The probes carry a tool call's ``id`` and a tool result's ``name`` and ``tool_call_id`` as markers too;
+where the template writes them they become Ollama's ``.ID``, ``.ToolName`` and ``.ToolCallID`` (Mistral's
+call ids), and where it writes them somewhere the Go template has no such field, tools are left out with
+the field named. A tool list written into the first user message only (Llama 3.1/3.2) or before the last
+one only (Mistral) is rendered there (the Go template finds that message by its index), a template that
+refuses two tool calls in a message is decomposed with one (a warning says what the TEMPLATE does with
+more), and tool results written as JSON strings (Llama's ``tojson``) are written with Go's ``json``.
+
 BOS: Ollama tokenizes the rendered prompt with the model's ``tokenizer.ggml.add_bos_token`` setting, as
 llama.cpp does. When the file sets it and the Jinja render starts with the BOS string, that string is left
 out of TEMPLATE (``strip_bos``); otherwise the model would see two BOS tokens. A template that opens
@@ -39,6 +47,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +55,13 @@ from typing import Any
 from ..errors import FactoryError, TemplateError
 from ..runtime.templates import CHECK_MAX_CHARS, render_calls
 from .ollama_tools import (
+    CALL_ID,
+    CALL_REF,
+    PREV_CALL_ID,
+    PREV_CALL_REF,
+    PREV_TOOL_NAME,
+    SLOTS,
+    TOOL_NAME,
     TOOLS_SLOT,
     CallFormat,
     ResultFormat,
@@ -54,6 +70,7 @@ from .ollama_tools import (
     call_format,
     calls_message,
     json_normalized,
+    leftover_field,
     probe_tool,
     result_format,
     tool_message,
@@ -162,6 +179,16 @@ class ChatFormat:
     calls: CallFormat | None = None
     results: ResultFormat | None = None
     mid_system: tuple[str, str] | None = None
+    calls_note: str | None = None  # what the TEMPLATE does where the chat template refuses tool calls
+    first_user: str | None = None  # the prefix of the first user message (after a system one), if it differs
+    last_user: str | None = None  # the prefix of the last user message, if it differs (Mistral's tool list)
+
+    def _user_prefix(self, messages: list[Message], i: int) -> str:
+        if self.first_user is not None and i == (1 if messages[0]["role"] == "system" else 0):
+            return self.first_user
+        if self.last_user is not None and not any(m["role"] == "user" for m in messages[i + 1 :]):
+            return self.last_user
+        return self.prefix["user"]
 
     def _rendered(self, role: str) -> bool:
         return role in ("user", "assistant") or (role == "system" and self.system)
@@ -187,6 +214,10 @@ class ChatFormat:
             self.fold = (sub(self.fold[0]), sub(self.fold[1]))
         if self.default_system is not None:
             self.default_system = sub(self.default_system)
+        if self.first_user is not None:
+            self.first_user = sub(self.first_user)
+        if self.last_user is not None:
+            self.last_user = sub(self.last_user)
         return n
 
     def _folded(self, messages: list[Message], i: int) -> str:
@@ -204,7 +235,7 @@ class ChatFormat:
         m = messages[i]
         role = m["role"]
         if role == "tool":
-            return self.results.render(messages, i) if self.results else []
+            return self.results.render(messages, i, go) if self.results else []
         if role == "assistant" and self.calls and m.get("tool_calls"):
             return self.calls.render(m, close, go)
         if not self._rendered(role):
@@ -212,7 +243,8 @@ class ChatFormat:
         if role == "system" and i > 0 and self.mid_system:
             return [self.mid_system[0], m["content"], self.mid_system[1]]
         end = self.suffix[role] if close else ""
-        return [self.prefix[role], self._folded(messages, i), m["content"], end]
+        prefix = self._user_prefix(messages, i) if role == "user" else self.prefix[role]
+        return [prefix, self._folded(messages, i), m["content"], end]
 
     def _fill(self, text: str, tools: Tools | None, go: bool) -> str:
         return text.replace(TOOLS_SLOT, self.tools.render(tools or [], go)) if self.tools else text
@@ -419,11 +451,21 @@ def decompose(r: _Renders) -> tuple[ChatFormat, ChatFormat, str | None]:
             f"({_show(mid2)}) and at the end ({_show(sa)})"
         )
     pu = mid2[len(sa) :]
-    if pre2 != pre or not pre.endswith(pu):
+    first_user = last_user = None
+    if pre2 == pre and pre.endswith(pu):
+        lead = pre[: len(pre) - len(pu)]
+    elif pre2 == pre and pu and pu in pre:  # the first user turn opens otherwise (Llama 3.2's tool list)
+        lead = pre[: pre.rfind(pu)]
+        first_user = pre[len(lead) :]
+    elif pu and pre.endswith(pu) and pre2.startswith(pre[: len(pre) - len(pu)]):
+        # the last user turn opens otherwise (Mistral's tool list): [u1, a1, u2] opens u1 as later turns do
+        lead = pre[: len(pre) - len(pu)]
+        pu, last_user = pre2[len(lead) :], pu
+    else:
         raise TemplateExportError(
             f"the chat template starts the first user turn ({_show(pre)}) unlike later ones ({_show(pu)})"
         )
-    lead = pre[: len(pre) - len(pu)]
+    pu0 = first_user or last_user or pu  # the user prefix in a conversation with one user message
     fmt = ChatFormat(
         lead=lead,
         prefix={"user": pu, "assistant": pa, "system": ""},
@@ -431,6 +473,8 @@ def decompose(r: _Renders) -> tuple[ChatFormat, ChatFormat, str | None]:
         gen_prompt=gen,
         trailer=trailer,
         system=False,
+        first_user=first_user,
+        last_user=last_user,
     )
     base = copy.deepcopy(fmt)
     system_note: str | None = None
@@ -443,13 +487,13 @@ def decompose(r: _Renders) -> tuple[ChatFormat, ChatFormat, str | None]:
         pieces = _cut(text, [s1["content"], u1["content"]])
         if pieces is None:
             system_note = f"the chat template drops or transforms system messages: renders {_show(text)}"
-        elif pieces[0].startswith(lead) and pieces[1].endswith(pu) and pieces[2] == tail_plain:
+        elif pieces[0].startswith(lead) and pieces[1].endswith(pu0) and pieces[2] == tail_plain:
             fmt.prefix["system"] = pieces[0][len(lead) :]
-            fmt.suffix["system"] = pieces[1][: len(pieces[1]) - len(pu)]
+            fmt.suffix["system"] = pieces[1][: len(pieces[1]) - len(pu0)]
             fmt.system = True
-        elif pieces[0].startswith(lead + pu) and pieces[2] == tail_plain:
-            fmt.fold = (pieces[0][len(lead + pu) :], pieces[1])
-        elif _default_system(fmt, pieces, r.bos, tail_plain):
+        elif pieces[0].startswith(lead + pu0) and pieces[2] == tail_plain:
+            fmt.fold = (pieces[0][len(lead + pu0) :], pieces[1])
+        elif _default_system(fmt, pieces, r.bos, tail_plain, pu0):
             pass
         else:
             system_note = (
@@ -459,9 +503,9 @@ def decompose(r: _Renders) -> tuple[ChatFormat, ChatFormat, str | None]:
     return fmt, base, system_note
 
 
-def _default_system(fmt: ChatFormat, pieces: list[str], bos: str, tail_plain: str) -> bool:
+def _default_system(fmt: ChatFormat, pieces: list[str], bos: str, tail_plain: str, pu: str) -> bool:
     """A system turn of its own, with a default one in the lead when the conversation has none (Qwen)."""
-    pu, lead = fmt.prefix["user"], fmt.lead
+    lead = fmt.lead
     if not pieces[1].endswith(pu) or pieces[2] != tail_plain:
         return False
     ss = pieces[1][: len(pieces[1]) - len(pu)]
@@ -477,18 +521,19 @@ def _default_system(fmt: ChatFormat, pieces: list[str], bos: str, tail_plain: st
 
 
 def _conv(spec: str, start: int = 10) -> list[Message]:
-    """A probe conversation: s, u, a (system, user, assistant messages), t (a tool result), 1-3 (an
-    assistant message with that many tool calls), + (one with content and two tool calls)."""
+    """A probe conversation: s, u, a (system, user, assistant messages), t (a tool result; q: one whose
+    content ends with a double quote), 1-3 (an assistant message with that many tool calls), + (one with
+    content and two tool calls), * (one with content and one tool call)."""
     names = {"s": "system", "u": "user", "a": "assistant"}
     out: list[Message] = []
     for i, c in enumerate(spec, start):
         if c in names:
             out.append(_msg(names[c], i))
-        elif c == "t":
-            out.append(tool_message(_marker("tool", i)))
+        elif c in "tq":
+            out.append(tool_message(_marker("tool", i) + ('"' if c == "q" else ""), i))
         else:
-            content = _marker("assistant", i) if c == "+" else ""
-            out.append(calls_message(10 * i, 2 if c == "+" else int(c), content))
+            content = _marker("assistant", i) if c in "+*" else ""
+            out.append(calls_message(10 * i, 2 if c == "+" else 1 if c == "*" else int(c), content))
     return out
 
 
@@ -506,18 +551,15 @@ def _verification_conversations(system: bool) -> list[Probe]:
     return out
 
 
-def _tool_conversations(system: bool) -> list[Probe]:
-    """Conversations with tool calls and tool results the tool parts of a decomposition must reproduce."""
-    out: list[Probe] = [
-        (_conv("u1tau", 20), True),
-        (_conv("uau+tta", 30), False),
-        (_conv("u1t", 40), True),
-        (_conv("u1t3ttt", 50), True),
-        (_conv("u1", 60), False),
-    ]
+def _tool_conversations(system: bool, multi: bool = True) -> list[Probe]:
+    """Conversations with tool calls and tool results the tool parts of a decomposition must reproduce
+    (``multi``: some with several calls in a message; else each with one)."""
+    specs = [("u1tau", 20, True), ("uau+tta", 30, False), ("u1t", 40, True), ("u1t3ttt", 50, True)]
+    specs.append(("u1", 60, False))
     if system:
-        out += [(_conv("su1ta", 70), True), (_conv("uasu1ta", 80), True)]
-    return out
+        specs += [("su1ta", 70, True), ("uasu1ta", 80, True)]
+    single = str.maketrans({"+": "*", "2": "1", "3": "1"})
+    return [(_conv(spec if multi else spec.translate(single), start), gen) for spec, start, gen in specs]
 
 
 def _verify(fmt: ChatFormat, r: _Renders, probes: list[Probe]) -> None:
@@ -621,27 +663,64 @@ def _go_text(fmt: ChatFormat, s: str) -> str:
     return tools.join(go_literal(part) for part in s.split(TOOLS_SLOT))
 
 
+_GO_FIELDS = {
+    CALL_ID: "{{ .ID }}",  # in the range over .ToolCalls
+    PREV_CALL_ID: "{{ $pid }}",
+    TOOL_NAME: "{{ .ToolName }}",  # in a tool message
+    CALL_REF: "{{ .ToolCallID }}",
+    PREV_TOOL_NAME: "{{ $pname }}",
+    PREV_CALL_REF: "{{ $pref }}",
+}
+
+
+def _go_slots(s: str, between_actions: bool = False, fields: dict[str, str] | None = None) -> str:
+    """``s`` as Go template text with its slots as the Ollama fields that stand there."""
+    fields = {**_GO_FIELDS, **(fields or {})}
+    parts = re.split("(" + "|".join(re.escape(slot) for slot in SLOTS) + ")", s)
+    return "".join(fields[p] if p in fields else go_literal(p, between_actions) for p in parts)
+
+
+def _has_slot(*texts: str) -> bool:
+    return any(slot in t for t in texts for slot in SLOTS)
+
+
 def _go_calls(c: CallFormat, plain: str) -> str:
     """The assistant branch: ``plain`` without tool calls, else the calls. The first ``if .ToolCalls``
-    opens with the calls' literal opening text: Ollama takes its tool-call tag from there."""
+    opens with the calls' literal opening text: Ollama takes its tool-call tag from there. ``$pid`` holds
+    the previous call's id (after the range: the last call's)."""
     content = go_literal(c.no_content)
     if c.with_content:
         before, after = (go_literal(x) for x in c.with_content)
         with_content = "{{ if .Content }}" + before + "{{ .Content }}" + after
         content = with_content + "{{ else }}" + content + "{{ end }}"
-    sep = go_literal(c.sep)
+    sep = _go_slots(c.sep)
+    ids = _has_slot(c.sep, c.close, c.suffix)
     calls = (
         "{{ if .ToolCalls }}"
-        + go_literal(c.open, between_actions=True)
+        + _go_slots(c.open, True, {CALL_ID: "{{ (index .ToolCalls 0).ID }}"})
+        + ('{{ $pid := "" }}' if ids else "")
         + "{{ range $j, $_ := .ToolCalls }}"
         + ("{{ if $j }}" + sep + "{{ end }}" if sep else "")
         + "{{ .Function.Name }}"
-        + go_literal(c.mid)
-        + "{{ json .Function.Arguments }}{{ end }}"
-        + go_literal(c.close)
+        + _go_slots(c.mid)
+        + "{{ json .Function.Arguments }}"
+        + ("{{ $pid = .ID }}" if ids else "")
         + "{{ end }}"
+        + _go_slots(c.close)
+        + ("" if ids else "{{ end }}")
     )
-    suffix = go_literal(c.suffix)
+    suffix = _go_slots(c.suffix)
+    if ids:  # $pid is needed in the suffix too: close the ``if .ToolCalls`` after it
+        end = "{{ if not $last }}" + suffix + "{{ end }}" if suffix else ""
+        return (
+            "{{ if eq (len .ToolCalls) 0 }}"
+            + plain
+            + "{{ else }}"
+            + content
+            + calls
+            + end
+            + "{{ end }}{{ end }}"
+        )
     end = "{{ if not $last }}" + suffix + "{{ end }}" if suffix else ""
     return "{{ if eq (len .ToolCalls) 0 }}" + plain + "{{ else }}" + content + calls + end + "{{ end }}"
 
@@ -649,12 +728,13 @@ def _go_calls(c: CallFormat, plain: str) -> str:
 def _go_results(t: ResultFormat) -> str:
     """The tool branch: a run of tool messages opens after a message of another role and closes before one
     (``or`` stops at its first true argument, Go 1.18 on: no next message is looked up after the last)."""
-    first, sep, last = go_literal(t.first), go_literal(t.sep), go_literal(t.last)
+    first, sep, last = _go_slots(t.first), _go_slots(t.sep), _go_slots(t.last)
     opening = first if first == sep else '{{ if eq $prev "tool" }}' + sep + "{{ else }}" + first + "{{ end }}"
     closing = ""
     if last:
         closing = '{{ if or $last (ne (index (slice $.Messages $i) 1).Role "tool") }}' + last + "{{ end }}"
-    return opening + "{{ .Content }}" + closing
+    content = "{{ json .Content }}" if t.json_content else "{{ .Content }}"
+    return opening + content + closing
 
 
 def _go_role(fmt: ChatFormat, role: str) -> str:
@@ -663,7 +743,16 @@ def _go_role(fmt: ChatFormat, role: str) -> str:
     if fmt.first_bos and prefix.startswith(fmt.first_bos):
         parts.append("{{ if not $first }}" + go_literal(fmt.first_bos) + "{{ end }}")
         prefix = prefix[len(fmt.first_bos) :]
-    parts.append(_go_text(fmt, prefix))
+    prefix_go = _go_text(fmt, prefix)
+    if role == "user" and fmt.first_user is not None:
+        prefix_go = (
+            "{{ if eq $i $fu }}" + _go_text(fmt, fmt.first_user) + "{{ else }}" + prefix_go + "{{ end }}"
+        )
+    elif role == "user" and fmt.last_user is not None:
+        prefix_go = (
+            "{{ if eq $i $lu }}" + _go_text(fmt, fmt.last_user) + "{{ else }}" + prefix_go + "{{ end }}"
+        )
+    parts.append(prefix_go)
     if fmt.fold and role == "user":
         before, after = (_go_text(fmt, x) for x in fmt.fold)
         parts.append(
@@ -697,6 +786,17 @@ def go_template(fmt: ChatFormat) -> str:
         parts.append("{{ $first := true }}")
     if fmt.results:
         parts.append('{{ $prev := "" }}')
+    refs = fmt.results is not None and _has_slot(fmt.results.sep)
+    if refs:
+        parts.append('{{ $pname := "" }}{{ $pref := "" }}')
+    if fmt.first_user is not None:  # the first message after a leading system one
+        parts.append(
+            '{{ $fu := 0 }}{{ if .Messages }}{{ if eq (index .Messages 0).Role "system" }}{{ $fu = 1 }}'
+        )
+        parts.append("{{ end }}{{ end }}")
+    if fmt.last_user is not None:
+        parts.append('{{ $lu := -1 }}{{ range $k, $m := .Messages }}{{ if eq $m.Role "user" }}{{ $lu = $k }}')
+        parts.append("{{ end }}{{ end }}")
     parts.append("{{ range $i, $_ := .Messages }}{{ $last := eq (len (slice $.Messages $i)) 1 }}")
     if fmt.default_system is not None:
         parts.append(
@@ -714,6 +814,8 @@ def go_template(fmt: ChatFormat) -> str:
         parts.append('{{ if and $last (ne .Role "assistant") }}' + gen + "{{ end }}")
     if fmt.results:
         parts.append("{{ $prev = .Role }}")
+    if refs:
+        parts.append("{{ $pname = .ToolName }}{{ $pref = .ToolCallID }}")
     parts.append("{{ end }}")
     return "".join(parts)
 
@@ -762,18 +864,50 @@ def _turn_text(r: _Renders, fmt: ChatFormat, head: list[Message], msgs: list[Mes
 
 
 def _tool_parts(fmt: ChatFormat, r: _Renders) -> None:
-    """Set ``fmt.calls`` and ``fmt.results`` from renders with ``r.tools`` (raises ToolsUnsupported)."""
-    r.run([(_conv(spec), False) for spec in ("u", "u1", "u2", "u+", "u1t", "u2tt")])
-    one, two, with_content = (_turn_text(r, fmt, _conv("u"), _conv(spec)) for spec in ("u1", "u2", "u+"))
-    calls = _conv("u+")[1]
+    """Set ``fmt.calls`` and ``fmt.results`` from renders with ``r.tools`` (raises ToolsUnsupported). A
+    template that refuses two calls in a message (Llama 3.1/3.2) is decomposed with one."""
+    r.run([(_conv(spec), False) for spec in ("u", "u1", "u2", "u+", "u*", "u1t", "u1q", "u2tt", "u1tt")])
+    status, refusal = r.get(_conv("u2"), False)
+    multi = status != "refused"
+    one = _turn_text(r, fmt, _conv("u"), _conv("u1"))
+    two = _turn_text(r, fmt, _conv("u"), _conv("u2")) if multi else None
+    spec = "u+" if multi else "u*"
+    calls = _conv(spec)[1]
     fmt.calls = call_format(
-        one, two, with_content, calls["content"], calls["tool_calls"], fmt.suffix["assistant"]
+        one,
+        two,
+        _turn_text(r, fmt, _conv("u"), _conv(spec)),
+        calls["content"],
+        calls["tool_calls"],
+        fmt.suffix["assistant"],
+        fmt.prefix["assistant"],
     )
-    run_of_two = _conv("u2tt")
+    head = _conv("u2" if multi else "u1")
+    run_of_two = _conv("u2tt" if multi else "u1tt")
     fmt.results = result_format(
         _turn_text(r, fmt, _conv("u1"), _conv("u1t")),
-        _turn_text(r, fmt, _conv("u2"), run_of_two),
-        [m["content"] for m in run_of_two[2:]],
+        _turn_text(r, fmt, head, run_of_two),
+        run_of_two[len(head) :],
+        _turn_text(r, fmt, _conv("u1"), _conv("u1q")),
+    )
+    for part in (fmt.calls, fmt.results):
+        for name, text in vars(part).items():
+            field = leftover_field(text) if isinstance(text, str) else None
+            if field is None and isinstance(text, tuple):
+                field = leftover_field("".join(text))
+            if field is not None:
+                where = "tool calls" if part is fmt.calls else "tool results"
+                raise ToolsUnsupported(
+                    f"the chat template writes {field} in its {where} ({name}: {text!r}) where the Ollama "
+                    "template data has no such field"
+                )
+    fmt.calls_note = (
+        None
+        if multi
+        else (
+            f"the chat template refuses more than one tool call in a message ({refusal}); the TEMPLATE "
+            "writes such calls one after another with nothing between them"
+        )
     )
 
 
@@ -812,7 +946,8 @@ def _tools_format(r: _Renders, system_note: str | None) -> ChatFormat:
     if system and fmt.system:
         fmt.mid_system = _mid_system(fmt, one)
     _verify(fmt, r.with_tools(PROBE_TOOLS[3:]), _verification_conversations(system))
-    _verify(fmt, r.with_tools(PROBE_TOOLS[:3]), _tool_conversations(system))
+    multi = fmt.calls is not None and not fmt.calls.single
+    _verify(fmt, r.with_tools(PROBE_TOOLS[:3]), _tool_conversations(system, multi))
     return fmt
 
 
@@ -833,12 +968,29 @@ def _derive_tools(
     plain = copy.deepcopy(fmt)
     try:
         _tool_parts(plain, r)
-        _verify(plain, r, _tool_conversations(system_note is None))
+        _verify(plain, r, _tool_conversations(system_note is None, not plain.calls.single))
     except (TemplateExportError, ToolsUnsupported) as e:
         warnings.append(f"without tools in a request, the TEMPLATE renders no tool calls or results: {e}")
     else:
         fmt.calls, fmt.results = plain.calls, plain.results
+    if tools_fmt.calls_note:
+        warnings.append(f"tools: {tools_fmt.calls_note}")
+    fields = _fields_used(tools_fmt)
+    if fields:
+        warnings.append(
+            f"tools: the TEMPLATE uses {', '.join(fields)}: Ollama versions before "
+            f"{'0.12.10' if set(fields) - {'.ToolName'} else '0.9.6'} cannot execute it with tools"
+        )
     return tools_fmt, None
+
+
+def _fields_used(fmt: ChatFormat) -> list[str]:
+    """The newer Ollama message fields the tool parts of ``fmt`` render."""
+    pieces = [v for p in (fmt.calls, fmt.results) if p for v in vars(p).values()]
+    text = "".join(v if isinstance(v, str) else "".join(v) if isinstance(v, tuple) else "" for v in pieces)
+    used = {".ID": (CALL_ID, PREV_CALL_ID), ".ToolName": (TOOL_NAME, PREV_TOOL_NAME)}
+    used[".ToolCallID"] = (CALL_REF, PREV_CALL_REF)
+    return [name for name, slots in used.items() if any(slot in text for slot in slots)]
 
 
 def _leave_bos_to_ollama(fmt: ChatFormat, bos: str, add_bos: bool) -> bool:
@@ -848,6 +1000,8 @@ def _leave_bos_to_ollama(fmt: ChatFormat, bos: str, add_bos: bool) -> bool:
     if fmt.lead.startswith(bos):
         fmt.lead = fmt.lead[len(bos) :]
         return True
+    if fmt.first_user is not None or fmt.last_user is not None:
+        return False  # BOS at a turn that opens otherwise: left in the TEMPLATE
     if not fmt.lead and any(p.startswith(bos) for p in fmt.prefix.values()):
         fmt.first_bos = bos  # a BOS opening every turn (Llama 2): left out of the first one only
         return True
