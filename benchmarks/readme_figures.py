@@ -223,6 +223,32 @@ def serve_peer(d: dict[str, Any]) -> list[str]:
     ]
 
 
+def serve_adapters(d: dict[str, Any]) -> list[str]:
+    shared = next(x for x in d["targets"] if x["target"].startswith("shared base"))
+    replies = next(x for x in d["targets"] if x["target"].startswith("each domain"))
+    rows = {r["name"]: r for r in d["configs"]}
+    lines = [
+        f"- One base, many adapters: `gguf-factory serve router.yaml` with {len(d['adapter_bytes'])} domains "
+        f"sharing {d['model']} ({d['model_bytes'] / 1e6:.0f} MB), each with its LoRA adapter, against one "
+        f"model alone, the same domains on separate copies of the base, and `python -m llama_cpp.server` "
+        f"with the four models in its config file ([results](benchmarks/results/serve_adapters.md), "
+        f"`{d['command']}`, {d['date'][:10]}; {d['settings']['repeats']} fresh processes each, medians): "
+        f"the shared base holds **{shared['value']:.2f}×** one model's RSS (target ≤ 1.3 "
+        f"{_yes(shared['met'])}); replies identical to base + adapter loaded alone {replies['value']} "
+        f"{_yes(replies['met'])}. The peer keeps one model loaded at a time (a reload on every switch).",
+        "",
+        "| configuration | bases loaded | RSS, median (min–max) | × one model of the same server |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, r in rows.items():
+        rss = r["rss_mb"]
+        lines.append(
+            f"| {name} | {r['bases_loaded'] or '1 at a time'} | {rss['median']:.0f} MB "
+            f"({rss['min']:.0f}–{rss['max']:.0f}) | {_f(r['rss_ratio'], '{:.2f}×')} |"
+        )
+    return lines
+
+
 def build_domains_smollm2(d: dict[str, Any]) -> list[str]:
     r = d["routing"]
     per = ", ".join(f"{k} {v['accuracy']:.0%} of {v['prompts']}" for k, v in r.get("domains", {}).items())
@@ -346,6 +372,7 @@ SECTIONS = (
     ("serve", serve),
     ("serve_peer", serve_peer),
     ("build_domains_smollm2", build_domains_smollm2),
+    ("serve_adapters", serve_adapters),
     ("quant_quality", quant_quality),
     ("seed_targets", seed_targets),
     ("build", build),

@@ -92,6 +92,12 @@ def benches(demo: Path) -> list[Bench]:
             ("serve_peer.py", "--model", str(q4), "--rounds", "5", "--duration", "20"),
         ),
         Bench(
+            "serve_adapters",
+            "serve_adapters",
+            ("serve_adapters.py",),
+            ("serve_adapters.py", "--repeats", "1"),
+        ),
+        Bench(
             "build_domains_smollm2",
             "build_domains_smollm2",
             (
