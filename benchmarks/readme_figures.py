@@ -84,6 +84,27 @@ def _demo_recipe() -> str:
     return f"{'lora' if r.lora else 'full'}-e{r.epochs}-lr{lr}"
 
 
+def demo_budget(d: dict[str, Any]) -> list[str]:
+    t, b = d["targets"], d.get("time_budget") or {}
+    full = _load("demo") or {}
+    ft = full.get("targets", {})
+
+    def vs(key: str) -> str:
+        here = t[key]["value"]
+        there = (ft.get(key) or {}).get("value")
+        return f"{_f(here, '{}')}" + (f" ({there} with the full recipes)" if there is not None else "")
+
+    return [
+        f"- `gguf-factory demo --time-budget {b.get('budget_seconds', 0) / 60:.0f}m` on an empty folder "
+        f"([results](benchmarks/results/demo_budget.md), `{d['command']}`, {d['date'][:10]}, commit "
+        f"{d['commit']}): **{d['seconds'] / 60:.1f} min** (target ≤ 25 {_yes(t['demo_minutes']['met'])}); "
+        f"{_f(b.get('step_seconds'), '{:.2f}')} s per training step measured first; reduced: "
+        f"{', '.join(b.get('reduced') or []) or 'nothing'}. Bits per reply byte: fine-tuned in transformers "
+        f"{vs('finetuned_hf_bpb')}, its Q4_K_M {vs('finetuned_q4_k_m_bpb')}, the ≤ 50 MB file "
+        f"{vs('small_file_bpb')}; Q4_K_M first token {vs('q4_k_m_first_token_ms')} ms."
+    ]
+
+
 def demo_finetune(d: dict[str, Any]) -> list[str]:
     lines = [
         f"- How the demo fine-tunes ([results](benchmarks/results/demo_finetune.md), `{d['command']}`, "
@@ -362,6 +383,7 @@ def doctor_hypothesis(d: dict[str, Any]) -> list[str]:
 
 SECTIONS = (
     ("demo", demo),
+    ("demo_budget", demo_budget),
     ("demo_finetune", demo_finetune),
     ("demo_student", demo_student),
     ("autoquant_scale", autoquant_scale),

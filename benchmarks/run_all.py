@@ -45,6 +45,22 @@ def benches(demo: Path) -> list[Bench]:
     return [
         Bench("demo", "demo", ("demo.py", "--out", str(demo), "--", "--threads", "2")),
         Bench(
+            "demo_budget",
+            "demo_budget",
+            (
+                "demo.py",
+                "--out",
+                f"{demo}-budget",
+                "--time-budget",
+                "25m",
+                "--results",
+                "demo_budget",
+                "--",
+                "--threads",
+                "2",
+            ),  # fmt: skip
+        ),
+        Bench(
             "demo_finetune",
             "demo_finetune",
             ("demo_finetune.py",),
