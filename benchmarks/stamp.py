@@ -14,15 +14,20 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def git_commit() -> str:
-    """The short commit, ``+dirty`` when the tree has uncommitted changes (``GGUF_FACTORY_COMMIT`` when set:
-    a copy of the tree without its git folder, e.g. on a GPU machine, names the commit it was made from)."""
+    """The short commit, ``+dirty`` when the tree has uncommitted changes outside benchmarks/results
+    (``GGUF_FACTORY_COMMIT`` when set: a copy of the tree without its git folder, e.g. on a GPU machine,
+    names the commit it was made from)."""
     if os.environ.get("GGUF_FACTORY_COMMIT"):
         return os.environ["GGUF_FACTORY_COMMIT"]
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
         )
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True)
+        # results files written by an earlier benchmark of the same run are not code: they do not count
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", ".", ":(exclude)benchmarks/results"],
+            cwd=ROOT, capture_output=True, text=True,
+        )  # fmt: skip
         return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except OSError:
         return "unknown"
