@@ -65,7 +65,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).parent))
 from gguf_factory.bases import gguf_of_source, named_base  # noqa: E402
 from gguf_factory.files import atomic_path, atomic_write_json, atomic_write_text, sha256_file  # noqa: E402
-from stamp import git_commit, machine  # noqa: E402
+from stamp import git_commit, machine, stop_process  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -342,14 +342,7 @@ def start(config: Config, run: Path, log: Path, timeout: float = 300) -> Running
 
 
 def stop(r: Running) -> None:
-    if r.proc.poll() is not None:
-        return
-    r.proc.terminate()
-    try:
-        r.proc.wait(30)
-    except subprocess.TimeoutExpired:
-        r.proc.kill()
-        r.proc.wait(30)
+    stop_process(r.proc)
 
 
 def warm(r: Running) -> None:

@@ -69,7 +69,7 @@ from gguf_factory.files import atomic_write_json, atomic_write_text  # noqa: E40
 from gguf_factory.replies import held_out_prompts  # noqa: E402
 from gguf_factory.runtime import GenerationSettings, load  # noqa: E402
 from serve import DEMO_MODEL, FALLBACK_PROMPTS, free_port, percentile  # noqa: E402
-from stamp import git_commit, machine  # noqa: E402
+from stamp import git_commit, machine, stop_process  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -191,14 +191,8 @@ class Server:
         return out
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(30)
+        if self.proc is not None:
+            stop_process(self.proc)
 
 
 def make_servers(model: Path, model_id: str, threads: int, ctx: int, logs: Path, peer_cache_size: int | None):

@@ -96,3 +96,15 @@ def portable(value: Any) -> Any:
                 return p.name
         return value.replace(str(ROOT) + os.sep, "")
     return value
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 30) -> None:
+    """Terminate ``proc`` (a server under measurement) and wait for it; kill it if it outlives ``timeout``."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout)
