@@ -52,7 +52,7 @@ def benches(demo: Path) -> list[Bench]:
                 "--out",
                 f"{demo}-budget",
                 "--time-budget",
-                "25m",
+                "30m",
                 "--results",
                 "demo_budget",
                 "--",
