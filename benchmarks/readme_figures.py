@@ -253,7 +253,8 @@ def serve_adapters(d: dict[str, Any]) -> list[str]:
         f"sharing {d['model']} ({d['model_bytes'] / 1e6:.0f} MB), each with its LoRA adapter, against one "
         f"model alone, the same domains on separate copies of the base, and `python -m llama_cpp.server` "
         f"with the four models in its config file ([results](benchmarks/results/serve_adapters.md), "
-        f"`{d['command']}`, {d['date'][:10]}; {d['settings']['repeats']} fresh processes each, medians): "
+        f"`{d['command']}`, {d['date'][:10]}, commit {d['commit']}; {d['settings']['repeats']} fresh "
+        "processes each, medians): "
         f"the shared base holds **{shared['value']:.2f}×** one model's RSS (target ≤ 1.3 "
         f"{_yes(shared['met'])}); replies identical to base + adapter loaded alone {replies['value']} "
         f"{_yes(replies['met'])}. The peer keeps one model loaded at a time (a reload on every switch).",
