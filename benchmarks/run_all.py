@@ -52,7 +52,7 @@ def benches(demo: Path) -> list[Bench]:
                 "--out",
                 f"{demo}-budget",
                 "--time-budget",
-                "30m",
+                "40m",
                 "--results",
                 "demo_budget",
                 "--",
