@@ -384,7 +384,6 @@ def doctor_hypothesis(d: dict[str, Any]) -> list[str]:
 
 SECTIONS = (
     ("demo", demo),
-    ("demo_budget", demo_budget),
     ("demo_finetune", demo_finetune),
     ("demo_student", demo_student),
     ("autoquant_scale", autoquant_scale),
